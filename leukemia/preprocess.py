@@ -1,0 +1,548 @@
+"""The ``preprocess`` step: audit, split and segment a dataset into a cached output folder.
+
+Writes to ``out_dir``:
+
+- ``images/<class folder>/<name>.png``: what the model sees, lossless, mirroring the input;
+- ``manifest.csv``: one row per usable image (path, class, label, split, group, sha256, ...);
+- ``audit.json``: counts, sizes, colour, unreadable files, exact and near-duplicate groups;
+- ``params.json``: every option, the cache key and the counts;
+- ``preview.png``: original, mask and model input for a few images per class.
+
+The output folder appears only complete: everything is written to a temporary sibling folder
+that is renamed into place at the end. A later call with the same input files and options finds
+``params.json`` with the same cache key and returns at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import threading
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from . import data, images
+from .segmentation import SegmentationParams, preprocess_planes, segment
+
+# Bump when a change to this module or to segmentation.py changes what is written.
+PIPELINE_VERSION = 1
+OWNER_MARK = "leukemia preprocess"
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 42
+    group_by: str = "image"
+    block_size: int = 24
+    near_duplicate_distance: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "fractions", data.parse_fractions(self.fractions))
+        if self.group_by not in ("image", "index-block"):
+            raise ValueError(
+                f"unsupported group_by, got {self.group_by!r}; expected image or index-block"
+            )
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0 <= self.near_duplicate_distance <= 64:
+            raise ValueError(
+                "near_duplicate_distance must be 0..64 bits of the 64-bit dHash, "
+                f"got {self.near_duplicate_distance}"
+            )
+
+
+@dataclass
+class PreprocessResult:
+    out_dir: Path
+    cache_hit: bool
+    params: dict
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def manifest(self) -> Path:
+        return self.out_dir / "manifest.csv"
+
+
+def cache_key(
+    files: list[data.ImageFile],
+    seg: SegmentationParams,
+    split: SplitParams,
+    max_pixels: int,
+    manifest_sha256: str | None,
+) -> str:
+    """sha256 over everything that decides the output: files (path, size, mtime) and options."""
+    digest = hashlib.sha256()
+    header = {
+        "version": PIPELINE_VERSION,
+        "segmentation": asdict(seg),
+        "split": asdict(split),
+        "max_pixels": max_pixels,
+        "manifest": manifest_sha256,
+    }
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for f in files:
+        digest.update(f"\n{f.path}\t{f.size}\t{f.mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def output_name(path: str, taken: set[str]) -> str:
+    """``Benign/a.jpg`` -> ``images/Benign/a.png`` (``a.jpg.png`` if ``a.png`` is taken)."""
+    candidate = "images/" + str(Path(path).with_suffix(".png").as_posix())
+    if candidate in taken:
+        candidate = f"images/{path}.png"
+    taken.add(candidate)
+    return candidate
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image work, run in worker processes
+
+
+_worker: dict = {}
+
+
+def _init_worker(source_root: str, target_root: str, seg: SegmentationParams, max_pixels: int):
+    cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would only contend
+    _worker.update(source=source_root, target=target_root, seg=seg, max_pixels=max_pixels)
+
+
+def _process_one(task: tuple[int, str, str]) -> tuple[int, dict]:
+    index, rel_path, out_rel = task
+    raw = Path(_worker["source"], rel_path).read_bytes()
+    record = {"sha256": images.sha256(raw), "bytes": len(raw)}
+    try:
+        rgb = images.decode_image(raw, _worker["max_pixels"])
+    except images.UnreadableImage as error:
+        record["error"] = str(error)
+        return index, record
+    stored, gray = preprocess_planes(rgb, _worker["seg"])
+    record.update(
+        height=rgb.shape[0],
+        width=rgb.shape[1],
+        dhash=images.dhash(gray),
+        mean_rgb=list(cv2.mean(rgb)[:3]),
+    )
+    png = images.encode_png(stored)
+    with open(os.path.join(_worker["target"], out_rel), "wb") as handle:
+        handle.write(png)
+    return index, record
+
+
+def _run_all(tasks, source_root, target_root, seg, max_pixels, workers, progress, side_job=None):
+    """Process every task on ``workers`` processes; ``side_job`` (a function and its arguments)
+    runs on the same pool meanwhile, so that its cost hides behind the per-image work."""
+    results: list[dict | None] = [None] * len(tasks)
+    initargs = (str(source_root), str(target_root), seg, max_pixels)
+    bar = tqdm(
+        total=len(tasks),
+        unit="img",
+        desc="preprocess",
+        disable=None if progress else True,
+        file=sys.stderr,
+        mininterval=0.5,
+    )
+    if workers == 1:
+        _init_worker(*initargs)
+        for task in tasks:
+            index, record = _process_one(task)
+            results[index] = record
+            bar.update()
+        if side_job is not None:
+            side_job[0](*side_job[1:])
+    else:
+        method = _start_method()
+        context = multiprocessing.get_context(method)
+        # Large chunks keep the parent idle; 4 per worker still balance the load.
+        chunksize = max(1, min(256, len(tasks) // (workers * 4)))
+        with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
+            pending = pool.apply_async(side_job[0], side_job[1:]) if side_job else None
+            for index, record in pool.imap_unordered(_process_one, tasks, chunksize=chunksize):
+                results[index] = record
+                bar.update()
+            if pending is not None:
+                pending.get()
+    bar.close()
+    return results
+
+
+def _start_method() -> str:
+    """``fork`` (workers start in milliseconds) only while this process has a single thread:
+    forking a threaded process (MLflow's, a test runner's) can copy a held lock and hang the
+    worker. Otherwise ``forkserver``, which forks from a clean helper process."""
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def preprocess(
+    data_dir,
+    out_dir,
+    seg: SegmentationParams = SegmentationParams(),
+    split: SplitParams = SplitParams(),
+    manifest: str | os.PathLike | None = None,
+    max_unreadable: float = 0.01,
+    max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    workers: int = 0,
+    progress: bool = True,
+    preview_per_class: int = 3,
+) -> PreprocessResult:
+    """Audit, split and preprocess the dataset in ``data_dir`` into ``out_dir`` (cached)."""
+    if not 0 <= max_unreadable <= 1:
+        raise ValueError(f"max_unreadable must be a fraction in [0, 1], got {max_unreadable}")
+    root, folders = data.resolve_root(data_dir)
+    files, ignored = data.list_images(root, folders)
+    manifest_rows, manifest_sha = None, None
+    if manifest is not None:
+        manifest_rows = data.read_manifest(manifest)
+        manifest_sha = hashlib.sha256(Path(manifest).read_bytes()).hexdigest()
+        files = _files_in_manifest(files, manifest_rows, root)
+    key = cache_key(files, seg, split, max_pixels, manifest_sha)
+    out_dir = Path(out_dir)
+    cached = _read_params(out_dir)
+    if cached is not None and cached.get("cache_key") == key:
+        return PreprocessResult(out_dir, True, cached, cached.get("counts", {}))
+    _check_replaceable(out_dir, cached)
+    _remove_stale_temporaries(out_dir)
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        taken: set[str] = set()
+        outputs = [output_name(f.path, taken) for f in files]
+        for folder in sorted({str(Path(o).parent) for o in outputs}):
+            (tmp / folder).mkdir(parents=True, exist_ok=True)
+        tasks = [(i, f.path, outputs[i]) for i, f in enumerate(files)]
+        preview = (_write_preview, tmp / "preview.png", root, files, seg, preview_per_class)
+        records = _run_all(
+            tasks,
+            root,
+            tmp,
+            seg,
+            max_pixels,
+            workers or default_workers(),
+            progress,
+            side_job=preview,
+        )
+        rows, audit = _build_rows_and_audit(
+            files, outputs, records, ignored, split, manifest_rows, max_unreadable, root, folders
+        )
+        (tmp / "manifest.csv").write_bytes(data.manifest_bytes(rows))
+        (tmp / "audit.json").write_text(json.dumps(audit, indent=2, sort_keys=True) + "\n")
+        params = {
+            "written_by": OWNER_MARK,
+            "cache_key": key,
+            "pipeline_version": PIPELINE_VERSION,
+            "dataset_root": str(root.resolve()),
+            "source_manifest": str(manifest) if manifest is not None else None,
+            "segmentation": seg.to_dict(),
+            "split": asdict(split),
+            "limits": {"max_pixels": max_pixels, "max_unreadable": max_unreadable},
+            "counts": audit["counts"],
+        }
+        # params.json last: the cache key is only ever next to a complete output.
+        (tmp / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+        _swap_into_place(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return PreprocessResult(out_dir, False, params, audit["counts"])
+
+
+def _files_in_manifest(files, rows, root) -> list[data.ImageFile]:
+    by_path = {f.path: f for f in files}
+    missing = [r["path"] for r in rows if r["path"] not in by_path]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise data.DatasetError(
+            f"the manifest names {len(missing)} file(s) not found under {str(root)!r}: {shown}"
+        )
+    wrong = [r["path"] for r in rows if by_path[r["path"]].class_name != r["class"]]
+    if wrong:
+        raise data.DatasetError(
+            f"the manifest's class disagrees with the folder for {len(wrong)} file(s), "
+            f"e.g. {wrong[0]!r}"
+        )
+    return [by_path[p] for p in sorted({r["path"] for r in rows})]
+
+
+def _read_params(out_dir: Path) -> dict | None:
+    try:
+        params = json.loads((out_dir / "params.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return params if isinstance(params, dict) and params.get("written_by") == OWNER_MARK else None
+
+
+def _check_replaceable(out_dir: Path, cached: dict | None) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out-dir {str(out_dir)!r} exists and is not a directory")
+    if cached is None and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise FileExistsError(
+            f"--out-dir {str(out_dir)!r} is not empty and was not written by leukemia "
+            "preprocess; choose a new or empty directory"
+        )
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Remove temporary folders left by killed runs (their process is gone)."""
+    if not out_dir.parent.is_dir():
+        return
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*-*-*"):
+        try:
+            pid = int(stale.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest rows and audit
+
+
+def _build_rows_and_audit(
+    files,
+    outputs,
+    records,
+    ignored,
+    split: SplitParams,
+    manifest_rows,
+    max_unreadable,
+    root,
+    folders,
+):
+    unreadable = [
+        {"path": f.path, "class": f.class_name, "reason": r["error"]}
+        for f, r in zip(files, records)
+        if "error" in r
+    ]
+    if len(unreadable) > max_unreadable * len(files):
+        shown = "; ".join(f"{u['path']}: {u['reason']}" for u in unreadable[:3])
+        raise data.DatasetError(
+            f"{len(unreadable)} of {len(files)} image files are unreadable, more than the "
+            f"allowed {max_unreadable:.1%} (--max-unreadable); first: {shown}"
+        )
+    keep = [i for i, r in enumerate(records) if "error" not in r]
+    for class_name in data.CLASSES:
+        if not any(files[i].class_name == class_name for i in keep):
+            raise data.DatasetError(f"class {class_name!r} has no readable images in {str(root)!r}")
+    paths = [files[i].path for i in keep]
+    labels = [files[i].label for i in keep]
+    sha = [records[i]["sha256"] for i in keep]
+    dh = [records[i]["dhash"] for i in keep]
+    exact, near = data.duplicate_pairs(sha, dh, split.near_duplicate_distance)
+
+    if manifest_rows is None:
+        groups = data.assign_groups(paths, exact + near, split.group_by, split.block_size)
+        splits = data.stratified_group_split(labels, groups, split.fractions, split.seed)
+    else:
+        by_path = {r["path"]: r for r in manifest_rows}
+        changed = [p for p, s in zip(paths, sha) if by_path[p]["sha256"] != s]
+        if changed:
+            raise data.DatasetError(
+                f"{len(changed)} file(s) changed since the manifest was written "
+                f"(sha256 differs), e.g. {changed[0]!r}"
+            )
+        splits = [by_path[p]["split"] for p in paths]
+        given = [by_path[p].get("group", "") for p in paths]
+        numbering: dict[str, int] = {}
+        groups = [numbering.setdefault(g, len(numbering)) for g in given]
+
+    rows = []
+    for k, i in enumerate(keep):
+        rows.append(
+            {
+                "path": paths[k],
+                "class": files[i].class_name,
+                "label": labels[k],
+                "split": splits[k],
+                "group": groups[k],
+                "sha256": sha[k],
+                "width": records[i]["width"],
+                "height": records[i]["height"],
+                "dhash": f"{dh[k]:016x}",
+                "processed": outputs[i],
+            }
+        )
+    audit = _audit(
+        rows,
+        [records[i] for i in keep],
+        unreadable,
+        ignored,
+        exact,
+        near,
+        split,
+        root,
+        folders,
+        manifest_rows is not None,
+    )
+    return rows, audit
+
+
+def _duplicate_groups(paths, classes, pairs) -> list[dict]:
+    union = data._UnionFind(len(paths))
+    for i, j, _ in pairs:
+        union.union(i, j)
+    members: dict[int, list[int]] = {}
+    for i in sorted({i for p in pairs for i in p[:2]}):
+        members.setdefault(union.find(i), []).append(i)
+    out = []
+    for idx in members.values():
+        group_pairs = [
+            [paths[i], paths[j], d] for i, j, d in pairs if union.find(i) == union.find(idx[0])
+        ]
+        out.append(
+            {
+                "paths": [paths[i] for i in idx],
+                "classes": sorted({classes[i] for i in idx}),
+                "pairs": group_pairs,
+            }
+        )
+    return sorted(out, key=lambda g: g["paths"][0])
+
+
+def _audit(rows, records, unreadable, ignored, exact, near, split, root, folders, from_manifest):
+    paths = [r["path"] for r in rows]
+    classes = [r["class"] for r in rows]
+    per_class = {}
+    for class_name in data.CLASSES:
+        idx = [k for k, c in enumerate(classes) if c == class_name]
+        sizes: dict[str, int] = {}
+        for k in idx:
+            size = f"{rows[k]['width']}x{rows[k]['height']}"
+            sizes[size] = sizes.get(size, 0) + 1
+        mean_rgb = np.mean([records[k]["mean_rgb"] for k in idx], axis=0)
+        per_class[class_name] = {
+            "folder": next(f for f, c in folders.items() if c == class_name),
+            "images": len(idx),
+            "unreadable": sum(u["class"] == class_name for u in unreadable),
+            "sizes": dict(sorted(sizes.items())),
+            "mean_rgb": [round(float(v), 2) for v in mean_rgb],
+            # Brightness with OpenCV's gray weights, on the class's mean colour.
+            "mean_brightness": round(float(mean_rgb @ np.array([0.299, 0.587, 0.114])), 2),
+        }
+    split_counts = {
+        s: {c: sum(1 for r in rows if r["split"] == s and r["class"] == c) for c in data.CLASSES}
+        for s in data.SPLITS
+    }
+    group_sizes = np.bincount([r["group"] for r in rows])
+    exact_groups = _duplicate_groups(paths, classes, exact)
+    near_groups = _duplicate_groups(paths, classes, near)
+    counts = {
+        "images": len(rows),
+        "unreadable": len(unreadable),
+        "ignored_files": len(ignored),
+        "exact_duplicate_groups": len(exact_groups),
+        "near_duplicate_groups": len(near_groups),
+        "groups": int(np.count_nonzero(group_sizes)),
+        **{f"{s}_images": sum(split_counts[s].values()) for s in data.SPLITS},
+        **{
+            f"class_{c.replace(' ', '_').replace('-', '_')}": per_class[c]["images"]
+            for c in data.CLASSES
+        },
+    }
+    return {
+        "dataset_root": str(root.resolve()),
+        "counts": counts,
+        "classes": per_class,
+        "unreadable": unreadable,
+        "ignored_files": ignored,
+        "exact_duplicates": exact_groups,
+        "near_duplicates": {
+            "hash": "dHash 64-bit",
+            "max_hamming_distance": split.near_duplicate_distance,
+            "groups": near_groups,
+        },
+        "cross_class_duplicates": [g for g in exact_groups + near_groups if len(g["classes"]) > 1],
+        "split": {
+            "source": "manifest" if from_manifest else "computed",
+            "group_by": split.group_by,
+            "counts": split_counts,
+            "largest_group": int(group_sizes.max()),
+        },
+    }
+
+
+def _write_preview(
+    path: Path, root: Path, files: list[data.ImageFile], seg: SegmentationParams, per_class: int
+) -> None:
+    """A grid like the paper's Fig. 3: original, closed mask and model input, for
+    ``per_class`` evenly spaced readable images of each class. Drawn with OpenCV (milliseconds)."""
+    if per_class <= 0:
+        return
+    size, label_width, header = seg.image_size, 190, 28
+    full = SegmentationParams(**{**asdict(seg), "segment": True})
+    tiles = []
+    for class_name in data.CLASSES:
+        members = [f for f in files if f.class_name == class_name]
+        picks = np.linspace(0, len(members) - 1, min(per_class, len(members))).round()
+        for k in sorted(set(picks.astype(int).tolist())):
+            path_in = members[k].path
+            try:
+                result = segment(images.read_image(root / path_in), full)
+            except images.UnreadableImage:
+                continue  # listed in the audit; the preview shows the others
+            shown = result["output"] if seg.segment else result["resized"]
+            mask = cv2.merge([result["mask"].astype(np.uint8) * 255] * 3)
+            label = np.full((size, label_width, 3), 255, np.uint8)
+            for line, text in enumerate(
+                (class_name, Path(path_in).name, f"t* = {result['threshold']}")
+            ):
+                cv2.putText(
+                    label,
+                    text,
+                    (6, 24 + 22 * line),
+                    cv2.FONT_HERSHEY_SIMPLEX,
+                    0.4,
+                    (0, 0, 0),
+                    1,
+                    cv2.LINE_AA,
+                )
+            tiles.append(np.hstack([label, result["resized"], mask, shown]))
+    titles = np.full((header, label_width + 3 * size, 3), 255, np.uint8)
+    for column, text in enumerate(("original", "closed Otsu mask", "model input")):
+        cv2.putText(
+            titles,
+            text,
+            (label_width + column * size + 8, 20),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.55,
+            (0, 0, 0),
+            1,
+            cv2.LINE_AA,
+        )
+    grid = np.vstack([titles, *tiles])
+    path.write_bytes(images.encode_png(grid))

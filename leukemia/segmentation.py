@@ -1,0 +1,204 @@
+"""The paper's hybrid Otsu + morphological closing operator, as pure array functions.
+
+Per image (uint8 RGB, H x W x 3):
+
+1. resize to ``image_size`` x ``image_size``;
+2. choose the channel to threshold: grayscale (OpenCV's weights,
+   Y = 0.299 R + 0.587 G + 0.114 B), HSV saturation, or the LAB a* channel;
+3. Otsu threshold t* = argmax_t w0(t) (mu0(t) - mu_T)^2 + w1(t) (mu1(t) - mu_T)^2, where class 0
+   holds the values <= t and class 1 the values > t;
+4. binary mask A: the class the cells fall in (``dark``: values <= t*, ``bright``: values > t*);
+5. closing I = (A dilate B) erode B with B a ``kernel_size`` structuring element, once;
+6. output ``masked`` = ``np.where(I, gray, 0)`` replicated to 3 channels, or ``mask`` = I as 0/255
+   in 3 channels.
+
+On bright-field smears the stained cells are darker than the background, so ``dark`` makes the
+cells the foreground; the paper's text ("pixels above t* are foreground") is ``bright``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+CHANNELS = ("gray", "saturation", "lab-a")
+FOREGROUNDS = ("auto", "dark", "bright")
+KERNEL_SHAPES = {"ellipse": cv2.MORPH_ELLIPSE, "rect": cv2.MORPH_RECT, "cross": cv2.MORPH_CROSS}
+OUTPUTS = ("masked", "mask")
+# Where the stained cells sit in each channel: darker than the background in grayscale, more
+# saturated and more magenta (higher a*) than the pale background in the other two.
+_CELLS_ARE = {"gray": "dark", "saturation": "bright", "lab-a": "bright"}
+
+
+@dataclass(frozen=True)
+class SegmentationParams:
+    """Every option that changes a preprocessed image. Defaults are the paper's operator."""
+
+    image_size: int = 224
+    segment: bool = True
+    channel: str = "gray"
+    foreground: str = "auto"
+    kernel_size: int = 5
+    kernel_shape: str = "ellipse"
+    output: str = "masked"
+
+    def __post_init__(self):
+        _check_choice("channel", self.channel, CHANNELS)
+        _check_choice("foreground", self.foreground, FOREGROUNDS)
+        _check_choice("kernel_shape", self.kernel_shape, tuple(KERNEL_SHAPES))
+        _check_choice("output", self.output, OUTPUTS)
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int):
+            raise ValueError(f"image_size must be an integer, got {self.image_size!r}")
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8 pixels, got {self.image_size}")
+        check_kernel_size(self.kernel_size)
+
+    @property
+    def resolved_foreground(self) -> str:
+        """``dark`` or ``bright``; ``auto`` picks the side the stained cells are on."""
+        return _CELLS_ARE[self.channel] if self.foreground == "auto" else self.foreground
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "resolved_foreground": self.resolved_foreground}
+
+
+def _check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"unsupported {name}, got {value!r}; expected one of {', '.join(choices)}")
+
+
+def check_kernel_size(kernel_size) -> int:
+    """Return ``kernel_size`` if it is an odd positive integer, else raise ValueError."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, (int, np.integer)):
+        raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size}")
+    return int(kernel_size)
+
+
+def structuring_element(kernel_size: int = 5, shape: str = "ellipse") -> np.ndarray:
+    """The structuring element B: a ``kernel_size`` x ``kernel_size`` uint8 array of 0/1.
+
+    ``ellipse`` with size 5 is ``cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))``::
+
+        0 0 1 0 0
+        1 1 1 1 1
+        1 1 1 1 1
+        1 1 1 1 1
+        0 0 1 0 0
+    """
+    check_kernel_size(kernel_size)
+    _check_choice("kernel_shape", shape, tuple(KERNEL_SHAPES))
+    return cv2.getStructuringElement(KERNEL_SHAPES[shape], (kernel_size, kernel_size))
+
+
+def resize(rgb: np.ndarray, image_size: int) -> np.ndarray:
+    """Resize an H x W x 3 image to ``image_size`` x ``image_size`` (area when shrinking)."""
+    height, width = rgb.shape[:2]
+    if height == image_size and width == image_size:
+        return rgb
+    shrinking = height * width > image_size * image_size
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(rgb, (image_size, image_size), interpolation=interpolation)
+
+
+def to_gray(rgb: np.ndarray) -> np.ndarray:
+    """H x W x 3 RGB uint8 -> H x W uint8 with OpenCV's weights 0.299 R + 0.587 G + 0.114 B."""
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def threshold_channel(rgb: np.ndarray, channel: str = "gray") -> np.ndarray:
+    """The H x W uint8 channel Otsu runs on: grayscale, HSV saturation or LAB a*."""
+    if channel == "gray":
+        return to_gray(rgb)
+    if channel == "saturation":
+        return np.ascontiguousarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[:, :, 1])
+    if channel == "lab-a":
+        return np.ascontiguousarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)[:, :, 1])
+    _check_choice("channel", channel, CHANNELS)
+    raise AssertionError("unreachable")
+
+
+def otsu_threshold(channel: np.ndarray) -> int:
+    """Otsu's t* for a uint8 array: the t maximising the between-class variance
+
+    w0(t) (mu0(t) - mu_T)^2 + w1(t) (mu1(t) - mu_T)^2, class 0 = values <= t, class 1 = values > t.
+    """
+    if channel.dtype != np.uint8:
+        raise ValueError(f"otsu_threshold expects a uint8 array, got dtype {channel.dtype}")
+    t, _ = cv2.threshold(channel, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return int(t)
+
+
+def otsu_mask(channel: np.ndarray, foreground: str = "dark") -> tuple[np.ndarray, int]:
+    """Binary mask A (H x W bool) of the foreground side of Otsu's threshold, and t*."""
+    _check_choice("foreground", foreground, ("dark", "bright"))
+    t = otsu_threshold(channel)
+    return (channel <= t) if foreground == "dark" else (channel > t), t
+
+
+def close_mask(mask: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Morphological closing I = (A dilate B) erode B of a bool mask, applied once.
+
+    As ``cv2.morphologyEx``: outside the image counts as background when dilating and as
+    foreground when eroding, so a shape closer to the edge than the element's radius grows to it.
+    """
+    closed = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel)
+    return closed.astype(bool)
+
+
+def segment(rgb: np.ndarray, params: SegmentationParams = SegmentationParams()) -> dict:
+    """Run the whole operator on one RGB uint8 image.
+
+    Returns ``resized`` (S x S x 3 RGB), ``gray`` (S x S), ``mask`` (S x S bool, closed),
+    ``threshold`` (t*) and ``output`` (S x S x 3 uint8: what the model sees).
+    """
+    resized = resize(rgb, params.image_size)
+    gray = to_gray(resized)
+    mask, t = _closed_mask(resized, gray, params)
+    if params.segment:
+        output = cv2.merge([_single_plane(gray, mask, params.output)] * 3)
+    else:
+        output = resized
+    return {
+        "resized": resized,
+        "gray": gray,
+        "mask": mask.astype(bool),
+        "threshold": t,
+        "output": output,
+    }
+
+
+def _closed_mask(resized, gray, params: SegmentationParams) -> tuple[np.ndarray, int]:
+    """Closed Otsu mask as uint8 0/1, and t*."""
+    channel = gray if params.channel == "gray" else threshold_channel(resized, params.channel)
+    raw_mask, t = otsu_mask(channel, params.resolved_foreground)
+    kernel = structuring_element(params.kernel_size, params.kernel_shape)
+    return cv2.morphologyEx(raw_mask.view(np.uint8), cv2.MORPH_CLOSE, kernel), t
+
+
+def _single_plane(gray: np.ndarray, mask01: np.ndarray, output: str) -> np.ndarray:
+    """One of the three identical output channels: gray * mask, or the mask as 0/255."""
+    return mask01 * np.uint8(255) if output == "mask" else gray * mask01
+
+
+def preprocess_planes(rgb: np.ndarray, params: SegmentationParams = SegmentationParams()):
+    """What ``preprocess`` stores, and the resized grayscale image (for hashing).
+
+    Segmented: the S x S plane that all three model-input channels repeat; baseline: the resized
+    S x S x 3 RGB image. ``preprocess_image`` gives the same pixels as three channels.
+    """
+    resized = resize(rgb, params.image_size)
+    gray = to_gray(resized)
+    if not params.segment:
+        return resized, gray
+    mask, _ = _closed_mask(resized, gray, params)
+    return _single_plane(gray, mask, params.output), gray
+
+
+def preprocess_image(rgb: np.ndarray, params: SegmentationParams = SegmentationParams()):
+    """The S x S x 3 uint8 model input for one RGB image (training, evaluation and serving)."""
+    image, _ = preprocess_planes(rgb, params)
+    return image if image.ndim == 3 else cv2.merge([image] * 3)

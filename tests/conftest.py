@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny synthetic dataset, a throwaway MLflow store, the real images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from leukemia import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO.parent / "shared" / "data" / "all"
+
+requires_real_data = pytest.mark.skipif(
+    not REAL_DATA.is_dir(), reason=f"real images not found at {REAL_DATA}"
+)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """8 synthetic images per class, generated once per test session (read-only for tests)."""
+    return synthetic.generate(tmp_path_factory.mktemp("synthetic") / "data", per_class=8, seed=3)
+
+
+@pytest.fixture
+def dataset_copy(synthetic_dir, tmp_path) -> Path:
+    """A private, writable copy of the synthetic dataset, for tests that damage it."""
+    import shutil
+
+    target = tmp_path / "data"
+    shutil.copytree(synthetic_dir, target)
+    return target
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite MLflow store for this test, and a private cache for generated data."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("LEUKEMIA_CACHE_DIR", str(tmp_path / "cache"))
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TQDM_DISABLE", "1")

@@ -1,0 +1,202 @@
+"""The ``leukemia`` command line as a user meets it, and what it leaves in MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from leukemia.cli import main
+
+from .conftest import REPO
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_help_lists_every_command():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("synth", "preprocess", "main"):
+        assert command in result.output
+        sub = invoke(command, "--help")
+        assert sub.exit_code == 0 and "Usage:" in sub.output
+
+
+def test_synth_is_deterministic(tmp_path):
+    assert invoke("synth", tmp_path / "a", "--per-class", 2, "--seed", 4).exit_code == 0
+    assert invoke("synth", tmp_path / "b", "--per-class", 2, "--seed", 4).exit_code == 0
+    assert invoke("synth", tmp_path / "c", "--per-class", 2, "--seed", 5).exit_code == 0
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.jpg"))
+    assert [str(f) for f in files][:2] == [
+        "Benign/WBC-Benign-001.jpg",
+        "Benign/WBC-Benign-002.jpg",
+    ]
+    assert len(files) == 8
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    assert (tmp_path / "a" / files[0]).read_bytes() != (tmp_path / "c" / files[0]).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--kernel-size", "4"], "must be an odd integer >= 1, got 4"),
+        (["--kernel-size", "0"], "must be an odd integer >= 1, got 0"),
+        (["--channel", "hue"], "'hue' is not one of 'gray', 'saturation', 'lab-a'"),
+        (["--split-fractions", "0.8,0.15,0.15"], "must sum to 1"),
+        (["--group-by", "patient"], "'patient' is not one of 'image', 'index-block'"),
+    ],
+)
+def test_bad_options_are_usage_errors(args, message, tracking_uri):
+    result = invoke("preprocess", *args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+def test_bad_data_is_a_one_line_error(tmp_path, tracking_uri, dataset_copy):
+    result = invoke("preprocess", "--data-dir", tmp_path / "nowhere")
+    assert result.exit_code == 1
+    assert result.output.strip().count("\n") == 0
+    assert "Error: data directory" in result.output and "does not exist" in result.output
+    (dataset_copy / "Monocytes").mkdir()
+    result = invoke("preprocess", "--data-dir", dataset_copy, "--out-dir", tmp_path / "o")
+    assert result.exit_code == 1 and "unknown class folder(s) ['Monocytes']" in result.output
+    assert not (tmp_path / "o").exists()
+    (dataset_copy / "Monocytes").rmdir()
+    result = invoke(
+        "preprocess", "--data-dir", dataset_copy, "--manifest", tmp_path / "missing.csv"
+    )
+    assert result.exit_code == 1 and "missing.csv' does not exist" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_preprocess_logs_a_complete_run(tracking_uri, synthetic_dir, tmp_path):
+    result = invoke(
+        "preprocess",
+        "--data-dir",
+        synthetic_dir,
+        "--out-dir",
+        tmp_path / "out",
+        "--kernel-size",
+        3,
+        "--experiment",
+        "audit-test",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(summary["run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == "audit-test"
+    assert run.data.params["segmentation.kernel_size"] == "3"
+    assert run.data.params["split.fractions"] == "0.7,0.15,0.15"
+    assert run.data.params["cache_key"] == summary_key(tmp_path / "out")
+    assert run.data.tags["arm"] == "proposed" and run.data.tags["cache_hit"] == "false"
+    assert run.data.tags["preprocess.kernel_shape"] == "ellipse"
+    assert run.data.metrics["images"] == 32 and run.data.metrics["test_images"] == 4
+    assert run.data.metrics["images_per_second"] > 0
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert artifacts == {"manifest.csv", "audit.json", "params.json", "preview.png"}
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.name == "manifest"
+
+    again = invoke(
+        "preprocess",
+        "--data-dir",
+        synthetic_dir,
+        "--out-dir",
+        tmp_path / "out",
+        "--kernel-size",
+        3,
+        "--experiment",
+        "audit-test",
+        "--json",
+    )
+    second = json.loads(again.output.strip().splitlines()[-1])
+    assert second["cache_hit"] is True
+    assert client.get_run(second["run_id"]).data.tags["cache_hit"] == "true"
+
+
+def summary_key(out_dir: Path) -> str:
+    return json.loads((out_dir / "params.json").read_text())["cache_key"]
+
+
+def test_main_runs_both_arms_on_one_split(tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("main", "--synthetic-per-class", 6, "--experiment", "study")
+    assert result.exit_code == 0, result.output
+    segmented, raw = Path("processed/segmented"), Path("processed/raw")
+    assert (segmented / "manifest.csv").read_bytes() == (raw / "manifest.csv").read_bytes()
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("study")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.info.run_name == "main"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["arm"] for c in children} == {"proposed", "baseline"}
+    assert Path(os.environ["LEUKEMIA_CACHE_DIR"], "synthetic", "per6-seed0").is_dir()
+
+
+@pytest.mark.slow
+def test_mlproject_entry_point_runs_with_mlflow_run(tmp_path):
+    """``mlflow run . -e preprocess`` as the README shows it, in this environment."""
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "LEUKEMIA_CACHE_DIR": str(tmp_path / "cache"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(name, None)
+    out = tmp_path / "processed"
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(REPO),
+        "-e",
+        "preprocess",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "mlproject",
+        "-P",
+        "synthetic_per_class=4",
+        "-P",
+        "kernel_size=3",
+        "-P",
+        f"out_dir={out}",
+    ]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        runs = mlflow.search_runs(experiment_names=["mlproject"], output_format="list")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["segmentation.kernel_size"] == "3"
+    assert run.data.metrics["images"] == 16
+    assert (out / "manifest.csv").is_file()
+
+    bad = subprocess.run(
+        [c.replace("kernel_size=3", "kernel_size=4") for c in command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode != 0
+    assert "must be an odd integer >= 1, got 4" in bad.stderr
