@@ -221,3 +221,25 @@ def test_otsu_on_real_images_matches_numpy_and_skimage():
             seg.preprocess_image(images.read_image(path)),
             reference_model_input(images.read_image(path)),
         )
+
+
+def test_synthetic_classes_are_learnable_from_the_segmented_images():
+    """A linear model on the segmented images' foreground area and gray histogram separates the
+    synthetic classes (a floor for what a CNN should reach in a few epochs)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features, labels = [], []
+    for label, class_name in enumerate(synthetic.LAYOUT):
+        for index in range(40):
+            rgb, _ = synthetic.make_image(11, class_name, index, size=112)
+            plane = seg.preprocess_image(rgb, SegmentationParams(image_size=112))[:, :, 0]
+            hist = np.bincount(plane[plane > 0] // 16, minlength=16) / max(1, (plane > 0).sum())
+            features.append([(plane > 0).mean(), *hist])
+            labels.append(label)
+    features, labels = np.array(features), np.array(labels)
+    train = np.arange(len(labels)) % 4 != 0
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    model.fit(features[train], labels[train])
+    assert model.score(features[~train], labels[~train]) >= 0.8
