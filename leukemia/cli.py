@@ -13,7 +13,14 @@ import click
 from . import images, synthetic
 from .data import DatasetError
 from .preprocess import PreprocessResult, SplitParams, preprocess
-from .segmentation import CHANNELS, FOREGROUNDS, KERNEL_SHAPES, OUTPUTS, SegmentationParams
+from .segmentation import (
+    CHANNELS,
+    FOREGROUNDS,
+    KERNEL_SHAPES,
+    OUTPUTS,
+    SegmentationParams,
+    check_kernel_size,
+)
 
 SYNTHETIC = "synthetic"
 
@@ -27,9 +34,10 @@ def cache_dir() -> Path:
 
 
 def _odd_kernel(ctx, param, value):
-    if value < 1 or value % 2 == 0:
-        raise click.BadParameter(f"must be an odd integer >= 1, got {value}")
-    return value
+    try:
+        return check_kernel_size(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error).replace("kernel_size ", "")) from None
 
 
 def _fractions(ctx, param, value):

@@ -177,7 +177,7 @@ def _popcount64(values: np.ndarray) -> np.ndarray:
     return np.unpackbits(as_bytes, axis=1).sum(axis=1)
 
 
-class _UnionFind:
+class UnionFind:
     def __init__(self, n: int):
         self.parent = list(range(n))
 
@@ -240,7 +240,7 @@ def assign_groups(
         raise ValueError(f"unsupported group_by, got {group_by!r}; expected image or index-block")
     if group_by == "index-block" and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    union = _UnionFind(len(paths))
+    union = UnionFind(len(paths))
     for i, j, _ in pairs:
         union.union(i, j)
     if group_by == "index-block":

@@ -413,7 +413,7 @@ def _build_rows_and_audit(
 
 
 def _duplicate_groups(paths, classes, pairs) -> list[dict]:
-    union = data._UnionFind(len(paths))
+    union = data.UnionFind(len(paths))
     for i, j, _ in pairs:
         union.union(i, j)
     members: dict[int, list[int]] = {}

@@ -145,8 +145,12 @@ def close_mask(mask: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     As ``cv2.morphologyEx``: outside the image counts as background when dilating and as
     foreground when eroding, so a shape closer to the edge than the element's radius grows to it.
     """
-    closed = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel)
-    return closed.astype(bool)
+    return _close01(mask.astype(np.uint8), kernel).astype(bool)
+
+
+def _close01(mask01: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """``close_mask`` on a uint8 0/1 mask, without the bool round trips (the hot path)."""
+    return cv2.morphologyEx(mask01, cv2.MORPH_CLOSE, kernel)
 
 
 def segment(rgb: np.ndarray, params: SegmentationParams = SegmentationParams()) -> dict:
@@ -176,7 +180,7 @@ def _closed_mask(resized, gray, params: SegmentationParams) -> tuple[np.ndarray,
     channel = gray if params.channel == "gray" else threshold_channel(resized, params.channel)
     raw_mask, t = otsu_mask(channel, params.resolved_foreground)
     kernel = structuring_element(params.kernel_size, params.kernel_shape)
-    return cv2.morphologyEx(raw_mask.view(np.uint8), cv2.MORPH_CLOSE, kernel), t
+    return _close01(raw_mask.view(np.uint8), kernel), t
 
 
 def _single_plane(gray: np.ndarray, mask01: np.ndarray, output: str) -> np.ndarray:
