@@ -1,0 +1,189 @@
+"""The classifier: a timm backbone + global average pooling + dropout + a linear layer.
+
+Phase 2 of the paper unfreezes "the last N layers" of Keras' EfficientNet. ``keras_layers``
+lists a timm EfficientNet as Keras counts it, so that ``unfreeze_last(model, 60)`` trains the
+same weights Keras would: for efficientnet_b4 that is ``conv_head``, ``bn2``, ``blocks[6]``,
+``blocks[5][7]`` and ``blocks[5][6]`` except its ``conv_pw`` (7,151,164 backbone parameters).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+PRETRAINED_CHOICES = ("imagenet", "none")
+
+
+class PretrainedWeightsError(RuntimeError):
+    """ImageNet weights could not be had; the message names the ways out."""
+
+
+class Classifier(nn.Module):
+    """backbone (features, pooled) -> Dropout(p) -> Linear(num_classes); logits out."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float):
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.num_features, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.backbone(images)))
+
+
+def create_classifier(
+    model_name: str = "efficientnet_b4",
+    *,
+    num_classes: int = 4,
+    dropout: float = 0.4,
+    pretrained: str = "imagenet",
+) -> Classifier:
+    """Build the classifier. ``pretrained``: ``imagenet`` (timm downloads from the Hugging Face
+    hub), ``none``, or a path to a local ``.safetensors``/``.pth`` state dict of the backbone."""
+    if model_name not in timm.list_models():
+        raise ValueError(f"unknown timm model {model_name!r}; see timm.list_models()")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if pretrained == "imagenet":
+        try:
+            backbone = timm.create_model(
+                model_name, pretrained=True, num_classes=0, global_pool="avg"
+            )
+        except (OSError, RuntimeError, ValueError) as error:
+            raise PretrainedWeightsError(
+                f"could not download ImageNet weights for {model_name!r} ({type(error).__name__}:"
+                f" {str(error).splitlines()[0] if str(error) else 'no details'}); use "
+                "pretrained=none to train from scratch, or pretrained=/path/to/weights.safetensors"
+                " for a local state dict"
+            ) from None
+    else:
+        backbone = timm.create_model(model_name, pretrained=False, num_classes=0, global_pool="avg")
+        if pretrained != "none":
+            load_backbone_weights(backbone, pretrained)
+    return Classifier(backbone, num_classes, dropout)
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local state dict into ``backbone``; classifier weights in it are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"pretrained must be 'imagenet', 'none' or a weights file; {str(path)!r} is none"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    head_names = {
+        f"{getattr(backbone, 'default_cfg', {}).get('classifier', 'classifier')}.{s}"
+        for s in ("weight", "bias")
+    }
+    state = {k: v for k, v in state.items() if k not in head_names}
+    try:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # tensors of the wrong shape
+        detail = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        raise ValueError(f"{str(path)!r} does not fit the backbone: {detail}") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"{str(path)!r} does not fit the backbone: {len(missing)} missing keys "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Keras' layer count
+
+
+def _block_layers(block: nn.Module) -> list[tuple[str, nn.Module | None]]:
+    """One timm MBConv block as Keras lists its layers (None: a layer without weights)."""
+    kind = type(block).__name__
+    se = getattr(block, "se", None)
+    has_se = se is not None and hasattr(se, "conv_reduce")
+    stride = getattr(getattr(block, "conv_dw", None), "stride", (1, 1))
+    if kind == "InvertedResidual":
+        layers = [
+            ("expand_conv", block.conv_pw),
+            ("expand_bn", block.bn1),
+            ("expand_activation", None),
+        ]
+        depthwise, project = (
+            [("dwconv", block.conv_dw), ("bn", block.bn2)],
+            [("project_conv", block.conv_pwl), ("project_bn", block.bn3)],
+        )
+    elif kind == "DepthwiseSeparableConv":
+        layers = []
+        depthwise, project = (
+            [("dwconv", block.conv_dw), ("bn", block.bn1)],
+            [("project_conv", block.conv_pw), ("project_bn", block.bn2)],
+        )
+    else:  # other block types: one layer per child module, in order
+        return [(name, module) for name, module in block.named_children()]
+    if tuple(stride) == (2, 2):
+        layers.append(("dwconv_pad", None))
+    layers += [*depthwise, ("activation", None)]
+    if has_se:
+        layers += [
+            ("se_squeeze", None),
+            ("se_reshape", None),
+            ("se_reduce", se.conv_reduce),
+            ("se_expand", se.conv_expand),
+            ("se_excite", None),
+        ]
+    layers += project
+    if getattr(block, "has_skip", False):
+        layers += [("drop", None), ("add", None)]
+    return layers
+
+
+def keras_layers(backbone: nn.Module) -> list[tuple[str, nn.Module | None]]:
+    """A timm EfficientNet's layers in Keras' order: stem, every block, top."""
+    layers = [
+        ("stem_conv_pad", None),
+        ("stem_conv", backbone.conv_stem),
+        ("stem_bn", backbone.bn1),
+        ("stem_activation", None),
+    ]
+    for s, stage in enumerate(backbone.blocks):
+        for b, block in enumerate(stage):
+            layers += [(f"block{s + 1}{chr(97 + b)}_{n}", m) for n, m in _block_layers(block)]
+    if hasattr(backbone, "conv_head"):
+        layers += [
+            ("top_conv", backbone.conv_head),
+            ("top_bn", backbone.bn2),
+            ("top_activation", None),
+        ]
+    return layers
+
+
+def freeze_backbone(model: Classifier) -> None:
+    """Phase 1: no gradients anywhere in the backbone; only the head trains."""
+    model.backbone.requires_grad_(False)
+    model.head.requires_grad_(True)
+
+
+def unfreeze_last(model: Classifier, n: int) -> list[str]:
+    """Phase 2: the backbone frozen except its last ``n`` Keras layers. Returns their names."""
+    if n < 0:
+        raise ValueError(f"unfreeze_last must be >= 0, got {n}")
+    freeze_backbone(model)
+    chosen = keras_layers(model.backbone)[-n:] if n else []
+    for _, module in chosen:
+        if module is not None:
+            module.requires_grad_(True)
+    return [name for name, _ in chosen]
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def count_trainable(module: nn.Module) -> int:
+    return sum(p.numel() for p in trainable_parameters(module))
