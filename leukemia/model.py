@@ -32,7 +32,26 @@ class Classifier(nn.Module):
         self.head = nn.Linear(backbone.num_features, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.backbone(images)))
+        if torch.is_grad_enabled() and not any(p.requires_grad for p in self.backbone.parameters()):
+            # Phase 1: a frozen backbone builds no autograd graph, so an epoch costs about
+            # what inference costs.
+            with torch.no_grad():
+                features = self.backbone(images)
+        else:
+            features = self.backbone(images)
+        return self.head(self.dropout(features))
+
+
+def set_train_mode(model: Classifier, freeze_bn_stats: bool = True) -> None:
+    """``model.train()``, except BatchNorm layers keep their running statistics: all of them
+    when ``freeze_bn_stats`` (Keras calling the base model in inference mode), else those
+    whose parameters are frozen."""
+    model.train()
+    for module in model.backbone.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            frozen = not any(p.requires_grad for p in module.parameters(recurse=False))
+            if freeze_bn_stats or frozen:
+                module.eval()
 
 
 def create_classifier(
