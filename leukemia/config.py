@@ -1,0 +1,114 @@
+"""Training configuration: dataclass defaults (the paper) -> experiment YAML -> overrides.
+
+One frozen ``TrainConfig`` comes out and is logged whole. Unknown keys are an error that lists
+the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Model (paper: ImageNet EfficientNetB4 + GAP + Dropout(0.4) + Dense softmax).
+    model: str = "efficientnet_b4"
+    pretrained: str = "imagenet"  # imagenet | none | path to a local state dict
+    dropout: float = 0.4
+    # Data (paper: 224 x 224, batch 8).
+    image_size: int = 224
+    batch_size: int = 8
+    # Optimiser (paper: AdamW, lr 1e-4, weight decay 1e-4, constant rate, both phases).
+    phase1_lr: float = 1e-4
+    phase2_lr: float = 1e-4
+    weight_decay: float = 1e-4
+    # Phases (paper: head up to 50 epochs, then the last 60 layers up to 30).
+    phase1_epochs: int = 50
+    phase2_epochs: int = 30
+    unfreeze_last: int = 60
+    freeze_bn_stats: bool = True  # Keras calls the base model in inference mode
+    patience: int = 7  # early stopping on validation loss, best weights restored
+    class_weights: bool = True  # w_c = N / (n_c * C)
+    # Run.
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = 0
+    seed: int = 42
+
+    def __post_init__(self):
+        _positive = ("image_size", "batch_size", "phase1_epochs")
+        for name in _positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("phase2_epochs", "unfreeze_last", "patience", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("phase1_lr", "phase2_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"unsupported precision, got {self.precision!r}; expected fp32, bf16")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value, target_type):
+    """Turn a YAML value or a ``-P key=value`` string into the field's type, or raise."""
+    if target_type is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+    elif target_type is str:
+        if isinstance(value, str):
+            return value
+    elif not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is not None and target_type is float:
+            return number
+        if number is not None and number.is_integer():
+            return int(number)
+    raise ValueError(f"{name} must be {target_type.__name__}, got {value!r}")
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: dict | None = None
+) -> TrainConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``; validated."""
+    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+    values: dict = {}
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping of field: value")
+        layers.append((str(path), loaded))
+    layers.append(("overrides", overrides or {}))
+    for source, layer in layers:
+        unknown = sorted(set(layer) - set(types))
+        if unknown:
+            raise ValueError(
+                f"unknown config key(s) {unknown} in {source}; valid keys: {', '.join(types)}"
+            )
+        for key, value in layer.items():
+            values[key] = _coerce(key, value, types[key])
+    return TrainConfig(**values)
