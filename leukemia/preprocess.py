@@ -23,6 +23,7 @@ import shutil
 import sys
 import threading
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -151,7 +152,8 @@ def _run_all(tasks, source_root, target_root, seg, max_pixels, workers, progress
         file=sys.stderr,
         mininterval=0.5,
     )
-    if workers == 1:
+    method = _start_method() if workers > 1 else None
+    if method is None:
         _init_worker(*initargs)
         for task in tasks:
             index, record = _process_one(task)
@@ -160,28 +162,40 @@ def _run_all(tasks, source_root, target_root, seg, max_pixels, workers, progress
         if side_job is not None:
             side_job[0](*side_job[1:])
     else:
-        method = _start_method()
-        context = multiprocessing.get_context(method)
         # Large chunks keep the parent idle; 4 per worker still balance the load.
         chunksize = max(1, min(256, len(tasks) // (workers * 4)))
-        with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
-            pending = pool.apply_async(side_job[0], side_job[1:]) if side_job else None
-            for index, record in pool.imap_unordered(_process_one, tasks, chunksize=chunksize):
+        # An executor, not a Pool: a worker that dies raises BrokenProcessPool instead of
+        # being replaced forever.
+        with ProcessPoolExecutor(
+            workers,
+            multiprocessing.get_context(method),
+            initializer=_init_worker,
+            initargs=initargs,
+        ) as pool:
+            pending = pool.submit(*side_job) if side_job else None
+            for index, record in pool.map(_process_one, tasks, chunksize=chunksize):
                 results[index] = record
                 bar.update()
             if pending is not None:
-                pending.get()
+                pending.result()
     bar.close()
     return results
 
 
-def _start_method() -> str:
-    """``fork`` (workers start in milliseconds) only while this process has a single thread:
-    forking a threaded process (MLflow's, a test runner's) can copy a held lock and hang the
-    worker. Otherwise ``forkserver``, which forks from a clean helper process."""
+def _start_method() -> str | None:
+    """How to start workers, or None to work in this process.
+
+    ``fork`` (workers start in milliseconds) only while this process has a single thread:
+    forking a threaded process (after importing torch or MLflow) can copy a held lock and hang
+    a worker. Otherwise ``forkserver``, whose workers re-import the main module, which fails
+    when that is not a file (``python -`` reading stdin): then None.
+    """
     methods = multiprocessing.get_all_start_methods()
     if "fork" in methods and threading.active_count() == 1:
         return "fork"
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file is not None and not os.path.isfile(main_file):
+        return None
     return "forkserver" if "forkserver" in methods else "spawn"
 
 

@@ -268,3 +268,21 @@ def test_real_images_audit_and_leakage_free_split(tmp_path):
         number = int(Path(row["path"]).stem.rsplit("-", 1)[1])
         splits_per_block[(row["class"], (number - 1) // 24)].add(row["split"])
     assert all(len(s) == 1 for s in splits_per_block.values())
+
+
+def test_threaded_parent_reading_stdin_does_not_hang(synthetic_dir, tmp_path):
+    """With a thread running, workers cannot be forked safely; a forkserver cannot re-import a
+    main module read from stdin. Preprocessing must still finish (in process)."""
+    script = (
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+        "from leukemia.preprocess import preprocess\n"
+        f"r = preprocess({str(synthetic_dir)!r}, {str(tmp_path / 'out')!r}, workers=2,"
+        " progress=False)\n"
+        "print(r.counts['images'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "32"
