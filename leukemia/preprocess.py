@@ -144,15 +144,16 @@ def _run_all(tasks, source_root, target_root, seg, max_pixels, workers, progress
     runs on the same pool meanwhile, so that its cost hides behind the per-image work."""
     results: list[dict | None] = [None] * len(tasks)
     initargs = (str(source_root), str(target_root), seg, max_pixels)
+    method = _start_method() if workers > 1 else None
     bar = tqdm(
         total=len(tasks),
+        monitor_interval=0,  # no monitor thread: a thread would make forking unsafe
         unit="img",
         desc="preprocess",
         disable=None if progress else True,
         file=sys.stderr,
         mininterval=0.5,
     )
-    method = _start_method() if workers > 1 else None
     if method is None:
         _init_worker(*initargs)
         for task in tasks:
