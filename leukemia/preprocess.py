@@ -145,9 +145,9 @@ def _run_all(tasks, source_root, target_root, seg, max_pixels, workers, progress
     results: list[dict | None] = [None] * len(tasks)
     initargs = (str(source_root), str(target_root), seg, max_pixels)
     method = _start_method() if workers > 1 else None
+    tqdm.monitor_interval = 0  # tqdm's documented switch: no monitor thread, fork stays safe
     bar = tqdm(
         total=len(tasks),
-        monitor_interval=0,  # no monitor thread: a thread would make forking unsafe
         unit="img",
         desc="preprocess",
         disable=None if progress else True,
