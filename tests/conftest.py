@@ -23,6 +23,18 @@ def synthetic_dir(tmp_path_factory) -> Path:
     return synthetic.generate(tmp_path_factory.mktemp("synthetic") / "data", per_class=8, seed=3)
 
 
+@pytest.fixture(scope="session")
+def small_processed(synthetic_dir, tmp_path_factory) -> Path:
+    """The synthetic dataset preprocessed at 64 x 64, for the training tests (read-only)."""
+    from leukemia.preprocess import preprocess
+    from leukemia.segmentation import SegmentationParams
+
+    out = tmp_path_factory.mktemp("processed") / "small"
+    return preprocess(
+        synthetic_dir, out, seg=SegmentationParams(image_size=64), progress=False, workers=1
+    ).out_dir
+
+
 @pytest.fixture
 def dataset_copy(synthetic_dir, tmp_path) -> Path:
     """A private, writable copy of the synthetic dataset, for tests that damage it."""

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from leukemia import engine
 from leukemia import model as m
 from leukemia.datasets import ManifestDataset, build_transform, class_weights
-from leukemia.preprocess import preprocess
-from leukemia.segmentation import SegmentationParams
-
-
-@pytest.fixture(scope="module")
-def processed(synthetic_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("engine") / "small"
-    return preprocess(
-        synthetic_dir, out, seg=SegmentationParams(image_size=64), progress=False, workers=1
-    ).out_dir
 
 
 def run_epochs(processed, epochs: int, phase: str, seed: int = 0):
@@ -41,8 +30,8 @@ def run_epochs(processed, epochs: int, phase: str, seed: int = 0):
     return classifier, history, result
 
 
-def test_phase1_leaves_the_backbone_untouched(processed):
-    classifier, history, result = run_epochs(processed, 2, "head")
+def test_phase1_leaves_the_backbone_untouched(small_processed):
+    classifier, history, result = run_epochs(small_processed, 2, "head")
     reference = dict(classifier.backbone.state_dict())  # weights and BatchNorm statistics
     torch.manual_seed(0)  # the seed run_epochs built its model with
     fresh = m.create_classifier("test_efficientnet", pretrained="none").backbone.state_dict()
@@ -54,14 +43,14 @@ def test_phase1_leaves_the_backbone_untouched(processed):
     assert torch.allclose(result["probabilities"].sum(1), torch.ones(4))
 
 
-def test_same_seed_same_metrics_on_cpu(processed):
-    _, first, a = run_epochs(processed, 2, "fine-tune", seed=3)
-    _, again, b = run_epochs(processed, 2, "fine-tune", seed=3)
+def test_same_seed_same_metrics_on_cpu(small_processed):
+    _, first, a = run_epochs(small_processed, 2, "fine-tune", seed=3)
+    _, again, b = run_epochs(small_processed, 2, "fine-tune", seed=3)
     assert [h["loss"] for h in first] == [h["loss"] for h in again]
     assert a["loss"] == b["loss"] and torch.equal(a["probabilities"], b["probabilities"])
 
 
-def test_frozen_batchnorm_keeps_running_statistics(processed):
+def test_frozen_batchnorm_keeps_running_statistics(small_processed):
     classifier = m.create_classifier("test_efficientnet", pretrained="none")
     m.unfreeze_last(classifier, 10)
     m.set_train_mode(classifier, freeze_bn_stats=True)

@@ -6,19 +6,9 @@ import pytest
 import torch
 
 from leukemia.config import load_config
-from leukemia.preprocess import preprocess
-from leukemia.segmentation import SegmentationParams
 from leukemia.train import STATE_FILE, phases, train
 
 from .conftest import REPO
-
-
-@pytest.fixture(scope="module")
-def processed(synthetic_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "small"
-    return preprocess(
-        synthetic_dir, out, seg=SegmentationParams(image_size=64), progress=False, workers=1
-    ).out_dir
 
 
 def demo(**overrides):
@@ -37,9 +27,9 @@ def test_phases_follow_the_config():
     assert len(phases(load_config(None, {"phase2_epochs": 0}))) == 1
 
 
-def test_global_epochs_and_phase_summary(processed, tmp_path):
+def test_global_epochs_and_phase_summary(small_processed, tmp_path):
     records = []
-    result = train(demo(), processed, tmp_path / "work", on_epoch=records.append)
+    result = train(demo(), small_processed, tmp_path / "work", on_epoch=records.append)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert [r["phase"] for r in records] == ["phase1", "phase1", "phase2", "phase2"]
     summary = result["summary"]
@@ -48,10 +38,10 @@ def test_global_epochs_and_phase_summary(processed, tmp_path):
     assert 1 <= summary["phase1_best_epoch"] <= 2 and 3 <= summary["phase2_best_epoch"] <= 4
 
 
-def test_early_stopping_stops_a_phase(processed, tmp_path):
+def test_early_stopping_stops_a_phase(small_processed, tmp_path):
     config = demo(phase1_epochs=6, phase2_epochs=0, patience=1, phase1_lr=1e-12)
     records = []
-    train(config, processed, tmp_path / "work", on_epoch=records.append)
+    train(config, small_processed, tmp_path / "work", on_epoch=records.append)
     assert 2 <= len(records) < 6  # a rate of 1e-12 cannot keep improving the loss
 
 
@@ -60,18 +50,18 @@ class Killed(Exception):
 
 
 @pytest.mark.parametrize("kill_at", [2, 3, 4])  # mid phase 1, first and last of phase 2
-def test_interrupted_run_resumes_to_identical_numbers(processed, tmp_path, kill_at):
-    full = train(demo(), processed, tmp_path / "full")
+def test_interrupted_run_resumes_to_identical_numbers(small_processed, tmp_path, kill_at):
+    full = train(demo(), small_processed, tmp_path / "full")
 
     def die(record):
         if record["epoch"] == kill_at:
             raise Killed
 
     with pytest.raises(Killed):
-        train(demo(), processed, tmp_path / "resumed", on_epoch=die)
+        train(demo(), small_processed, tmp_path / "resumed", on_epoch=die)
     saved = torch.load(tmp_path / "resumed" / STATE_FILE, weights_only=False)
     assert saved["global_epoch"] == kill_at - 1
-    resumed = train(demo(), processed, tmp_path / "resumed", resume=True)
+    resumed = train(demo(), small_processed, tmp_path / "resumed", resume=True)
     assert [r["val_loss"] for r in resumed["history"]] == [r["val_loss"] for r in full["history"]]
     assert [r["train_loss"] for r in resumed["history"]] == [
         r["train_loss"] for r in full["history"]
