@@ -15,8 +15,6 @@ import timm
 import torch
 from torch import nn
 
-PRETRAINED_CHOICES = ("imagenet", "none")
-
 
 class PretrainedWeightsError(RuntimeError):
     """ImageNet weights could not be had; the message names the ways out."""

@@ -106,7 +106,14 @@ def train(
     work_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     seed_everything(config.seed)
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    classifier = m.create_classifier(
+        config.model, num_classes=4, dropout=config.dropout, pretrained=config.pretrained
+    ).to(device)
+    # Normalise as the backbone was pretrained (timm's pretrained config).
+    mean, std = (
+        classifier.backbone.pretrained_cfg["mean"],
+        classifier.backbone.pretrained_cfg["std"],
+    )
     train_set = ManifestDataset(processed_dir, "train", build_transform(True, mean, std))
     val_set = ManifestDataset(processed_dir, "val", build_transform(False, mean, std))
     weights = class_weights(train_set.labels) if config.class_weights else None
@@ -121,9 +128,6 @@ def train(
     )
     val_loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
 
-    classifier = m.create_classifier(
-        config.model, num_classes=4, dropout=config.dropout, pretrained=config.pretrained
-    ).to(device)
     state = {
         "phase_index": 0,
         "epoch_in_phase": 0,
