@@ -1,0 +1,442 @@
+"""Test-set reports, paired statistics and figures for a classifier: numpy in, numbers out.
+
+Inputs are integer labels of shape (n,) and class probabilities of shape (n, C) (lists and CPU
+tensors are accepted through ``np.asarray``). Nothing here imports torch or MLflow: the
+engine produces the arrays, ``tracking`` logs what these functions return.
+
+Figures are built on ``matplotlib.figure.Figure`` directly, not pyplot, so no global figure
+state is kept and no GUI backend is needed; callers save or log the returned figure.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from matplotlib.figure import Figure
+from scipy.stats import binomtest
+from sklearn.metrics import (
+    classification_report,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+from .data import CLASSES
+
+BOOTSTRAP_METRICS = ("accuracy", "f1_macro")
+ECE_BINS = 15
+# Probabilities are clipped before the log so one confident mistake gives a large, finite loss.
+_LOG_CLIP = 1e-12
+# Resampled index matrices are built in blocks of at most this many entries (int64: 32 MB).
+_BOOTSTRAP_BLOCK = 4_000_000
+_METRIC_KEY = re.compile(r"^[A-Za-z0-9_]*$")
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _labels(labels, n_classes: int, name: str = "labels") -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array, got shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be integer class indices, got dtype {labels.dtype}")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise ValueError(
+            f"{name} must lie in [0, {n_classes}), got values from {labels.min()} to {labels.max()}"
+        )
+    return labels.astype(np.int64)
+
+
+def _probabilities(probabilities, n: int, n_classes: int) -> np.ndarray:
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.shape != (n, n_classes):
+        raise ValueError(
+            f"probabilities must have shape (n, C) = ({n}, {n_classes}), got {probabilities.shape}"
+        )
+    if not np.isfinite(probabilities).all():
+        raise ValueError("probabilities must be finite, got NaN or infinity")
+    return probabilities
+
+
+def _labels_and_probabilities(labels, probabilities, n_classes: int | None = None):
+    """Validated ``(labels (n,), probabilities (n, C))``; C defaults to the probabilities' width."""
+    if n_classes is None:
+        shape = np.shape(probabilities)
+        if len(shape) != 2:
+            raise ValueError(f"probabilities must have shape (n, C), got {shape}")
+        n_classes = shape[1]
+    labels = _labels(labels, n_classes)
+    return labels, _probabilities(probabilities, len(labels), n_classes)
+
+
+def _same_length(**arrays: np.ndarray) -> None:
+    lengths = {name: len(a) for name, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"arrays must have equal lengths, got {lengths}")
+
+
+def _check_bootstrap(n_resamples: int, confidence: float) -> None:
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+def _calibration_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int):
+    """Top-1 confidence binned into ``bins`` equal-width bins of [0, 1], (lo, hi] each.
+
+    Returns ``(counts, mean_confidence, accuracy)``, each of shape (bins,); empty bins hold 0.
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    confidence = probabilities.max(axis=1)
+    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
+    inner_edges = np.linspace(0.0, 1.0, bins + 1)[1:-1]
+    index = np.digitize(confidence, inner_edges, right=True)
+    counts = np.bincount(index, minlength=bins)
+    safe = np.maximum(counts, 1)
+    mean_confidence = np.bincount(index, confidence, minlength=bins) / safe
+    accuracy = np.bincount(index, correct, minlength=bins) / safe
+    return counts, mean_confidence, accuracy
+
+
+def expected_calibration_error(labels, probabilities, bins: int = ECE_BINS) -> float:
+    """ECE = sum_b (n_b / n) |accuracy_b - confidence_b| over equal-width confidence bins.
+
+    Confidence is the top-1 probability and accuracy whether the top-1 class is the label.
+    """
+    labels, probabilities = _labels_and_probabilities(labels, probabilities)
+    counts, mean_confidence, accuracy = _calibration_bins(labels, probabilities, bins)
+    return float(np.sum(counts / counts.sum() * np.abs(accuracy - mean_confidence)))
+
+
+def _one_vs_rest_auc(labels: np.ndarray, probabilities: np.ndarray, class_names) -> dict:
+    # AUC is undefined when a class is absent from the labels or is every label.
+    auc = {}
+    for k, name in enumerate(class_names):
+        positive = labels == k
+        defined = positive.any() and not positive.all()
+        auc[name] = float(roc_auc_score(positive, probabilities[:, k])) if defined else None
+    return auc
+
+
+def classification_metrics(labels, probabilities, class_names=CLASSES, loss=None) -> dict:
+    """Everything the test report needs, from labels (n,) and probabilities (n, C).
+
+    ``loss`` is the caller's loss when given (e.g. class-weighted cross-entropy), else the mean
+    negative log-likelihood of the true class. Per-class dicts are keyed by class name; classes
+    absent from ``labels`` still get a confusion-matrix row (zeros) and zero recall.
+    """
+    class_names = tuple(class_names)
+    n_classes = len(class_names)
+    labels, probabilities = _labels_and_probabilities(labels, probabilities, n_classes)
+    predictions = probabilities.argmax(axis=1)
+    classes = list(range(n_classes))
+    if loss is None:
+        true_class = probabilities[np.arange(len(labels)), labels]
+        loss = -np.mean(np.log(np.clip(true_class, _LOG_CLIP, 1.0)))
+
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predictions, labels=classes, zero_division=0
+    )
+    counts = confusion_matrix(labels, predictions, labels=classes)
+    row_sums = counts.sum(axis=1, keepdims=True)
+    normalized = np.divide(counts, row_sums, out=np.zeros(counts.shape), where=row_sums > 0)
+    report_args = dict(labels=classes, target_names=class_names, digits=4, zero_division=0)
+    auc = _one_vs_rest_auc(labels, probabilities, class_names)
+    defined_auc = [v for v in auc.values() if v is not None]
+
+    def f1_average(average: str) -> float:
+        return float(
+            f1_score(labels, predictions, labels=classes, average=average, zero_division=0)
+        )
+
+    return {
+        "accuracy": float(np.mean(predictions == labels)),
+        "loss": float(loss),
+        "f1_macro": f1_average("macro"),
+        "f1_weighted": f1_average("weighted"),
+        "f1_micro": f1_average("micro"),
+        "precision_macro": float(np.mean(precision)),
+        "recall_macro": float(np.mean(recall)),
+        "precision": dict(zip(class_names, map(float, precision))),
+        "recall": dict(zip(class_names, map(float, recall))),
+        "f1": dict(zip(class_names, map(float, f1))),
+        "support": dict(zip(class_names, map(int, support))),
+        "confusion_matrix": counts.tolist(),
+        "confusion_matrix_normalized": normalized.tolist(),
+        "report": classification_report(labels, predictions, **report_args),
+        "report_dict": classification_report(labels, predictions, output_dict=True, **report_args),
+        "roc_auc": auc,
+        "roc_auc_macro": float(np.mean(defined_auc)) if defined_auc else None,
+        "ece": expected_calibration_error(labels, probabilities),
+    }
+
+
+def flat_metrics(metrics: dict, prefix: str = "test_") -> dict[str, float]:
+    """The scalars of ``classification_metrics`` plus per-class recall, as MLflow metric keys.
+
+    Keys are ``{prefix}{name}`` and ``{prefix}recall_{class slug}`` ("Early Pre-B" ->
+    ``early_pre_b``); an undefined ``roc_auc_macro`` is left out rather than logged as NaN.
+    """
+    if not _METRIC_KEY.match(prefix):
+        raise ValueError(f"prefix must contain only [A-Za-z0-9_], got {prefix!r}")
+    names = ("accuracy", "loss", "f1_macro", "f1_weighted", "f1_micro", "precision_macro")
+    names += ("recall_macro", "roc_auc_macro", "ece")
+    flat = {f"{prefix}{k}": float(metrics[k]) for k in names if metrics[k] is not None}
+    for class_name, value in metrics["recall"].items():
+        flat[f"{prefix}recall_{_slug(class_name)}"] = float(value)
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def _macro_f1_rows(labels: np.ndarray, predictions: np.ndarray, n_classes: int) -> np.ndarray:
+    """Macro F1 of each row of (R, n) label/prediction matrices, F1_k = 2 TP / (2 TP + FP + FN).
+
+    Same as sklearn's ``f1_score(average="macro", labels=range(C), zero_division=0)``: a class
+    with no true and no predicted items scores 0.
+    """
+    rows = np.arange(labels.shape[0])[:, None] * n_classes
+    size = labels.shape[0] * n_classes
+    true_counts = np.bincount((rows + labels).ravel(), minlength=size)
+    predicted_counts = np.bincount((rows + predictions).ravel(), minlength=size)
+    hits = (rows + labels)[labels == predictions]
+    true_positives = np.bincount(hits, minlength=size)
+    denominator = (true_counts + predicted_counts).reshape(-1, n_classes)
+    f1 = np.divide(
+        2 * true_positives.reshape(-1, n_classes),
+        denominator,
+        out=np.zeros(denominator.shape),
+        where=denominator > 0,
+    )
+    return f1.mean(axis=1)
+
+
+def _resampled_statistics(n: int, statistic, n_resamples: int, seed: int) -> np.ndarray:
+    """``statistic(index)`` over (R, n) blocks of bootstrap indices; shape (n_resamples,)."""
+    rng = np.random.default_rng(seed)
+    block = max(1, _BOOTSTRAP_BLOCK // n)
+    values = []
+    for start in range(0, n_resamples, block):
+        index = rng.integers(0, n, size=(min(block, n_resamples - start), n))
+        values.append(statistic(index))
+    return np.concatenate(values)
+
+
+def _percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_ci(
+    labels,
+    predictions,
+    metric: str = "accuracy",
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    n_classes: int = len(CLASSES),
+) -> dict:
+    """Percentile bootstrap interval for accuracy or macro F1, resampling test images.
+
+    Returns ``{"estimate", "low", "high"}``; the estimate is the metric on the full test set.
+    """
+    if metric not in BOOTSTRAP_METRICS:
+        raise ValueError(f"unsupported metric {metric!r}; choose one of {BOOTSTRAP_METRICS}")
+    _check_bootstrap(n_resamples, confidence)
+    labels = _labels(labels, n_classes)
+    predictions = _labels(predictions, n_classes, name="predictions")
+    _same_length(labels=labels, predictions=predictions)
+    if metric == "accuracy":
+        correct = (labels == predictions).astype(np.float64)
+        estimate = correct.mean()
+        values = _resampled_statistics(
+            len(labels), lambda index: correct[index].mean(axis=1), n_resamples, seed
+        )
+    else:
+        estimate = _macro_f1_rows(labels[None], predictions[None], n_classes)[0]
+        values = _resampled_statistics(
+            len(labels),
+            lambda index: _macro_f1_rows(labels[index], predictions[index], n_classes),
+            n_resamples,
+            seed,
+        )
+    low, high = _percentile_interval(values, confidence)
+    return {"estimate": float(estimate), "low": low, "high": high}
+
+
+def _correct(values, name: str) -> np.ndarray:
+    values = np.asarray(values)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D boolean array, got shape {values.shape}")
+    if values.dtype != bool and not np.isin(values, (0, 1)).all():
+        raise ValueError(f"{name} must be boolean (or 0/1), got dtype {values.dtype}")
+    return values.astype(bool)
+
+
+def mcnemar_exact(correct_a, correct_b) -> dict:
+    """Exact McNemar test of two classifiers on the same test images.
+
+    Only discordant pairs carry information: under H0 (equal accuracy) ``only_a`` is
+    Binomial(only_a + only_b, 0.5); the p-value is the two-sided binomial test, 1.0 when there
+    are no discordant pairs.
+    """
+    correct_a, correct_b = _correct(correct_a, "correct_a"), _correct(correct_b, "correct_b")
+    _same_length(correct_a=correct_a, correct_b=correct_b)
+    only_a = int(np.sum(correct_a & ~correct_b))
+    only_b = int(np.sum(~correct_a & correct_b))
+    discordant = only_a + only_b
+    p_value = binomtest(only_a, discordant, 0.5).pvalue if discordant else 1.0
+    return {
+        "n": len(correct_a),
+        "both_correct": int(np.sum(correct_a & correct_b)),
+        "only_a": only_a,
+        "only_b": only_b,
+        "both_wrong": int(np.sum(~correct_a & ~correct_b)),
+        "p_value": float(p_value),
+    }
+
+
+def paired_bootstrap_difference(
+    labels,
+    predictions_a,
+    predictions_b,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    n_classes: int = len(CLASSES),
+) -> dict:
+    """Percentile interval for accuracy(a) - accuracy(b), resampling images jointly.
+
+    Resampling both classifiers' results for the same images keeps their correlation, so the
+    interval is narrower than one built from two independent intervals.
+    """
+    _check_bootstrap(n_resamples, confidence)
+    labels = _labels(labels, n_classes)
+    predictions_a = _labels(predictions_a, n_classes, name="predictions_a")
+    predictions_b = _labels(predictions_b, n_classes, name="predictions_b")
+    _same_length(labels=labels, predictions_a=predictions_a, predictions_b=predictions_b)
+    difference = (predictions_a == labels).astype(np.float64) - (predictions_b == labels)
+    values = _resampled_statistics(
+        len(labels), lambda index: difference[index].mean(axis=1), n_resamples, seed
+    )
+    low, high = _percentile_interval(values, confidence)
+    return {"difference": float(difference.mean()), "low": low, "high": high}
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+_CURVE_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+def curves_figure(history: list[dict], phase2_start_epoch: int | None = None) -> Figure:
+    """Accuracy and loss per epoch, train and validation, in two panels (the paper's Figs. 4-7).
+
+    A dashed line between the last head-only epoch and ``phase2_start_epoch`` marks where
+    fine-tuning starts.
+    """
+    if not history:
+        raise ValueError("history must hold at least one epoch record, got none")
+    missing = sorted({k for record in history for k in _CURVE_KEYS if k not in record})
+    if missing:
+        raise ValueError(f"history records must have keys {_CURVE_KEYS}, missing {missing}")
+    epochs = [record["epoch"] for record in history]
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    for ax, quantity in zip(fig.subplots(1, 2), ("accuracy", "loss")):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            values = [record[f"{split}_{quantity}"] for record in history]
+            ax.plot(epochs, values, style, markersize=3, label=f"{split} {quantity}")
+        if phase2_start_epoch is not None:
+            ax.axvline(
+                phase2_start_epoch - 0.5, color="gray", linestyle="--", label="fine-tuning starts"
+            )
+        ax.set(xlabel="epoch", ylabel=quantity, title=quantity.capitalize())
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
+
+
+def confusion_figure(confusion, class_names=CLASSES, normalized=None) -> Figure:
+    """Heat map of a C x C confusion matrix (rows true, columns predicted), counts in the cells.
+
+    With ``normalized`` (row fractions) the colour shows the row fraction and each cell also
+    gives it as a percentage, so classes of different sizes read on one scale.
+    """
+    counts = np.asarray(confusion)
+    n_classes = len(class_names)
+    if counts.shape != (n_classes, n_classes):
+        raise ValueError(
+            f"confusion must have shape ({n_classes}, {n_classes}) to match class_names, "
+            f"got {counts.shape}"
+        )
+    shade = counts if normalized is None else np.asarray(normalized, dtype=np.float64)
+    if shade.shape != counts.shape:
+        raise ValueError(f"normalized must have shape {counts.shape}, got {shade.shape}")
+    fig = Figure(figsize=(1.4 * n_classes + 2, 1.2 * n_classes + 1.5), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(shade, cmap="Blues", vmin=0)
+    threshold = shade.max() / 2 if shade.size else 0
+    for i in range(n_classes):
+        for j in range(n_classes):
+            text = f"{int(counts[i, j])}"
+            if normalized is not None:
+                text += f"\n{100 * shade[i, j]:.1f}%"
+            color = "white" if shade[i, j] > threshold else "black"
+            ax.text(j, i, text, ha="center", va="center", color=color)
+    ticks = np.arange(n_classes)
+    ax.set_xticks(ticks, class_names, rotation=30, ha="right")
+    ax.set_yticks(ticks, class_names)
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix")
+    return fig
+
+
+def reliability_figure(labels, probabilities, bins: int = ECE_BINS) -> Figure:
+    """Accuracy per top-1 confidence bin against the diagonal of perfect calibration."""
+    labels, probabilities = _labels_and_probabilities(labels, probabilities)
+    counts, _, accuracy = _calibration_bins(labels, probabilities, bins)
+    ece = expected_calibration_error(labels, probabilities, bins)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    filled = counts > 0
+    fig = Figure(figsize=(5, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(edges[:-1][filled], accuracy[filled], width=1 / bins, align="edge", edgecolor="black")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
+    ax.set_title(f"Reliability (ECE = {ece:.4f})")
+    ax.legend(loc="upper left")
+    return fig
+
+
+def comparison_figure(table: dict[str, list[float]], metric_name: str) -> Figure:
+    """One column per arm: each seed's value as a point, the mean with +/- 1 sd error bars."""
+    if not table or any(len(values) == 0 for values in table.values()):
+        raise ValueError("table must map at least one arm to a non-empty list of per-seed values")
+    fig = Figure(figsize=(1.5 * len(table) + 2, 4), layout="constrained")
+    ax = fig.subplots()
+    for x, values in enumerate(table.values()):
+        values = np.asarray(values, dtype=np.float64)
+        # Spread the seeds sideways (deterministically) so equal values stay visible.
+        offsets = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(1)
+        ax.scatter(x + offsets, values, color="tab:blue", alpha=0.6, zorder=2)
+        sd = values.std(ddof=1) if len(values) > 1 else 0.0
+        ax.errorbar(x + 0.3, values.mean(), yerr=sd, fmt="D", color="black", capsize=4, zorder=3)
+    ax.set_xticks(range(len(table)), list(table), rotation=20, ha="right")
+    ax.set(ylabel=metric_name, title=f"{metric_name} per arm (points: seeds; mean ± sd)")
+    ax.grid(axis="y", alpha=0.3)
+    return fig

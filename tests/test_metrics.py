@@ -1,0 +1,296 @@
+"""Reports, statistics and figures on hand-made arrays with known answers."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import warnings
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from sklearn.metrics import f1_score, roc_auc_score
+
+from leukemia import metrics
+from leukemia.data import CLASSES
+
+ABC = ("a", "b", "c")
+# Six items, three classes. Per class (TP, predicted, true) and P, R, F1 = 2TP / (pred + true):
+#   a: TP 1, pred 2 (items 0, 5), true 2 -> P 1/2, R 1/2, F1 1/2
+#   b: TP 2, pred 3 (items 1-3),  true 2 -> P 2/3, R 1,   F1 4/5
+#   c: TP 1, pred 1 (item 4),     true 2 -> P 1,   R 1/2, F1 2/3
+# accuracy 4/6; macro F1 (1/2 + 4/5 + 2/3) / 3 = 59/90; macro P 13/18; macro R 2/3.
+HAND_LABELS = np.array([0, 0, 1, 1, 2, 2])
+HAND_PREDICTIONS = np.array([0, 1, 1, 1, 2, 0])
+
+
+def confident(predictions, n_classes: int, top: float = 0.8) -> np.ndarray:
+    """Probabilities with ``top`` on the predicted class and the rest shared equally."""
+    rest = (1 - top) / (n_classes - 1)
+    probabilities = np.full((len(predictions), n_classes), rest)
+    probabilities[np.arange(len(predictions)), predictions] = top
+    return probabilities
+
+
+def noisy_predictions(labels, accuracy: float, n_classes: int, seed: int = 0) -> np.ndarray:
+    """Exactly round(accuracy * n) correct predictions, the rest shifted to another class."""
+    rng = np.random.default_rng(seed)
+    wrong = rng.permutation(len(labels))[: round((1 - accuracy) * len(labels))]
+    predictions = labels.copy()
+    predictions[wrong] = (labels[wrong] + 1) % n_classes
+    return predictions
+
+
+def test_perfect_confident_predictions():
+    labels = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    result = metrics.classification_metrics(labels, np.eye(4)[labels])
+    assert result["accuracy"] == 1.0
+    assert result["f1_macro"] == result["f1_weighted"] == result["f1_micro"] == 1.0
+    assert result["ece"] == pytest.approx(0.0, abs=1e-12)
+    assert result["loss"] == pytest.approx(0.0, abs=1e-12)
+    assert result["roc_auc_macro"] == 1.0
+    assert result["confusion_matrix"] == (2 * np.eye(4, dtype=int)).tolist()
+    assert result["support"] == dict.fromkeys(CLASSES, 2)
+
+
+def test_hand_computed_example():
+    probabilities = confident(HAND_PREDICTIONS, 3)
+    result = metrics.classification_metrics(HAND_LABELS, probabilities, class_names=ABC)
+    assert result["accuracy"] == pytest.approx(4 / 6)
+    assert result["f1_macro"] == pytest.approx(59 / 90)
+    assert result["precision_macro"] == pytest.approx(13 / 18)
+    assert result["recall_macro"] == pytest.approx(2 / 3)
+    assert result["f1"] == pytest.approx({"a": 1 / 2, "b": 4 / 5, "c": 2 / 3})
+    assert result["f1_micro"] == pytest.approx(result["accuracy"])
+    # Weighted by support 2, 2, 2 it equals the macro mean.
+    assert result["f1_weighted"] == pytest.approx(59 / 90)
+    assert result["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    # Four items hold 0.8 on the true class, two hold 0.1 on it.
+    assert result["loss"] == pytest.approx(-(4 * math.log(0.8) + 2 * math.log(0.1)) / 6)
+    # Every confidence is 0.8, one bin: |accuracy - confidence| = |4/6 - 0.8|.
+    assert result["ece"] == pytest.approx(0.8 - 4 / 6)
+    # Class a scores: positives {0.8, 0.1}, negatives {0.1, 0.1, 0.1, 0.8}: (3 + 1/2 + 3/2) / 8.
+    assert result["roc_auc"]["a"] == pytest.approx(5 / 8)
+    for k, name in enumerate(ABC):
+        expected = roc_auc_score(HAND_LABELS == k, probabilities[:, k])
+        assert result["roc_auc"][name] == pytest.approx(expected)
+    assert "macro avg" in result["report"] and "0.6556" in result["report"]
+    assert result["report_dict"]["b"]["f1-score"] == pytest.approx(0.8)
+
+
+def test_given_loss_is_kept():
+    result = metrics.classification_metrics(HAND_LABELS, confident(HAND_PREDICTIONS, 3), ABC, 0.5)
+    assert result["loss"] == 0.5
+
+
+def test_absent_class_gets_a_zero_row_without_nan_or_warnings():
+    labels = np.array([0, 0, 1, 2, 2, 1])  # Pro-B (3) never occurs
+    predictions = np.array([0, 3, 1, 2, 2, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = metrics.classification_metrics(labels, confident(predictions, 4))
+    assert result["confusion_matrix"][3] == [0, 0, 0, 0]
+    normalized = np.array(result["confusion_matrix_normalized"])
+    assert not np.isnan(normalized).any()
+    assert normalized[3].tolist() == [0.0, 0.0, 0.0, 0.0]
+    np.testing.assert_allclose(normalized[:3].sum(axis=1), 1.0)
+    assert result["roc_auc"]["Pro-B"] is None
+    assert result["roc_auc_macro"] == pytest.approx(
+        np.mean([result["roc_auc"][c] for c in CLASSES[:3]])
+    )
+    assert result["support"]["Pro-B"] == 0
+    assert "Pro-B" in result["report"]
+
+
+def test_single_class_labels_leave_auc_undefined():
+    labels = np.zeros(5, dtype=int)
+    result = metrics.classification_metrics(labels, confident(labels, 4))
+    assert all(v is None for v in result["roc_auc"].values())
+    assert result["roc_auc_macro"] is None
+    assert "test_roc_auc_macro" not in metrics.flat_metrics(result)
+
+
+def test_flat_metrics_keys_are_mlflow_safe():
+    labels = np.array([0, 1, 2, 3, 1])
+    flat = metrics.flat_metrics(metrics.classification_metrics(labels, confident(labels, 4)))
+    assert all(re.fullmatch(r"[A-Za-z0-9_]+", key) for key in flat)
+    assert {"test_accuracy", "test_ece", "test_roc_auc_macro", "test_recall_early_pre_b"} <= set(
+        flat
+    )
+    assert {"test_recall_benign", "test_recall_pre_b", "test_recall_pro_b"} <= set(flat)
+    assert all(isinstance(v, float) for v in flat.values())
+    assert "val_f1_macro" in metrics.flat_metrics(
+        metrics.classification_metrics(labels, confident(labels, 4)), prefix="val_"
+    )
+    with pytest.raises(ValueError, match="prefix"):
+        metrics.flat_metrics({}, prefix="test/")
+
+
+def test_tensor_and_list_inputs_are_accepted():
+    torch = pytest.importorskip("torch")
+    probabilities = confident(HAND_PREDICTIONS, 3)
+    from_tensor = metrics.classification_metrics(
+        torch.tensor(HAND_LABELS), torch.tensor(probabilities, dtype=torch.float32), ABC
+    )
+    from_list = metrics.classification_metrics(
+        HAND_LABELS.tolist(), probabilities.tolist(), class_names=ABC
+    )
+    assert from_tensor["f1_macro"] == pytest.approx(from_list["f1_macro"]) == 59 / 90
+
+
+@pytest.mark.parametrize(
+    ("labels", "probabilities", "message"),
+    [
+        ([0, 1], np.full((2, 3), 0.25), r"shape \(n, C\) = \(2, 4\)"),
+        ([0, 4], np.full((2, 4), 0.25), r"\[0, 4\)"),
+        ([0, -1], np.full((2, 4), 0.25), r"\[0, 4\)"),
+        ([0.0, 1.0], np.full((2, 4), 0.25), "integer"),
+        ([[0, 1]], np.full((2, 4), 0.25), "1-D"),
+        ([], np.zeros((0, 4)), "non-empty"),
+        ([0, 1, 2], np.full((2, 4), 0.25), r"\(3, 4\)"),
+        ([0, 1], [[0.5, np.nan, 0, 0], [1, 0, 0, 0]], "finite"),
+    ],
+)
+def test_bad_inputs_raise(labels, probabilities, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.classification_metrics(labels, probabilities)
+
+
+def test_mcnemar_hand_example():
+    # 8 images only A gets right, 1 only B: p = 2 P(X <= 1 | n=9, p=1/2) = 2 * 10 / 512.
+    correct_a = np.array([True] * 8 + [False] + [True] * 5 + [False] * 2)
+    correct_b = np.array([False] * 8 + [True] + [True] * 5 + [False] * 2)
+    result = metrics.mcnemar_exact(correct_a, correct_b)
+    assert result == {
+        "n": 16,
+        "both_correct": 5,
+        "only_a": 8,
+        "only_b": 1,
+        "both_wrong": 2,
+        "p_value": pytest.approx(0.0390625),
+    }
+
+
+def test_mcnemar_identical_predictions_and_bad_input():
+    correct = np.array([True, False, True])
+    assert metrics.mcnemar_exact(correct, correct)["p_value"] == 1.0
+    assert metrics.mcnemar_exact([1, 0, 1], [1, 0, 0])["only_a"] == 1
+    with pytest.raises(ValueError, match="equal lengths"):
+        metrics.mcnemar_exact(correct, correct[:2])
+    with pytest.raises(ValueError, match="boolean"):
+        metrics.mcnemar_exact([0, 2, 1], [0, 1, 1])
+
+
+def test_macro_f1_fast_path_matches_sklearn():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, size=(20, 30))
+    predictions = np.where(rng.random((20, 30)) < 0.6, labels, rng.integers(0, 4, size=(20, 30)))
+    labels[0] = 0  # a row where classes 1-3 are absent from the labels
+    fast = metrics._macro_f1_rows(labels, predictions, 4)
+    for row in range(20):
+        expected = f1_score(
+            labels[row], predictions[row], labels=range(4), average="macro", zero_division=0
+        )
+        assert fast[row] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("metric", metrics.BOOTSTRAP_METRICS)
+def test_bootstrap_ci_contains_estimate_and_narrows(metric):
+    widths = []
+    for n in (40, 800):
+        labels = np.arange(n) % 4
+        predictions = noisy_predictions(labels, 0.8, 4)
+        ci = metrics.bootstrap_ci(labels, predictions, metric=metric, n_resamples=500)
+        assert ci["low"] <= ci["estimate"] <= ci["high"]
+        widths.append(ci["high"] - ci["low"])
+    assert ci["estimate"] == pytest.approx(
+        0.8 if metric == "accuracy" else f1_score(labels, predictions, average="macro")
+    )
+    assert widths[1] < widths[0] / 2  # width shrinks like 1 / sqrt(n): 20x the items
+
+
+def test_bootstrap_ci_is_reproducible_fast_and_validated():
+    labels = np.arange(400) % 4
+    predictions = noisy_predictions(labels, 0.7, 4)
+    start = time.perf_counter()
+    first = metrics.bootstrap_ci(labels, predictions, metric="f1_macro", n_resamples=1000, seed=3)
+    assert time.perf_counter() - start < 2.0
+    assert first == metrics.bootstrap_ci(
+        labels, predictions, metric="f1_macro", n_resamples=1000, seed=3
+    )
+    with pytest.raises(ValueError, match="unsupported metric"):
+        metrics.bootstrap_ci(labels, predictions, metric="auc")
+    with pytest.raises(ValueError, match="equal lengths"):
+        metrics.bootstrap_ci(labels, predictions[:-1])
+    with pytest.raises(ValueError, match="confidence"):
+        metrics.bootstrap_ci(labels, predictions, confidence=95)
+
+
+def test_paired_bootstrap_difference_sign():
+    labels = np.arange(400) % 4
+    good = noisy_predictions(labels, 0.9, 4, seed=1)
+    poor = noisy_predictions(labels, 0.6, 4, seed=2)
+    better = metrics.paired_bootstrap_difference(labels, good, poor)
+    assert better["difference"] == pytest.approx(0.3)
+    assert 0 < better["low"] <= better["difference"] <= better["high"]
+    worse = metrics.paired_bootstrap_difference(labels, poor, good)
+    assert worse["difference"] == pytest.approx(-0.3) and worse["high"] < 0
+    same = metrics.paired_bootstrap_difference(labels, good, good)
+    assert same == {"difference": 0.0, "low": 0.0, "high": 0.0}
+    with pytest.raises(ValueError, match="equal lengths"):
+        metrics.paired_bootstrap_difference(labels, good, poor[:-1])
+
+
+def history(epochs: int) -> list[dict]:
+    return [
+        {
+            "epoch": e,
+            "phase": "head" if e < 3 else "finetune",
+            "train_loss": 1 / (e + 1),
+            "train_accuracy": 1 - 1 / (e + 2),
+            "val_loss": 1.2 / (e + 1),
+            "val_accuracy": 1 - 1.2 / (e + 2),
+        }
+        for e in range(epochs)
+    ]
+
+
+def test_figures_build_and_save(tmp_path):
+    labels = np.arange(40) % 4
+    probabilities = confident(noisy_predictions(labels, 0.75, 4), 4, top=0.7)
+    result = metrics.classification_metrics(labels, probabilities)
+    figures = {
+        "curves": (metrics.curves_figure(history(6), phase2_start_epoch=3), 2),
+        "curves_one_phase": (metrics.curves_figure(history(2), None), 2),
+        "confusion": (
+            metrics.confusion_figure(
+                result["confusion_matrix"], normalized=result["confusion_matrix_normalized"]
+            ),
+            1,
+        ),
+        "confusion_counts": (metrics.confusion_figure(result["confusion_matrix"]), 1),
+        "reliability": (metrics.reliability_figure(labels, probabilities), 1),
+        "comparison": (
+            metrics.comparison_figure({"paper": [0.9, 0.92, 0.91], "ours": [0.95]}, "accuracy"),
+            1,
+        ),
+    }
+    for name, (figure, n_axes) in figures.items():
+        assert isinstance(figure, Figure)
+        assert len(figure.axes) == n_axes, name
+        figure.savefig(tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    curves = figures["curves"][0]
+    assert all("fine-tuning starts" in ax.get_legend_handles_labels()[1] for ax in curves.axes)
+    ece = f"{result['ece']:.4f}"
+    assert ece in figures["reliability"][0].axes[0].get_title()
+
+
+def test_figure_inputs_are_validated():
+    with pytest.raises(ValueError, match="missing"):
+        metrics.curves_figure([{"epoch": 0}], None)
+    with pytest.raises(ValueError, match="shape"):
+        metrics.confusion_figure([[1, 0], [0, 1]])
+    with pytest.raises(ValueError, match="non-empty"):
+        metrics.comparison_figure({"arm": []}, "accuracy")
