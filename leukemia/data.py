@@ -9,6 +9,7 @@ names them ``Benign``, ``[Malignant] early Pre-B``, ``[Malignant] Pre-B``, ``[Ma
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import re
@@ -353,3 +354,21 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
     if not rows:
         raise DatasetError(f"manifest {str(path)!r} lists no images")
     return rows
+
+
+def split_fingerprint(rows: list[dict]) -> str:
+    """SHA-256 of what defines an experiment's data: each image's path, content hash, class and
+    split. Equal for the segmented and raw outputs of one split, so two arms (or two registered
+    models) can be checked to have been tested on the same images."""
+    digest = hashlib.sha256()
+    for row in sorted(rows, key=lambda r: r["path"]):
+        digest.update(f"{row['path']}\t{row['sha256']}\t{row['class']}\t{row['split']}\n".encode())
+    return digest.hexdigest()
+
+
+def class_counts(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """``{split: {class: images}}`` with every split and class present (zeros included)."""
+    counts = {split: dict.fromkeys(CLASSES, 0) for split in SPLITS}
+    for row in rows:
+        counts[row["split"]][row["class"]] += 1
+    return counts

@@ -1,13 +1,64 @@
-"""One training epoch and one evaluation pass: plain PyTorch, no MLflow, no CLI."""
+"""One training epoch and one evaluation pass: plain PyTorch, no MLflow, no CLI.
+
+``Precision`` says how a step runs: autocast dtype (bf16 or fp16, None for fp32), a gradient
+scaler for fp16, and channels-last memory on CUDA (faster convolutions with tensor cores).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .model import Classifier, set_train_mode
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # fp32 | bf16 | fp16, resolved (never auto)
+    device_type: str  # cpu | cuda
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+
+    @property
+    def channels_last(self) -> bool:
+        return self.device_type == "cuda"
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def scaler(self) -> torch.amp.GradScaler | None:
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.
+        return torch.amp.GradScaler("cuda") if self.name == "fp16" else None
+
+
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """``auto``: bf16 on CUDA GPUs that support it (else fp16) and on CPUs with native bf16
+    instructions (else fp32). An explicit choice the device cannot run is an error."""
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        if cuda:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+            precision = "bf16" if native else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on a CPU")
+    return Precision(precision, device.type)
+
+
+def _to_device(images, labels, device, precision: Precision):
+    memory = torch.channels_last if precision.channels_last else torch.preserve_format
+    images = images.to(device, non_blocking=True, memory_format=memory)
+    return images, labels.to(device, non_blocking=True)
 
 
 def train_one_epoch(
@@ -17,20 +68,32 @@ def train_one_epoch(
     optimizer,
     device="cpu",
     freeze_bn_stats: bool = True,
+    precision: Precision | None = None,
+    description: str = "train",
 ) -> dict:
     """Train for one pass over ``loader``; returns loss, accuracy, seconds and images/s."""
+    precision = precision or Precision("fp32", torch.device(device).type)
+    scaler = precision.scaler()
     set_train_mode(model, freeze_bn_stats)
     start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
+    bar = tqdm(loader, desc=description, unit="batch", leave=False, dynamic_ncols=True)
+    for images, labels in bar:
+        images, labels = _to_device(images, labels, device, precision)
         optimizer.zero_grad(set_to_none=True)
-        logits = model(images)
-        loss = loss_fn(logits, labels)
-        loss.backward()
-        optimizer.step()
+        with precision.autocast():
+            logits = model(images)
+        loss = loss_fn(logits.float(), labels)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         total_loss += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
     seconds = time.perf_counter() - start
     return {
         "loss": total_loss / seen,
@@ -41,13 +104,22 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def evaluate(model: Classifier, loader, loss_fn: nn.Module, device="cpu") -> dict:
+def evaluate(
+    model: Classifier,
+    loader,
+    loss_fn: nn.Module,
+    device="cpu",
+    precision: Precision | None = None,
+) -> dict:
     """Loss and accuracy over ``loader``, with the labels and softmax probabilities."""
+    precision = precision or Precision("fp32", torch.device(device).type)
     model.eval()
     total_loss, labels_all, probabilities = 0.0, [], []
     for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        logits = model(images)
+        images, labels = _to_device(images, labels, device, precision)
+        with precision.autocast():
+            logits = model(images)
+        logits = logits.float()
         total_loss += loss_fn(logits, labels).item() * len(labels)
         labels_all.append(labels.cpu())
         probabilities.append(logits.softmax(1).cpu())

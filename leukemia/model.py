@@ -8,6 +8,7 @@ same weights Keras would: for efficientnet_b4 that is ``conv_head``, ``bn2``, ``
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -61,8 +62,7 @@ def create_classifier(
 ) -> Classifier:
     """Build the classifier. ``pretrained``: ``imagenet`` (timm downloads from the Hugging Face
     hub), ``none``, or a path to a local ``.safetensors``/``.pth`` state dict of the backbone."""
-    if model_name not in timm.list_models():
-        raise ValueError(f"unknown timm model {model_name!r}; see timm.list_models()")
+    check_model_name(model_name)
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if pretrained == "imagenet":
@@ -82,6 +82,28 @@ def create_classifier(
         if pretrained != "none":
             load_backbone_weights(backbone, pretrained)
     return Classifier(backbone, num_classes, dropout)
+
+
+def check_model_name(model_name: str) -> None:
+    """Raise for a name timm does not know, suggesting the closest ones it does."""
+    known = timm.list_models()
+    if model_name in known:
+        return
+    close = difflib.get_close_matches(model_name, known, n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+    raise ValueError(f"unknown timm model {model_name!r}{hint}")
+
+
+def check_image_size(backbone: nn.Module, image_size: int) -> None:
+    """Raise when ``image_size`` is smaller than the backbone's total stride (the last feature
+    map would be under one pixel, and the pooled features meaningless)."""
+    info = getattr(backbone, "feature_info", None)
+    reduction = info[-1]["reduction"] if info else 1
+    if image_size < reduction:
+        raise ValueError(
+            f"image_size {image_size} is too small for {type(backbone).__name__}, which "
+            f"downsamples by {reduction}; use image_size >= {reduction}"
+        )
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:

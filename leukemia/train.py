@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from . import engine
 from . import model as m
 from .config import TrainConfig
+from .data import CLASSES, DatasetError
 from .datasets import ManifestDataset, build_transform, class_weights
 
 STATE_FILE = "state.pt"
@@ -73,19 +74,60 @@ def _save_atomically(state: dict, path: Path) -> None:
 
 
 def _rng_state(loader_generator: torch.Generator) -> dict:
+    # Only tensors, numbers, strings and tuples, so the checkpoint loads with weights_only=True.
+    kind, keys, position, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "loader": loader_generator.get_state(),
     }
 
 
 def _set_rng_state(state: dict, loader_generator: torch.Generator) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
     loader_generator.set_state(state["loader"])
+
+
+def load_state(work_dir, device="cpu") -> dict | None:
+    """The last saved training state in ``work_dir``, or None when there is none."""
+    path = Path(work_dir) / STATE_FILE
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def build_classifier(config: TrainConfig) -> m.Classifier:
+    """The configured classifier, checked against the image size (downloads ImageNet weights
+    when asked, so a failure surfaces before any training or tracking starts)."""
+    m.check_model_name(config.model)
+    classifier = m.create_classifier(
+        config.model, num_classes=len(CLASSES), dropout=config.dropout, pretrained=config.pretrained
+    )
+    m.check_image_size(classifier.backbone, config.image_size)
+    return classifier
+
+
+def normalisation(classifier: m.Classifier) -> tuple[tuple, tuple]:
+    """Mean and std the backbone was pretrained with (timm's pretrained config)."""
+    cfg = classifier.backbone.pretrained_cfg
+    return tuple(cfg["mean"]), tuple(cfg["std"])
+
+
+def check_training_split(labels) -> None:
+    counts = np.bincount(np.asarray(labels), minlength=len(CLASSES))
+    missing = [CLASSES[c] for c in np.flatnonzero(counts == 0)]
+    if missing:
+        raise DatasetError(
+            f"class(es) {missing} have no training images; every class in {list(CLASSES)} "
+            "needs some"
+        )
 
 
 def train(
@@ -93,40 +135,42 @@ def train(
     processed_dir,
     work_dir,
     on_epoch: Callable[[dict], None] = lambda record: None,
-    on_phase_end: Callable[[Phase, m.Classifier, dict], None] = lambda *a: None,
+    on_phase_end: Callable[[Phase, m.Classifier, dict, dict], None] = lambda *a: None,
     resume: bool = False,
+    classifier: m.Classifier | None = None,
 ) -> dict:
     """Train on ``processed_dir`` (a preprocess output); state lives in ``work_dir``.
 
     ``on_epoch`` receives each epoch's record (global ``epoch``, phase, train/val metrics, lr);
-    ``on_phase_end`` the phase, the model with its best weights restored, and the phase summary.
-    Returns the summary: trained model, history, best epochs, trainable parameter counts.
+    ``on_phase_end`` the phase, the model with its best weights restored, the summary so far,
+    and that model's test-split evaluation. ``classifier`` (from ``build_classifier``) saves
+    building it twice. Returns the trained model, history, summary, device and precision.
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
+    precision = engine.resolve_precision(config.precision, device)
     seed_everything(config.seed)
-    classifier = m.create_classifier(
-        config.model, num_classes=4, dropout=config.dropout, pretrained=config.pretrained
-    ).to(device)
-    # Normalise as the backbone was pretrained (timm's pretrained config).
-    mean, std = (
-        classifier.backbone.pretrained_cfg["mean"],
-        classifier.backbone.pretrained_cfg["std"],
-    )
+    classifier = (classifier or build_classifier(config)).to(device)
+    if precision.channels_last:
+        classifier = classifier.to(memory_format=torch.channels_last)
+    mean, std = normalisation(classifier)
     train_set = ManifestDataset(processed_dir, "train", build_transform(True, mean, std))
+    check_training_split(train_set.labels)
     val_set = ManifestDataset(processed_dir, "val", build_transform(False, mean, std))
+    test_set = ManifestDataset(processed_dir, "test", build_transform(False, mean, std))
     weights = class_weights(train_set.labels) if config.class_weights else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
     generator = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(
-        train_set,
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=generator,
-        num_workers=config.num_workers,
-    )
-    val_loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
+    loader_options = {
+        "batch_size": config.batch_size,
+        "num_workers": config.num_workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": config.num_workers > 0,
+    }
+    train_loader = DataLoader(train_set, shuffle=True, generator=generator, **loader_options)
+    val_loader = DataLoader(val_set, **loader_options)
+    test_loader = DataLoader(test_set, **loader_options)
 
     state = {
         "phase_index": 0,
@@ -140,9 +184,8 @@ def train(
         "summary": {},
     }
     state_path = work_dir / STATE_FILE
-    saved = None
-    if resume and state_path.is_file():
-        saved = torch.load(state_path, map_location=device, weights_only=False)
+    saved = load_state(work_dir, device) if resume else None
+    if saved is not None:
         classifier.load_state_dict(saved["model"])
         state = {k: saved[k] for k in state}
 
@@ -162,9 +205,16 @@ def train(
             config.patience == 0 or state["bad_epochs"] < config.patience
         ):
             fit = engine.train_one_epoch(
-                classifier, train_loader, loss_fn, optimizer, device, config.freeze_bn_stats
+                classifier,
+                train_loader,
+                loss_fn,
+                optimizer,
+                device,
+                config.freeze_bn_stats,
+                precision,
+                description=f"epoch {state['global_epoch'] + 1} ({phase.name})",
             )
-            val = engine.evaluate(classifier, val_loader, loss_fn, device)
+            val = engine.evaluate(classifier, val_loader, loss_fn, device, precision)
             state["epoch_in_phase"] += 1
             state["global_epoch"] += 1
             record = {
@@ -203,7 +253,12 @@ def train(
             )
         classifier.load_state_dict(state["best_model"])
         summary[f"{phase.name}_best_epoch"] = state["best_epoch"]
-        on_phase_end(phase, classifier, summary)
+        on_phase_end(
+            phase,
+            classifier,
+            summary,
+            engine.evaluate(classifier, test_loader, loss_fn, device, precision),
+        )
         state.update(
             phase_index=phase_index + 1, epoch_in_phase=0, bad_epochs=0, best_val_loss=float("inf")
         )
@@ -221,4 +276,7 @@ def train(
         "history": state["history"],
         "summary": state["summary"],
         "device": str(device),
+        "precision": precision.name,
+        "mean": mean,
+        "std": std,
     }

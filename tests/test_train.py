@@ -59,7 +59,7 @@ def test_interrupted_run_resumes_to_identical_numbers(small_processed, tmp_path,
 
     with pytest.raises(Killed):
         train(demo(), small_processed, tmp_path / "resumed", on_epoch=die)
-    saved = torch.load(tmp_path / "resumed" / STATE_FILE, weights_only=False)
+    saved = torch.load(tmp_path / "resumed" / STATE_FILE, weights_only=True)
     assert saved["global_epoch"] == kill_at - 1
     resumed = train(demo(), small_processed, tmp_path / "resumed", resume=True)
     assert [r["val_loss"] for r in resumed["history"]] == [r["val_loss"] for r in full["history"]]
