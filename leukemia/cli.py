@@ -71,8 +71,13 @@ def synth_command(out, per_class, seed, size):
     click.echo(f"{4 * per_class} synthetic images in {path}")
 
 
-def preprocess_options(function):
-    """The options shared by every command that preprocesses (preprocess, main)."""
+def preprocess_options(function=None, *, training: bool = False):
+    """The options shared by every command that preprocesses (preprocess, main, train).
+
+    ``training``: the image size comes from the training config, and the split's seed is
+    ``--split-seed`` (``--seed`` seeds training)."""
+    if function is None:
+        return lambda f: preprocess_options(f, training=training)
     options = [
         click.option(
             "--data-dir",
@@ -87,7 +92,9 @@ def preprocess_options(function):
             help="Images per class when --data-dir is 'synthetic'.",
         ),
         click.option("--synthetic-seed", type=int, default=0, help="Seed of the synthetic data."),
-        click.option(
+        None
+        if training
+        else click.option(
             "--image-size",
             type=click.IntRange(min=8),
             default=224,
@@ -132,7 +139,13 @@ def preprocess_options(function):
             callback=_fractions,
             help="train,val,test fractions (sum to 1).",
         ),
-        click.option("--seed", type=int, default=42, help="Seed of the split."),
+        click.option(
+            "--split-seed" if training else "--seed",
+            "split_seed",
+            type=int,
+            default=42,
+            help="Seed of the split.",
+        ),
         click.option(
             "--group-by",
             type=click.Choice(["image", "index-block"]),
@@ -175,7 +188,8 @@ def preprocess_options(function):
         ),
     ]
     for option in reversed(options):
-        function = option(function)
+        if option is not None:
+            function = option(function)
     return function
 
 
@@ -200,7 +214,7 @@ def _run_preprocess(
     )
     split = SplitParams(
         fractions=options["split_fractions"],
-        seed=options["seed"],
+        seed=options["split_seed"],
         group_by=options["group_by"],
         block_size=options["block_size"],
         near_duplicate_distance=options["near_duplicate_distance"],
@@ -343,6 +357,110 @@ def main_command(data_dir, synthetic_per_class, synthetic_seed, out_dir, experim
         f"parent run {parent.info.run_id}; look at {proposed.out_dir}/preview.png and "
         f"audit.json, or run: mlflow ui --backend-store-uri {tracking_uri}"
     )
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``["--phase1_epochs", "2", "--batch-size=4"]`` -> ``{"phase1_epochs": "2", ...}``: the form
+    ``mlflow run`` gives undeclared ``-P key=value`` parameters."""
+    overrides, rest = {}, list(args)
+    while rest:
+        token = rest.pop(0)
+        if not token.startswith("--") or len(token) < 3:
+            raise click.UsageError(f"unexpected argument {token!r}; expected --key value overrides")
+        key, has_value, value = token[2:].partition("=")
+        if not has_value:
+            if not rest or rest[0].startswith("--"):
+                raise click.UsageError(f"override --{key} has no value; expected --{key} VALUE")
+            value = rest.pop(0)
+        overrides[key.replace("-", "_")] = value
+    return overrides
+
+
+@main.command(
+    "train",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@preprocess_options(training=True)
+@click.option(
+    "--segment",
+    type=click.BOOL,
+    default=True,
+    help="true: train on segmented images (proposed arm); false: on raw images (baseline).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    callback=_empty_is_none,
+    default=None,
+    help="Experiment YAML (e.g. experiments/paper.yaml) [default: the paper's values in code].",
+)
+@click.option("--seed", type=int, default=None, help="Training seed (overrides the config's).")
+@click.option(
+    "--manifest",
+    callback=_empty_is_none,
+    default=None,
+    help="Use this manifest.csv's split exactly (e.g. the other arm's), instead of splitting.",
+)
+@click.option(
+    "--out-dir",
+    callback=_empty_is_none,
+    default=None,
+    help="Preprocessed images go here [default: processed/segmented or processed/raw].",
+)
+@click.option(
+    "--resume",
+    callback=_empty_is_none,
+    default=None,
+    help="Continue this interrupted train run (its MLflow run id) from its last epoch.",
+)
+@click.pass_context
+def train_command(
+    ctx,
+    data_dir,
+    synthetic_per_class,
+    synthetic_seed,
+    segment,
+    config_path,
+    seed,
+    manifest,
+    out_dir,
+    resume,
+    experiment,
+    **options,
+):
+    """Train the paper's two-phase classifier on one arm, tracked in MLflow.
+
+    Any config field can be overridden as --field VALUE (e.g. --phase1_epochs 5), which is
+    what `mlflow run -P field=VALUE` passes. The dataset is preprocessed first (cached).
+    """
+    from . import workflow
+    from .config import load_config
+    from .model import PretrainedWeightsError
+
+    overrides = parse_overrides(ctx.args)
+    if seed is not None:
+        overrides["seed"] = seed
+    try:
+        config = load_config(config_path, overrides)
+    except ValueError as error:
+        raise _Failure(str(error)) from None
+    data_dir = _resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
+    out_dir = out_dir or _default_out_dir(segment)
+    options["image_size"] = config.image_size
+    result, seconds = _run_preprocess(data_dir, out_dir, manifest, options, segment)
+    click.echo(_summary(result, seconds))
+    try:
+        workflow.run_training(
+            config,
+            result.out_dir,
+            segmentation=result.params["segmentation"],
+            work_root=cache_dir() / "runs",
+            experiment=experiment,
+            resume=resume,
+            echo=click.echo,
+        )
+    except (ValueError, PretrainedWeightsError) as error:
+        raise _Failure(str(error)) from None
 
 
 if __name__ == "__main__":

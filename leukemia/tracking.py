@@ -19,12 +19,23 @@ PREPROCESS_ARTIFACTS = ("manifest.csv", "audit.json", "params.json", "preview.pn
 
 
 @contextlib.contextmanager
-def start_run(run_name: str, experiment: str | None = None, nested: bool = False, tags=None):
+def start_run(
+    run_name: str,
+    experiment: str | None = None,
+    nested: bool = False,
+    tags=None,
+    run_id: str | None = None,
+):
     """Start (or, under ``mlflow run``, resume) a run in ``experiment``.
 
     The experiment is left alone when MLflow already has one from the environment
-    (``MLFLOW_EXPERIMENT_NAME``/``_ID``, or the run ``mlflow run`` created).
+    (``MLFLOW_EXPERIMENT_NAME``/``_ID``, or the run ``mlflow run`` created). ``run_id``
+    continues that existing run instead (resume), whatever the environment says.
     """
+    if run_id:
+        with mlflow.start_run(run_id=run_id, tags=tags) as run:
+            yield run
+        return
     from_environment = any(
         os.environ.get(name)
         for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
@@ -108,3 +119,186 @@ def log_preprocess(result, seconds: float | None) -> None:
             manifest, source=params["dataset_root"], targets="label", name="manifest"
         )
         mlflow.log_input(dataset, context="preprocess")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs
+#
+# Param keys are prefixed (config.*, data.*, runtime.*) so that none collides with a parameter
+# ``mlflow run`` logs itself from the command line (it logs `-P seed=7` as "7"; MLflow refuses a
+# second value for a key).
+
+
+def slug(name: str) -> str:
+    """A class name as a metric/param key part: 'Early Pre-B' -> 'early_pre_b'."""
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def training_params(config, rows, *, device: str, precision: str, processed_dir) -> dict:
+    """Everything a training run is defined by, as flat MLflow params."""
+    import timm
+    import torch
+
+    from .data import class_counts, split_fingerprint
+
+    params = {f"config.{k}": v for k, v in config.to_dict().items()}
+    params["data.manifest_hash"] = split_fingerprint(rows)
+    params["data.processed_dir"] = str(Path(processed_dir).resolve())
+    for split, counts in class_counts(rows).items():
+        for name, count in counts.items():
+            params[f"data.{split}_{slug(name)}"] = count
+    params.update(
+        {
+            "runtime.device": device,
+            "runtime.precision": precision,
+            "runtime.torch_version": torch.__version__,
+            "runtime.timm_version": timm.__version__,
+            "runtime.git_commit": git_commit(Path(__file__).parent) or "unknown",
+        }
+    )
+    return params
+
+
+def log_params_once(params: dict) -> dict:
+    """Log ``params`` to the active run, skipping keys it already holds; returns the keys whose
+    logged value differs (a resumed run on another device), which are set as tags instead."""
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params
+    changed = {k: v for k, v in params.items() if k in existing and existing[k] != str(v)}
+    mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+    if changed:
+        mlflow.set_tags({f"resumed.{k}": v for k, v in changed.items()})
+    return changed
+
+
+def logged_epochs(run_id: str) -> int:
+    """The last epoch a run has logged (0 for none): a resumed run skips records up to it."""
+    history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_loss")
+    return max((m.step for m in history), default=0)
+
+
+def log_epoch(record: dict) -> None:
+    keys = (
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "lr",
+        "epoch_seconds",
+        "images_per_second",
+    )
+    mlflow.log_metrics({k: float(record[k]) for k in keys}, step=record["epoch"])
+
+
+def log_dataset(processed_dir, rows, context: str) -> None:
+    """The manifest as the run's input dataset (what MLflow's UI shows under Datasets)."""
+    import pandas as pd
+
+    manifest = pd.read_csv(Path(processed_dir) / "manifest.csv", dtype={"dhash": str})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(
+            manifest, source=str(Path(processed_dir).resolve()), targets="label", name="manifest"
+        )
+        mlflow.log_input(dataset, context=context)
+
+
+def log_evaluation(result: dict, prefix: str, paths=None, artifact_dir: str | None = None):
+    """Log an ``engine.evaluate`` result as ``{prefix}accuracy`` ... metrics; with
+    ``artifact_dir``, also the confusion matrix (figure and JSON), the classification report
+    (text and JSON), the reliability diagram and per-image predictions. Returns the metrics."""
+    import numpy as np
+    import pandas as pd
+
+    from . import metrics
+    from .data import CLASSES
+
+    labels = np.asarray(result["labels"])
+    probabilities = np.asarray(result["probabilities"], dtype=np.float64)
+    report = metrics.classification_metrics(labels, probabilities, loss=result.get("loss"))
+    mlflow.log_metrics(metrics.flat_metrics(report, prefix=prefix))
+    if artifact_dir is None:
+        return report
+    mlflow.log_text(report["report"], f"{artifact_dir}/classification_report.txt")
+    mlflow.log_dict(report["report_dict"], f"{artifact_dir}/classification_report.json")
+    mlflow.log_dict(
+        {
+            "classes": list(CLASSES),
+            "counts": report["confusion_matrix"],
+            "row_normalized": report["confusion_matrix_normalized"],
+        },
+        f"{artifact_dir}/confusion_matrix.json",
+    )
+    figure = metrics.confusion_figure(
+        report["confusion_matrix"], normalized=report["confusion_matrix_normalized"]
+    )
+    mlflow.log_figure(figure, f"{artifact_dir}/confusion_matrix.png")
+    mlflow.log_figure(
+        metrics.reliability_figure(labels, probabilities), f"{artifact_dir}/reliability.png"
+    )
+    table = pd.DataFrame(
+        {
+            "path": list(paths) if paths is not None else range(len(labels)),
+            "label": labels,
+            "predicted": probabilities.argmax(1),
+            **{f"prob_{slug(name)}": probabilities[:, c] for c, name in enumerate(CLASSES)},
+        }
+    )
+    mlflow.log_text(table.to_csv(index=False), f"{artifact_dir}/predictions.csv")
+    return report
+
+
+def log_curves(history: list[dict], phase2_start_epoch: int | None) -> None:
+    from . import metrics
+
+    if history:
+        mlflow.log_figure(metrics.curves_figure(history, phase2_start_epoch), "curves.png")
+        mlflow.log_dict({"epochs": history}, "history.json")
+
+
+def log_checkpoint(classifier, config, mean, std, segmentation: dict) -> None:
+    """The best weights as safetensors plus what rebuilds them (``checkpoint/``)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
+        save_file(state, str(Path(tmp, "model.safetensors")))
+        mlflow.log_artifact(str(Path(tmp, "model.safetensors")), "checkpoint")
+    mlflow.log_dict(
+        {
+            "model": config.model,
+            "dropout": config.dropout,
+            "num_classes": classifier.head.out_features,
+            "image_size": config.image_size,
+            "mean": list(mean),
+            "std": list(std),
+            "segmentation": segmentation,
+        },
+        "checkpoint/model.json",
+    )
+
+
+def log_torch_model(classifier, example) -> None:
+    """The final model with ``mlflow.pytorch`` (pickle format keeps any batch and image size):
+    ``mlflow.pytorch.load_model(runs:/<id>/model)`` gives back the ``Classifier``."""
+    import mlflow.pytorch
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    classifier = classifier.cpu().eval()
+    import torch
+
+    with torch.inference_mode():
+        output = classifier(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, output)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        mlflow.pytorch.log_model(
+            classifier,
+            name="model",
+            serialization_format="pickle",
+            signature=signature,
+            input_example=np.ascontiguousarray(example),
+        )

@@ -1,0 +1,171 @@
+"""One tracked training run: check everything, start (or resume) the MLflow run, train, log.
+
+The order matters to users: every check that can fail on bad input (config, model name,
+weights download, image size, device, data, resume id) runs before a run is started, so a
+mistake never leaves a RUNNING run behind. A run interrupted later keeps its training state in
+``<work_root>/<run id>/state.pt``; ``resume=<run id>`` continues it inside the same MLflow run.
+
+Artifacts a training run writes (names other steps rely on):
+
+- ``curves.png``, ``history.json``: accuracy and loss per epoch, the phase boundary marked;
+- ``evaluation/``: confusion matrix (png, json), classification report (txt, json),
+  reliability diagram, ``predictions.csv`` (per test image: label, prediction, probabilities);
+- ``checkpoint/model.safetensors`` + ``checkpoint/model.json``: the best weights;
+- ``model/``: ``mlflow.pytorch`` model (tensor in, logits out);
+- ``classifier/``: the served pyfunc (raw image in, its own preprocessing, probabilities out).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from . import engine, tracking
+from . import train as training
+from .config import TrainConfig
+from .data import read_manifest
+from .datasets import ManifestDataset, build_transform
+
+
+class ResumeError(ValueError):
+    """The run to resume does not exist, is finished, or was made with other settings."""
+
+
+def arm_name(segmentation: dict) -> str:
+    return "proposed" if segmentation.get("segment") else "baseline"
+
+
+def check_resumable(run_id: str, params: dict) -> None:
+    """Raise unless ``run_id`` is an unfinished training run made with the same ``params``."""
+    client = mlflow.tracking.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ResumeError(
+            f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}; resume expects the id of "
+            "an interrupted train run"
+        ) from None
+    if run.data.tags.get("step") != "train":
+        raise ResumeError(f"run {run_id!r} is not a train run; resume expects one")
+    if run.info.status == "FINISHED":
+        raise ResumeError(f"run {run_id!r} already finished; there is nothing to resume")
+    defining = {k: v for k, v in params.items() if k.startswith(("config.", "data."))}
+    logged = run.data.params
+    differ = sorted(k for k, v in defining.items() if k in logged and logged[k] != str(v))
+    if differ:
+        shown = ", ".join(f"{k}={logged[k]} (now {defining[k]})" for k in differ[:5])
+        raise ResumeError(
+            f"run {run_id!r} was made with other settings: {shown}; resume with the same "
+            "config and data, or start a new run"
+        )
+
+
+def run_training(
+    config: TrainConfig,
+    processed_dir,
+    *,
+    segmentation: dict,
+    work_root,
+    experiment: str | None = None,
+    resume: str | None = None,
+    register_as: str | None = None,
+    echo=print,
+) -> str:
+    """Train ``config`` on a preprocess output folder in a tracked run; returns the run id."""
+    processed_dir = Path(processed_dir)
+    rows = read_manifest(processed_dir / "manifest.csv")
+    classifier = training.build_classifier(config)
+    device = training.resolve_device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {config.device!r} asked for, but CUDA is not available here")
+    precision = engine.resolve_precision(config.precision, device)
+    training.check_training_split([int(r["label"]) for r in rows if r["split"] == "train"])
+    params = tracking.training_params(
+        config, rows, device=str(device), precision=precision.name, processed_dir=processed_dir
+    )
+    if resume:
+        check_resumable(resume, params)
+    arm = arm_name(segmentation)
+    tags = {
+        "step": "train",
+        "arm": arm,
+        **{f"preprocess.{k}": str(v) for k, v in segmentation.items()},
+    }
+    launched_by = os.environ.get("MLFLOW_RUN_ID") if resume else None
+    run_id = resume
+    try:
+        with tracking.start_run(f"train-{arm}", experiment, run_id=resume, tags=tags) as run:
+            run_id = run.info.run_id
+            if launched_by and launched_by != run_id:
+                # `mlflow run -P resume=<id>` made a run of its own; point it at the real one.
+                mlflow.tracking.MlflowClient().set_tag(launched_by, "resumed_run_id", run_id)
+            echo(f"MLflow run {run_id} ({arm} arm, {device}, {precision.name})")
+            _train_and_log(
+                config,
+                processed_dir,
+                rows,
+                classifier,
+                segmentation,
+                params,
+                Path(work_root) / run_id,
+                resume=bool(resume),
+                register_as=register_as,
+            )
+    except KeyboardInterrupt:
+        if run_id:
+            mlflow.tracking.MlflowClient().set_terminated(run_id, "KILLED")
+            echo(f"interrupted; continue with the same command and --resume {run_id}")
+        raise
+    return run_id
+
+
+def _train_and_log(
+    config, processed_dir, rows, classifier, segmentation, params, work_dir, resume, register_as
+):
+    run_id = mlflow.active_run().info.run_id
+    tracking.log_params_once(params)
+    tracking.log_dataset(processed_dir, rows, context="training")
+    already_logged = tracking.logged_epochs(run_id) if resume else 0
+    plan = training.phases(config)
+    test_paths = [r["path"] for r in rows if r["split"] == "test"]
+
+    def on_epoch(record):
+        if record["epoch"] > already_logged:  # a resumed run does not log an epoch twice
+            tracking.log_epoch(record)
+
+    def on_phase_end(phase, model, summary, test):
+        mlflow.log_metrics(
+            {
+                k: float(v)
+                for k, v in summary.items()
+                if k.startswith(phase.name) or k == "phase2_start_epoch"
+            }
+        )
+        tracking.log_evaluation(test, prefix=f"{phase.name}_test_")
+        if phase == plan[-1]:
+            tracking.log_evaluation(
+                test, prefix="test_", paths=test_paths, artifact_dir="evaluation"
+            )
+
+    result = training.train(
+        config,
+        processed_dir,
+        work_dir,
+        on_epoch=on_epoch,
+        on_phase_end=on_phase_end,
+        resume=resume,
+        classifier=classifier,
+    )
+    summary, model = result["summary"], result["model"]
+    tracking.log_curves(result["history"], summary.get("phase2_start_epoch"))
+    tracking.log_checkpoint(model, config, result["mean"], result["std"], segmentation)
+    example_set = ManifestDataset(
+        processed_dir, "test", build_transform(False, result["mean"], result["std"])
+    )
+    example = np.stack([example_set[i][0].numpy() for i in range(min(2, len(example_set)))])
+    tracking.log_torch_model(model, np.round(example, 3).astype(np.float32))
+    return result
