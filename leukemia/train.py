@@ -107,6 +107,7 @@ def build_classifier(config: TrainConfig) -> m.Classifier:
     """The configured classifier, checked against the image size (downloads ImageNet weights
     when asked, so a failure surfaces before any training or tracking starts)."""
     m.check_model_name(config.model)
+    seed_everything(config.seed)  # the head's (and a from-scratch backbone's) initial weights
     classifier = m.create_classifier(
         config.model, num_classes=len(CLASSES), dropout=config.dropout, pretrained=config.pretrained
     )

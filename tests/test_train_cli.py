@@ -1,0 +1,250 @@
+"""``leukemia train`` as a user meets it: what a run leaves in MLflow, bad input, kill and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from leukemia.cli import main
+
+from .conftest import REPO
+
+DEMO = str(REPO / "experiments" / "demo.yaml")
+# Tiny and quick: 8 synthetic images per class, one epoch per phase.
+TINY = [
+    "--synthetic-per-class",
+    "8",
+    "--config",
+    DEMO,
+    "--phase1_epochs",
+    "1",
+    "--phase2_epochs",
+    "1",
+    "--patience",
+    "0",
+]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["train", *[str(a) for a in args]], catch_exceptions=False)
+
+
+def runs(experiment: str = "leukemia"):
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key)]
+
+
+def test_a_train_run_leaves_everything_in_mlflow(tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*TINY, "--segment", "false", "--batch-size=8")
+    assert result.exit_code == 0, result.output
+    (run,) = runs()
+    data, run_id = run.data, run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert data.tags["arm"] == "baseline" and data.tags["preprocess.segment"] == "False"
+    assert data.params["config.batch_size"] == "8"  # the --key=value override
+    assert data.params["config.model"] == "test_efficientnet"
+    assert data.params["runtime.device"] == "cpu" and data.params["runtime.precision"] == "fp32"
+    assert len(data.params["data.manifest_hash"]) == 64
+    counts = [int(data.params[f"data.{s}_pre_b"]) for s in ("train", "val", "test")]
+    assert sum(counts) == 8
+    for key in ("train_loss", "val_loss", "val_accuracy", "lr", "images_per_second"):
+        assert [step for step, _ in history(run_id, key)] == [1, 2], key
+    metrics = data.metrics
+    assert metrics["phase1_best_epoch"] == 1 and metrics["phase2_start_epoch"] == 2
+    assert metrics["phase1_trainable_params"] < metrics["phase2_trainable_params"]
+    for key in ("test_accuracy", "test_f1_macro", "test_f1_weighted", "test_f1_micro"):
+        assert 0 <= metrics[key] <= 1 and 0 <= metrics[f"phase1_{key}"] <= 1
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run_id)}
+    artifacts |= {a.path for a in MlflowClient().list_artifacts(run_id, "evaluation")}
+    for name in (
+        "curves.png",
+        "history.json",
+        "evaluation/confusion_matrix.png",
+        "evaluation/classification_report.txt",
+        "evaluation/predictions.csv",
+    ):
+        assert name in artifacts, name
+    assert run.inputs.dataset_inputs[0].dataset.name == "manifest"
+    # The logged model predicts: what mlflow.pytorch.load_model gives back is the classifier.
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    logits = model(torch.zeros(3, 3, 64, 64))
+    assert logits.shape == (3, 4)
+    predictions = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/predictions.csv")
+    test_images = len(predictions.strip().splitlines()) - 1
+    assert test_images == sum(
+        int(data.params[k]) for k in data.params if k.startswith("data.test_")
+    )
+
+
+def test_same_seed_same_numbers_and_another_seed_differs(tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for seed in (5, 5, 6):
+        assert invoke(*TINY, "--seed", seed).exit_code == 0
+    by_seed = {}
+    for run in runs():
+        curve = [v for _, v in history(run.info.run_id, "train_loss")]
+        by_seed.setdefault(run.data.params["config.seed"], []).append(
+            (curve, run.data.metrics["test_loss"])
+        )
+    assert by_seed["5"][0] == by_seed["5"][1]
+    assert by_seed["6"][0] != by_seed["5"][0]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--bogus", "1"], "unknown config key(s) ['bogus']"),
+        (["--batch_size", "0"], "batch_size must be >= 1, got 0"),
+        (["--model", "efficientnet_b44"], "did you mean efficientnet_b4"),
+        (["--image_size", "16"], "image_size 16 is too small"),
+        (["--precision", "fp16"], "precision fp16 needs a CUDA device"),
+        (["--resume", "0123456789abcdef"], "no MLflow run '0123456789abcdef'"),
+        (["--phase1_epochs"], "override --phase1_epochs has no value"),
+    ],
+)
+def test_bad_input_fails_before_any_run(tracking_uri, tmp_path, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*TINY, *extra)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not runs()  # nothing started, so nothing left RUNNING
+
+
+def test_unreadable_yaml_and_a_class_without_training_images(
+    tracking_uri, tmp_path, monkeypatch, dataset_copy
+):
+    monkeypatch.chdir(tmp_path)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    result = invoke("--config", broken)
+    assert result.exit_code == 1 and "is not readable YAML at line" in result.output
+    # A manifest whose Pro-B training images all moved to the test split.
+    from leukemia.preprocess import preprocess
+    from leukemia.segmentation import SegmentationParams
+
+    done = preprocess(dataset_copy, tmp_path / "p", seg=SegmentationParams(64), progress=False)
+    lines = done.manifest.read_text().splitlines()
+    moved = [ln.replace(",Pro-B,3,train,", ",Pro-B,3,test,") for ln in lines]
+    assert moved != lines
+    (tmp_path / "manifest.csv").write_text("\n".join(moved) + "\n")
+    result = invoke(*TINY, "--data-dir", dataset_copy, "--manifest", tmp_path / "manifest.csv")
+    assert result.exit_code == 1
+    assert "['Pro-B'] have no training images" in result.output
+    assert not runs()
+
+
+def test_resume_refuses_a_finished_run_and_other_settings(tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert invoke(*TINY).exit_code == 0
+    (run,) = runs()
+    finished = invoke(*TINY, "--resume", run.info.run_id)
+    assert finished.exit_code == 1 and "already finished" in finished.output
+    MlflowClient().set_terminated(run.info.run_id, "FAILED")
+    other = invoke(*TINY, "--dropout", "0.1", "--resume", run.info.run_id)
+    assert other.exit_code == 1
+    assert "config.dropout=0.4 (now 0.1)" in other.output
+
+
+def _train_process(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "leukemia", "train", *TINY, "--phase2_epochs", "3", *extra],
+        cwd=tmp_path,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
+    tracking_uri, tmp_path, monkeypatch
+):
+    """SIGKILL a real training process after its first epoch; resume it by run id."""
+    monkeypatch.chdir(tmp_path)
+    process = _train_process(tmp_path)
+    states = Path(os.environ["LEUKEMIA_CACHE_DIR"], "runs")
+    deadline = time.monotonic() + 120
+    while not list(states.glob("*/state.pt")):
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "no epoch finished within 120 s"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    (killed,) = runs()
+    run_id = killed.info.run_id
+    assert killed.info.status == "RUNNING"  # what a kill leaves behind
+    state = torch.load(states / run_id / "state.pt", weights_only=True)
+    assert state["global_epoch"] < 4, "the run finished before it could be killed"
+
+    resumed = invoke(*TINY, "--phase2_epochs", "3", "--resume", run_id)
+    assert resumed.exit_code == 0, resumed.output
+    assert run_id in resumed.output
+    assert invoke(*TINY, "--phase2_epochs", "3").exit_code == 0  # uninterrupted reference
+    by_id = {r.info.run_id: r for r in runs()}
+    (reference,) = [r for i, r in by_id.items() if i != run_id]
+    finished = by_id[run_id]
+    assert finished.info.status == "FINISHED"
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        logged = history(run_id, key)
+        assert [s for s, _ in logged] == [1, 2, 3, 4], key  # each epoch logged exactly once
+        assert logged == history(reference.info.run_id, key), key
+    for key in ("test_loss", "test_accuracy", "phase1_test_f1_macro", "phase2_best_epoch"):
+        assert finished.data.metrics[key] == reference.data.metrics[key], key
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    same = mlflow.pytorch.load_model(f"runs:/{reference.info.run_id}/model")
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype("float32"))
+    with torch.inference_mode():
+        assert torch.equal(model(x), same(x))
+
+
+@pytest.mark.slow
+def test_mlflow_run_train_entry_point_takes_config_overrides(tmp_path):
+    """``mlflow run . -e train`` with undeclared ``-P`` config overrides, as the README shows."""
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "LEUKEMIA_CACHE_DIR": str(tmp_path / "cache"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train"]
+    command += ["--env-manager", "local", "--experiment-name", "entry"]
+    for parameter in (
+        "config=experiments/demo.yaml",
+        "synthetic_per_class=8",
+        "segment=false",
+        f"out_dir={tmp_path / 'processed'}",
+        "phase1_epochs=1",
+        "phase2_epochs=1",
+        "phase1_lr=2e-3",
+    ):
+        command += ["-P", parameter]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        (run,) = runs("entry")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert run.info.status == "FINISHED" and run.data.tags["arm"] == "baseline"
+    assert run.data.params["phase1_lr"] == "2e-3"  # as mlflow run logged it
+    assert float(run.data.params["config.phase1_lr"]) == 2e-3
+    assert run.data.params["config.model"] == "test_efficientnet"
+    assert "test_f1_macro" in run.data.metrics
