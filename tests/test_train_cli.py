@@ -1,4 +1,4 @@
-"""``leukemia train`` as a user meets it: what a run leaves in MLflow, bad input, kill and resume."""
+"""``leukemia train`` as a user meets it: what a run logs, bad input, kill and resume."""
 
 from __future__ import annotations
 
