@@ -323,42 +323,6 @@ def _default_out_dir(segment: bool) -> str:
     return os.path.join("processed", "segmented" if segment else "raw")
 
 
-@main.command("main")
-@preprocess_options
-@click.option(
-    "--out-dir",
-    type=click.Path(file_okay=False),
-    default="processed",
-    help="Parent folder of the two arms' outputs.",
-)
-def main_command(data_dir, synthetic_per_class, synthetic_seed, out_dir, experiment, **options):
-    """The study on one dataset: both arms (segmented, then raw on the identical split).
-
-    Each arm is a child run of one parent run; training and evaluation join as they land.
-    """
-    from . import tracking
-
-    data_dir = _resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
-    with tracking.start_run("main", experiment) as parent:
-        proposed, seconds = _run_preprocess(
-            data_dir, Path(out_dir, "segmented"), None, options, segment=True
-        )
-        with tracking.start_run("preprocess-proposed", nested=True):
-            tracking.log_preprocess(proposed, seconds)
-        click.echo("proposed arm: " + _summary(proposed, seconds))
-        baseline, seconds = _run_preprocess(
-            data_dir, Path(out_dir, "raw"), proposed.manifest, options, segment=False
-        )
-        with tracking.start_run("preprocess-baseline", nested=True):
-            tracking.log_preprocess(baseline, seconds)
-        click.echo("baseline arm: " + _summary(baseline, seconds))
-    tracking_uri = tracking.mlflow.get_tracking_uri()
-    click.echo(
-        f"parent run {parent.info.run_id}; look at {proposed.out_dir}/preview.png and "
-        f"audit.json, or run: mlflow ui --backend-store-uri {tracking_uri}"
-    )
-
-
 def parse_overrides(args: list[str]) -> dict:
     """``["--phase1_epochs", "2", "--batch-size=4"]`` -> ``{"phase1_epochs": "2", ...}``: the form
     ``mlflow run`` gives undeclared ``-P key=value`` parameters."""
@@ -413,9 +377,15 @@ def parse_overrides(args: list[str]) -> dict:
     default=None,
     help="Continue this interrupted train run (its MLflow run id) from its last epoch.",
 )
+@click.option(
+    "--registered-model-name",
+    default="leukemia-classifier",
+    help="Register the trained model as a new version of this name ('' to skip).",
+)
 @click.pass_context
 def train_command(
     ctx,
+    registered_model_name,
     data_dir,
     synthetic_per_class,
     synthetic_seed,
@@ -457,10 +427,274 @@ def train_command(
             work_root=cache_dir() / "runs",
             experiment=experiment,
             resume=resume,
+            register_as=registered_model_name or None,
             echo=click.echo,
         )
     except (ValueError, PretrainedWeightsError) as error:
         raise _Failure(str(error)) from None
+
+
+@main.command("promote")
+@click.option("--name", default="leukemia-classifier", help="Registered model name.")
+@click.option(
+    "--version",
+    "candidate",
+    callback=_empty_is_none,
+    default=None,
+    help="Candidate version number or alias [default: @challenger].",
+)
+@click.option("--metric", default="test_f1_macro", help="Test metric the candidate must beat.")
+@click.option(
+    "--min-delta",
+    type=float,
+    default=0.0,
+    help="How much better than the champion the candidate must be (>= 0).",
+)
+@click.option(
+    "--recall-tolerance",
+    type=float,
+    default=0.05,
+    help="Largest drop in any class's recall that still allows promotion.",
+)
+@click.option("--force", is_flag=True, help="Decide even when the test manifests differ.")
+@click.option("--dry-run", is_flag=True, help="Print the decision; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON.")
+def promote_command(name, candidate, metric, min_delta, recall_tolerance, force, dry_run, as_json):
+    """Move the @champion alias to a better candidate (the first version always wins)."""
+    from . import registry
+
+    try:
+        decision = registry.decide(name, candidate, metric, min_delta, recall_tolerance, force)
+    except ValueError as error:
+        raise _Failure(str(error)) from None
+    registry.promote(decision, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps({**decision.as_dict(), "dry_run": dry_run}))
+        return
+    verb = "would become" if dry_run else "is now"
+    if decision.promote:
+        click.echo(f"{name} version {decision.candidate} {verb} @champion: {decision.reason}")
+    else:
+        click.echo(f"{name} @champion stays {decision.champion}: {decision.reason}")
+
+
+@main.command("predict")
+@click.argument("image_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--model-uri",
+    default="models:/leukemia-classifier@champion",
+    help="A served model: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/classifier.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
+def predict_command(image_files, model_uri, as_json):
+    """Classify image files with a registered or logged model (its own preprocessing)."""
+    import mlflow
+    import pandas as pd
+
+    from .serving import IMAGE_COLUMN, encode_image_file
+
+    missing = [f for f in image_files if not os.path.isfile(f)]
+    if missing:
+        raise _Failure(f"image file(s) not found: {missing[:3]}")
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except (mlflow.exceptions.MlflowException, OSError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise _Failure(f"cannot load model {model_uri!r}: {first}") from None
+    frame = pd.DataFrame({IMAGE_COLUMN: [encode_image_file(f) for f in image_files]})
+    try:
+        output = model.predict(frame)
+    except mlflow.exceptions.MlflowException as error:
+        raise _Failure(error.message) from None
+    for path, row in zip(image_files, output.to_dict("records")):
+        probabilities = {k[len("prob_") :]: round(v, 6) for k, v in row.items() if k != "label"}
+        if as_json:
+            click.echo(json.dumps({"image": path, "label": row["label"], **probabilities}))
+        else:
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in probabilities.items())
+            click.echo(f"{path}: {row['label']} ({shown})")
+
+
+def study_options(function):
+    """Options of the commands that run the whole comparison (compare, main)."""
+    options = [
+        click.option(
+            "--config",
+            "config_path",
+            callback=_empty_is_none,
+            default=None,
+            help="Experiment YAML for both arms [default: the paper's values in code].",
+        ),
+        click.option(
+            "--seeds",
+            default="42",
+            help="Comma-separated training seeds; every arm trains once per seed (3+ advised).",
+        ),
+        click.option(
+            "--out-dir",
+            type=click.Path(file_okay=False),
+            default="processed",
+            help="Parent folder of the two arms' preprocessed images.",
+        ),
+        click.option(
+            "--env-manager",
+            type=click.Choice(["local", "virtualenv", "uv", "conda"]),
+            default="local",
+            help="How the child `mlflow run -e train` runs get their environment.",
+        ),
+        click.option(
+            "--shortcuts/--no-shortcuts",
+            default=True,
+            help="Also fit the colour/brightness shortcut arms.",
+        ),
+        click.option(
+            "--registered-model-name",
+            default="leukemia-classifier",
+            help="Each trained arm registers a version of this model.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _compare(
+    ctx,
+    data_dir,
+    synthetic_per_class,
+    synthetic_seed,
+    config_path,
+    seeds,
+    out_dir,
+    env_manager,
+    shortcuts,
+    registered_model_name,
+    options,
+    echo_table=True,
+):
+    """Both arms x seeds as `mlflow run -e train` children of the active run, + shortcuts."""
+    import mlflow
+
+    from . import study
+    from .config import load_config
+    from .data import read_manifest, split_fingerprint
+
+    overrides = parse_overrides(ctx.args)
+    try:
+        seed_list = study.parse_seeds(seeds)
+        configs = {
+            seed: load_config(config_path, {**overrides, "seed": seed}) for seed in seed_list
+        }
+        project = study.find_project()
+    except ValueError as error:
+        raise _Failure(str(error)) from None
+    data_dir = _resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
+    options["image_size"] = configs[seed_list[0]].image_size
+    segmented_dir, raw_dir = Path(out_dir, "segmented"), Path(out_dir, "raw")
+    proposed, seconds = _run_preprocess(data_dir, segmented_dir, None, options, segment=True)
+    click.echo("split: " + _summary(proposed, seconds))
+    baseline, _ = _run_preprocess(data_dir, raw_dir, proposed.manifest, options, segment=False)
+    rows = read_manifest(proposed.manifest)
+    manifest_hash = split_fingerprint(rows)
+    parent = mlflow.active_run()
+    experiment_id = parent.info.experiment_id
+    mlflow.set_tags({"step": "compare"})
+    mlflow.log_params(
+        {
+            "compare.seeds": ",".join(map(str, seed_list)),
+            "compare.config": config_path or "(code defaults: the paper)",
+            "compare.env_manager": env_manager,
+            "data.manifest_hash": manifest_hash,
+            **{f"compare.override.{k}": v for k, v in overrides.items()},
+        }
+    )
+    shared = {
+        "data_dir": data_dir,
+        "config": str(Path(config_path).resolve()) if config_path else "",
+        "registered_model_name": registered_model_name,
+        **{
+            k: options[k]
+            for k in ("channel", "foreground", "kernel_size", "kernel_shape", "output")
+        },
+        "split_fractions": ",".join(str(f) for f in options["split_fractions"]),
+        "split_seed": options["split_seed"],
+        "group_by": options["group_by"],
+        "block_size": options["block_size"],
+        "near_duplicate_distance": options["near_duplicate_distance"],
+        **overrides,
+    }
+    children: dict[str, dict[int, str]] = {}
+    reused = []
+    for seed in seed_list:
+        for arm, folder, manifest in (
+            ("baseline", raw_dir, proposed.manifest),
+            ("proposed", segmented_dir, ""),
+        ):
+            found = study._reusable_run(experiment_id, arm, configs[seed], manifest_hash)
+            if found is not None:
+                click.echo(f"{arm} seed {seed}: reusing finished run {found.info.run_id}")
+                reused.append(found.info.run_id)
+                run = found
+            else:
+                click.echo(f"{arm} seed {seed}: mlflow run -e train ...")
+                parameters = {
+                    **shared,
+                    "segment": str(arm == "proposed").lower(),
+                    "seed": seed,
+                    "out_dir": str(Path(folder).resolve()),
+                    "manifest": str(Path(manifest).resolve()) if manifest else "",
+                }
+                try:
+                    run = study.run_train_child(
+                        project, experiment_id, parent.info.run_id, parameters, env_manager
+                    )
+                except mlflow.exceptions.ExecutionException as error:
+                    raise _Failure(f"the {arm} arm (seed {seed}) failed: {error}") from None
+            children.setdefault(arm, {})[seed] = run.info.run_id
+    if reused:
+        mlflow.set_tag("compare.reused_runs", ",".join(reused))
+    if shortcuts:
+        for arm, kind, source in study.SHORTCUT_ARMS:
+            folder = segmented_dir if source == "proposed" else raw_dir
+            run_id = study.run_shortcut_arm(arm, kind, folder, parent.info.run_id)
+            children[arm] = dict.fromkeys(seed_list, run_id)
+    try:
+        table, tests = study.summarise(children)
+    except ValueError as error:
+        raise _Failure(str(error)) from None
+    study.log_summary(table, tests)
+    if echo_table:
+        click.echo(study.format_table(table, tests))
+    return children, table, tests
+
+
+@main.command(
+    "compare", context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
+)
+@preprocess_options(training=True)
+@study_options
+@click.pass_context
+def compare_command(ctx, data_dir, synthetic_per_class, synthetic_seed, experiment, **options):
+    """The paper's Table 8 done properly: baseline vs proposed (and shortcut) arms on one
+    manifest and the same seeds, with paired statistics, under one parent run.
+
+    Config fields can be overridden as --field VALUE for both arms."""
+    from . import tracking
+
+    study_args = {k: options.pop(k) for k in _STUDY_KEYS}
+    with tracking.start_run("compare", experiment) as parent:
+        _compare(ctx, data_dir, synthetic_per_class, synthetic_seed, options=options, **study_args)
+    click.echo(f"parent run {parent.info.run_id}")
+
+
+_STUDY_KEYS = (
+    "config_path",
+    "seeds",
+    "out_dir",
+    "env_manager",
+    "shortcuts",
+    "registered_model_name",
+)
 
 
 if __name__ == "__main__":

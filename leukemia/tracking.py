@@ -257,27 +257,32 @@ def log_curves(history: list[dict], phase2_start_epoch: int | None) -> None:
 
 
 def log_checkpoint(classifier, config, mean, std, segmentation: dict) -> None:
-    """The best weights as safetensors plus what rebuilds them (``checkpoint/``)."""
+    """The best weights as ``checkpoint/weights.safetensors`` plus ``checkpoint/model.json``:
+    the same two files (and keys) the served model carries, so either folder can be evaluated.
+    """
+    import json
     import tempfile
 
     from safetensors.torch import save_file
 
+    from .data import CLASSES
+    from .images import DEFAULT_MAX_PIXELS
+
+    description = {
+        "model": config.model,
+        "dropout": config.dropout,
+        "num_classes": classifier.head.out_features,
+        "classes": list(CLASSES),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "segmentation": segmentation,
+        "max_pixels": DEFAULT_MAX_PIXELS,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
-        save_file(state, str(Path(tmp, "model.safetensors")))
-        mlflow.log_artifact(str(Path(tmp, "model.safetensors")), "checkpoint")
-    mlflow.log_dict(
-        {
-            "model": config.model,
-            "dropout": config.dropout,
-            "num_classes": classifier.head.out_features,
-            "image_size": config.image_size,
-            "mean": list(mean),
-            "std": list(std),
-            "segmentation": segmentation,
-        },
-        "checkpoint/model.json",
-    )
+        save_file(state, str(Path(tmp, "weights.safetensors")))
+        Path(tmp, "model.json").write_text(json.dumps(description, indent=2) + "\n")
+        mlflow.log_artifacts(tmp, "checkpoint")
 
 
 def log_torch_model(classifier, example) -> None:

@@ -10,9 +10,11 @@ Artifacts a training run writes (names other steps rely on):
 - ``curves.png``, ``history.json``: accuracy and loss per epoch, the phase boundary marked;
 - ``evaluation/``: confusion matrix (png, json), classification report (txt, json),
   reliability diagram, ``predictions.csv`` (per test image: label, prediction, probabilities);
-- ``checkpoint/model.safetensors`` + ``checkpoint/model.json``: the best weights;
+- ``checkpoint/weights.safetensors`` + ``checkpoint/model.json``: the best weights, and what
+  rebuilds and preprocesses for them (the served model's two files);
 - ``model/``: ``mlflow.pytorch`` model (tensor in, logits out);
-- ``classifier/``: the served pyfunc (raw image in, its own preprocessing, probabilities out).
+- ``classifier``: the served pyfunc (raw image in, its own preprocessing, probabilities out),
+  registered as a new version (alias ``challenger``) of ``register_as`` when given.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import mlflow
 import numpy as np
 import torch
 
-from . import engine, tracking
+from . import engine, registry, serving, tracking
 from . import train as training
 from .config import TrainConfig
 from .data import read_manifest
@@ -168,4 +170,16 @@ def _train_and_log(
     )
     example = np.stack([example_set[i][0].numpy() for i in range(min(2, len(example_set)))])
     tracking.log_torch_model(model, np.round(example, 3).astype(np.float32))
+    served = serving.log_served_model(
+        model,
+        model_name=config.model,
+        dropout=config.dropout,
+        mean=result["mean"],
+        std=result["std"],
+        segmentation=segmentation,
+        name="classifier",
+    )
+    if register_as:
+        version = registry.register_run_model(run_id, served.model_uri, register_as)
+        mlflow.set_tag("registered_version", f"{register_as}/{version.version}")
     return result

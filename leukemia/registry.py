@@ -1,0 +1,160 @@
+"""The Model Registry: every finished training run registers a version; promotion moves aliases.
+
+Aliases, not the deprecated stages: the newest version is ``@challenger``; ``@champion`` moves
+only when a candidate beats it on the same test images (same ``data.manifest_hash``) by at
+least ``min_delta`` on the chosen metric, without any class's recall dropping by more than
+``recall_tolerance``. Each decision and its reason are recorded as version tags.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+DEFAULT_NAME = "leukemia-classifier"
+CHAMPION, CHALLENGER = "champion", "challenger"
+RECALL_PREFIX = "test_recall_"
+
+
+def version_tags(run) -> dict[str, str]:
+    """What a version is: arm, preprocessing, test metrics, manifest hash, commit, run id."""
+    data = run.data
+    tags = {
+        "arm": data.tags.get("arm", ""),
+        "run_id": run.info.run_id,
+        "manifest_hash": data.params.get("data.manifest_hash", ""),
+        "git_commit": data.params.get("runtime.git_commit", ""),
+        "model": data.params.get("config.model", ""),
+    }
+    tags.update({k: v for k, v in data.tags.items() if k.startswith("preprocess.")})
+    tags.update({k: f"{v:.6g}" for k, v in data.metrics.items() if k.startswith("test_")})
+    return tags
+
+
+def register_run_model(run_id: str, model_uri: str, name: str = DEFAULT_NAME):
+    """Register ``model_uri`` (logged by run ``run_id``) as a new version of ``name``, tagged
+    with ``version_tags`` and aliased ``challenger``. Returns the ModelVersion."""
+    client = MlflowClient()
+    tags = version_tags(client.get_run(run_id))
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return version
+
+
+@dataclass
+class Decision:
+    name: str
+    candidate: str
+    champion: str | None
+    metric: str
+    candidate_value: float
+    champion_value: float | None
+    promote: bool
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _version(client: MlflowClient, name: str, version: str | None):
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise ValueError(f"no registered model {name!r}; train a model first") from None
+    try:
+        if version is None:
+            return client.get_model_version_by_alias(name, CHALLENGER)
+        if str(version).isdigit():
+            return client.get_model_version(name, str(version))
+        return client.get_model_version_by_alias(name, str(version))
+    except MlflowException:
+        what = f"version or alias {version!r}" if version is not None else f"@{CHALLENGER}"
+        raise ValueError(f"registered model {name!r} has no {what}") from None
+
+
+def _metric(version, metric: str) -> float:
+    if metric not in version.tags:
+        known = sorted(k for k in version.tags if k.startswith("test_"))
+        raise ValueError(
+            f"version {version.version} has no metric {metric!r}; expected one of {known}"
+        )
+    return float(version.tags[metric])
+
+
+def decide(
+    name: str = DEFAULT_NAME,
+    candidate: str | None = None,
+    metric: str = "test_f1_macro",
+    min_delta: float = 0.0,
+    recall_tolerance: float = 0.05,
+    force: bool = False,
+) -> Decision:
+    """Whether ``candidate`` (a version number or alias; default ``@challenger``) should
+    become ``@champion``. Raises ValueError for bad input or different test manifests (unless
+    ``force``); changes nothing."""
+    if min_delta < 0:
+        raise ValueError(f"min_delta must be >= 0, got {min_delta}")
+    if not 0 <= recall_tolerance <= 1:
+        raise ValueError(f"recall_tolerance must be in [0, 1], got {recall_tolerance}")
+    client = MlflowClient()
+    new = _version(client, name, candidate)
+    value = _metric(new, metric)
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    if champion is None:
+        return Decision(
+            name, new.version, None, metric, value, None, True, "no champion yet: the first"
+        )
+    old = _metric(champion, metric)
+    if champion.version == new.version:
+        return Decision(
+            name, new.version, champion.version, metric, value, old, False, "already champion"
+        )
+    if new.tags.get("manifest_hash") != champion.tags.get("manifest_hash") and not force:
+        raise ValueError(
+            f"version {new.version} and champion {champion.version} were tested on different "
+            "manifests (manifest_hash differs); their metrics do not compare. Pass --force to "
+            "decide anyway"
+        )
+    drops = {
+        key[len(RECALL_PREFIX) :]: float(champion.tags[key]) - float(new.tags[key])
+        for key in champion.tags
+        if key.startswith(RECALL_PREFIX) and key in new.tags
+    }
+    worst = max(drops.items(), key=lambda item: item[1], default=(None, 0.0))
+    if value - old < min_delta:
+        reason = f"{metric} {value:.4f} vs champion's {old:.4f}: not better by {min_delta}"
+        return Decision(name, new.version, champion.version, metric, value, old, False, reason)
+    if worst[1] > recall_tolerance:
+        reason = (
+            f"{metric} {value:.4f} vs {old:.4f}, but recall of {worst[0]} drops by "
+            f"{worst[1]:.4f} > {recall_tolerance}"
+        )
+        return Decision(name, new.version, champion.version, metric, value, old, False, reason)
+    reason = f"{metric} {value:.4f} vs champion's {old:.4f} (>= +{min_delta}); recalls kept"
+    return Decision(name, new.version, champion.version, metric, value, old, True, reason)
+
+
+def promote(decision: Decision, dry_run: bool = False) -> Decision:
+    """Apply ``decision``: move ``@champion`` when it says so, and record it as version tags."""
+    if dry_run:
+        return decision
+    client = MlflowClient()
+    record = {
+        "promotion.decision": "promoted" if decision.promote else "kept champion",
+        "promotion.reason": decision.reason,
+        "promotion.metric": decision.metric,
+        "promotion.compared_with": decision.champion or "",
+        "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    for key, value in record.items():
+        client.set_model_version_tag(decision.name, decision.candidate, key, value)
+    if decision.promote:
+        client.set_registered_model_alias(decision.name, CHAMPION, decision.candidate)
+    return decision
