@@ -55,9 +55,14 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
     return Precision(precision, device.type)
 
 
-def _to_device(images, labels, device, precision: Precision):
-    memory = torch.channels_last if precision.channels_last else torch.preserve_format
-    images = images.to(device, non_blocking=True, memory_format=memory)
+def _to_device(images, labels, device, precision: Precision, batch_transform=None):
+    """Move a batch to ``device``; then ``batch_transform`` (uint8 -> normalised float, maybe
+    augmented) runs there, and the result takes the precision's memory format."""
+    images = images.to(device, non_blocking=True)
+    if batch_transform is not None:
+        images = batch_transform(images)
+    if precision.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(device, non_blocking=True)
 
 
@@ -70,6 +75,7 @@ def train_one_epoch(
     freeze_bn_stats: bool = True,
     precision: Precision | None = None,
     description: str = "train",
+    batch_transform=None,
 ) -> dict:
     """Train for one pass over ``loader``; returns loss, accuracy, seconds and images/s."""
     precision = precision or Precision("fp32", torch.device(device).type)
@@ -78,7 +84,7 @@ def train_one_epoch(
     start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
     bar = tqdm(loader, desc=description, unit="batch", leave=False, dynamic_ncols=True)
     for images, labels in bar:
-        images, labels = _to_device(images, labels, device, precision)
+        images, labels = _to_device(images, labels, device, precision, batch_transform)
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
             logits = model(images)
@@ -110,13 +116,14 @@ def evaluate(
     loss_fn: nn.Module,
     device="cpu",
     precision: Precision | None = None,
+    batch_transform=None,
 ) -> dict:
     """Loss and accuracy over ``loader``, with the labels and softmax probabilities."""
     precision = precision or Precision("fp32", torch.device(device).type)
     model.eval()
     total_loss, labels_all, probabilities = 0.0, [], []
     for images, labels in loader:
-        images, labels = _to_device(images, labels, device, precision)
+        images, labels = _to_device(images, labels, device, precision, batch_transform)
         with precision.autocast():
             logits = model(images)
         logits = logits.float()

@@ -109,12 +109,19 @@ def decide(
         champion = None
     if champion is None:
         return Decision(
-            name, new.version, None, metric, value, None, True, "no champion yet: the first"
+            name, str(new.version), None, metric, value, None, True, "no champion yet: the first"
         )
     old = _metric(champion, metric)
-    if champion.version == new.version:
+    if str(champion.version) == str(new.version):
         return Decision(
-            name, new.version, champion.version, metric, value, old, False, "already champion"
+            name,
+            str(new.version),
+            str(champion.version),
+            metric,
+            value,
+            old,
+            False,
+            "already champion",
         )
     if new.tags.get("manifest_hash") != champion.tags.get("manifest_hash") and not force:
         raise ValueError(
@@ -130,15 +137,19 @@ def decide(
     worst = max(drops.items(), key=lambda item: item[1], default=(None, 0.0))
     if value - old < min_delta:
         reason = f"{metric} {value:.4f} vs champion's {old:.4f}: not better by {min_delta}"
-        return Decision(name, new.version, champion.version, metric, value, old, False, reason)
+        return Decision(
+            name, str(new.version), str(champion.version), metric, value, old, False, reason
+        )
     if worst[1] > recall_tolerance:
         reason = (
             f"{metric} {value:.4f} vs {old:.4f}, but recall of {worst[0]} drops by "
             f"{worst[1]:.4f} > {recall_tolerance}"
         )
-        return Decision(name, new.version, champion.version, metric, value, old, False, reason)
+        return Decision(
+            name, str(new.version), str(champion.version), metric, value, old, False, reason
+        )
     reason = f"{metric} {value:.4f} vs champion's {old:.4f} (>= +{min_delta}); recalls kept"
-    return Decision(name, new.version, champion.version, metric, value, old, True, reason)
+    return Decision(name, str(new.version), str(champion.version), metric, value, old, True, reason)
 
 
 def promote(decision: Decision, dry_run: bool = False) -> Decision:

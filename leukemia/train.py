@@ -24,7 +24,7 @@ from . import engine
 from . import model as m
 from .config import TrainConfig
 from .data import CLASSES, DatasetError
-from .datasets import ManifestDataset, build_transform, class_weights
+from .datasets import BatchTransform, ManifestDataset, class_weights
 
 STATE_FILE = "state.pt"
 
@@ -73,7 +73,7 @@ def _save_atomically(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _rng_state(loader_generator: torch.Generator) -> dict:
+def _rng_state(loader_generator: torch.Generator, augment_generator: torch.Generator) -> dict:
     # Only tensors, numbers, strings and tuples, so the checkpoint loads with weights_only=True.
     kind, keys, position, has_gauss, cached = np.random.get_state()
     return {
@@ -82,10 +82,13 @@ def _rng_state(loader_generator: torch.Generator) -> dict:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "loader": loader_generator.get_state(),
+        "augment": augment_generator.get_state(),
     }
 
 
-def _set_rng_state(state: dict, loader_generator: torch.Generator) -> None:
+def _set_rng_state(
+    state: dict, loader_generator: torch.Generator, augment_generator: torch.Generator
+) -> None:
     random.setstate(state["python"])
     kind, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
@@ -93,14 +96,16 @@ def _set_rng_state(state: dict, loader_generator: torch.Generator) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     loader_generator.set_state(state["loader"])
+    augment_generator.set_state(state["augment"])
 
 
-def load_state(work_dir, device="cpu") -> dict | None:
+def load_state(work_dir) -> dict | None:
     """The last saved training state in ``work_dir``, or None when there is none."""
     path = Path(work_dir) / STATE_FILE
     if not path.is_file():
         return None
-    return torch.load(path, map_location=device, weights_only=True)
+    # On the CPU: RNG states must be CPU tensors; load_state_dict copies weights to the model.
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def build_classifier(config: TrainConfig) -> m.Classifier:
@@ -156,10 +161,15 @@ def train(
     if precision.channels_last:
         classifier = classifier.to(memory_format=torch.channels_last)
     mean, std = normalisation(classifier)
-    train_set = ManifestDataset(processed_dir, "train", build_transform(True, mean, std))
+    # Loaders yield uint8 images; normalisation and augmentation run on the batch, on the
+    # device (BatchTransform), so loader workers only decode.
+    train_set = ManifestDataset(processed_dir, "train")
     check_training_split(train_set.labels)
-    val_set = ManifestDataset(processed_dir, "val", build_transform(False, mean, std))
-    test_set = ManifestDataset(processed_dir, "test", build_transform(False, mean, std))
+    val_set = ManifestDataset(processed_dir, "val")
+    test_set = ManifestDataset(processed_dir, "test")
+    augment_generator = torch.Generator().manual_seed(config.seed + 1)
+    augment = BatchTransform(mean, std, augment=True, generator=augment_generator).to(device)
+    plain = BatchTransform(mean, std).to(device)
     weights = class_weights(train_set.labels) if config.class_weights else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
     generator = torch.Generator().manual_seed(config.seed)
@@ -185,7 +195,7 @@ def train(
         "summary": {},
     }
     state_path = work_dir / STATE_FILE
-    saved = load_state(work_dir, device) if resume else None
+    saved = load_state(work_dir) if resume else None
     if saved is not None:
         classifier.load_state_dict(saved["model"])
         state = {k: saved[k] for k in state}
@@ -197,7 +207,7 @@ def train(
         if saved is not None and saved["phase_index"] == phase_index:
             if saved["optimizer"]:  # empty when the run stopped between two phases
                 optimizer.load_state_dict(saved["optimizer"])
-            _set_rng_state(saved["rng"], generator)
+            _set_rng_state(saved["rng"], generator, augment_generator)
             saved = None
         summary = state["summary"]
         summary[f"{phase.name}_trainable_params"] = m.count_trainable(classifier)
@@ -214,8 +224,9 @@ def train(
                 config.freeze_bn_stats,
                 precision,
                 description=f"epoch {state['global_epoch'] + 1} ({phase.name})",
+                batch_transform=augment,
             )
-            val = engine.evaluate(classifier, val_loader, loss_fn, device, precision)
+            val = engine.evaluate(classifier, val_loader, loss_fn, device, precision, plain)
             state["epoch_in_phase"] += 1
             state["global_epoch"] += 1
             record = {
@@ -247,7 +258,7 @@ def train(
                     **state,
                     "model": classifier.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "rng": _rng_state(generator),
+                    "rng": _rng_state(generator, augment_generator),
                     "phase_index": phase_index,
                 },
                 state_path,
@@ -258,7 +269,7 @@ def train(
             phase,
             classifier,
             summary,
-            engine.evaluate(classifier, test_loader, loss_fn, device, precision),
+            engine.evaluate(classifier, test_loader, loss_fn, device, precision, plain),
         )
         state.update(
             phase_index=phase_index + 1, epoch_in_phase=0, bad_epochs=0, best_val_loss=float("inf")
@@ -268,7 +279,7 @@ def train(
                 **state,
                 "model": classifier.state_dict(),
                 "optimizer": {},
-                "rng": _rng_state(generator),
+                "rng": _rng_state(generator, augment_generator),
             },
             state_path,
         )

@@ -58,3 +58,43 @@ def test_augmentation_is_seeded_and_shape_preserving(processed):
     other = augment(image)
     assert first.shape == image.shape and torch.equal(first, again)
     assert not torch.equal(first, other)
+
+
+def test_batch_transform_normalises_like_the_per_image_transform(processed):
+    from leukemia.datasets import BatchTransform
+
+    images = torch.stack([ManifestDataset(processed, "val")[i][0] for i in range(3)])
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    expected = torch.stack([build_transform(False, mean, std)(image) for image in images])
+    assert torch.allclose(BatchTransform(mean, std)(images), expected, atol=1e-6)
+
+
+def test_batch_augmentation_is_drawn_from_its_generator(processed):
+    from leukemia.datasets import BatchTransform
+
+    images = torch.stack([ManifestDataset(processed, "train")[i][0] for i in range(4)])
+
+    def augmented(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return BatchTransform((0.5,) * 3, (0.5,) * 3, augment=True, generator=generator)(images)
+
+    first, again, other = augmented(0), augmented(0), augmented(1)
+    assert first.shape == images.shape and torch.equal(first, again)
+    assert not torch.equal(first, other)
+    plain = BatchTransform((0.5,) * 3, (0.5,) * 3)(images)
+    assert not torch.equal(first, plain)
+    # Keras' nearest-edge fill: a white image stays white (zero fill would add black corners).
+    white = torch.full((8, 3, 32, 32), 255, dtype=torch.uint8)
+    shifted = BatchTransform((0.0,) * 3, (1.0,) * 3, augment=True)(white)
+    assert torch.allclose(shifted, torch.ones_like(shifted))
+
+
+def test_identity_parameters_leave_the_image_unchanged(processed):
+    from leukemia.datasets import BatchTransform
+
+    images = torch.stack([ManifestDataset(processed, "val")[i][0] for i in range(2)])
+    transform = BatchTransform((0.5,) * 3, (0.5,) * 3, augment=True)
+    transform.affine = lambda n: torch.eye(2, 3).expand(n, 2, 3)
+    assert torch.allclose(
+        transform(images), BatchTransform((0.5,) * 3, (0.5,) * 3)(images), atol=1e-4
+    )

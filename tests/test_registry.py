@@ -1,0 +1,109 @@
+"""Registry promotion through aliases, on a real SQLite registry with real logged models."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from leukemia import registry, serving
+from leukemia.cli import main
+from leukemia.model import create_classifier
+from leukemia.segmentation import SegmentationParams
+
+NAME = "leukemia-classifier"
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return create_classifier("test_efficientnet", pretrained="none")
+
+
+def register(tiny_model, f1: float, recalls=(0.9, 0.9, 0.9, 0.9), manifest="m1"):
+    """A finished run with test metrics and a served model, registered like training does."""
+    tags = {"step": "train", "arm": "proposed", "preprocess.segment": "True"}
+    with mlflow.start_run(tags=tags) as run:
+        mlflow.log_params({"data.manifest_hash": manifest, "runtime.git_commit": "abc"})
+        names = ("benign", "early_pre_b", "pre_b", "pro_b")
+        mlflow.log_metrics(
+            {"test_f1_macro": f1, **{f"test_recall_{n}": r for n, r in zip(names, recalls)}}
+        )
+        info = serving.log_served_model(
+            tiny_model,
+            model_name="test_efficientnet",
+            dropout=0.4,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            segmentation=SegmentationParams(image_size=64).to_dict(),
+        )
+    return registry.register_run_model(run.info.run_id, info.model_uri, NAME)
+
+
+def promote(*args):
+    result = CliRunner().invoke(main, ["promote", "--json", *map(str, args)])
+    return result, (json.loads(result.output) if result.exit_code == 0 else None)
+
+
+def champion() -> str:
+    return str(MlflowClient().get_model_version_by_alias(NAME, "champion").version)
+
+
+def test_versions_carry_tags_and_the_newest_is_challenger(tracking_uri, tiny_model):
+    first = register(tiny_model, 0.80)
+    tags = MlflowClient().get_model_version(NAME, first.version).tags
+    assert tags["arm"] == "proposed" and tags["manifest_hash"] == "m1"
+    assert tags["test_f1_macro"] == "0.8" and tags["preprocess.segment"] == "True"
+    assert tags["run_id"] and tags["git_commit"] == "abc"
+    second = register(tiny_model, 0.81)
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == str(second.version)
+
+
+def test_promotion_rules(tracking_uri, tiny_model):
+    register(tiny_model, 0.80)
+    result, decision = promote()
+    assert decision["promote"] and "first" in decision["reason"] and champion() == "1"
+
+    register(tiny_model, 0.805)  # better, but not by min_delta
+    result, decision = promote("--min-delta", 0.01)
+    assert not decision["promote"] and champion() == "1"
+    assert MlflowClient().get_model_version(NAME, "2").tags["promotion.decision"] == (
+        "kept champion"
+    )
+
+    register(tiny_model, 0.90, recalls=(0.9, 0.7, 0.9, 0.9))  # better, one recall collapses
+    result, decision = promote()
+    assert not decision["promote"] and "early_pre_b" in decision["reason"]
+
+    register(tiny_model, 0.90)
+    result, decision = promote("--dry-run")
+    assert decision["promote"] and decision["dry_run"] and champion() == "1"
+    result, decision = promote()
+    assert decision["promote"] and champion() == "4"
+    tags = MlflowClient().get_model_version(NAME, "4").tags
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.compared_with"] == "1"
+
+
+def test_promotion_refuses_bad_input_and_changes_nothing(tracking_uri, tiny_model):
+    result, _ = promote()
+    assert result.exit_code == 1 and "no registered model 'leukemia-classifier'" in result.output
+    register(tiny_model, 0.80)
+    promote()
+    register(tiny_model, 0.95, manifest="m2")
+    result, _ = promote()
+    assert result.exit_code == 1 and "different manifests" in result.output
+    for args, message in (
+        (("--version", "17"), "has no version or alias '17'"),
+        (("--version", "nonexistent"), "has no version or alias 'nonexistent'"),
+        (("--min-delta", "-0.1"), "min_delta must be >= 0"),
+        (("--metric", "test_bogus"), "has no metric 'test_bogus'"),
+    ):
+        result, _ = promote(*args)
+        assert result.exit_code == 1 and message in result.output, result.output
+    assert champion() == "1"
+    assert "promotion.decision" not in MlflowClient().get_model_version(NAME, "2").tags
+    result, decision = promote("--force")
+    assert decision["promote"] and champion() == "2"
