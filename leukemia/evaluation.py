@@ -1,0 +1,646 @@
+"""The ``evaluate`` step: a logged classifier on a manifest's raw images, clean and perturbed.
+
+A model comes from a training run (``classifier/``, the served pyfunc, or ``checkpoint/``), the
+registry, or a local folder: the same two files, ``weights.safetensors`` and ``model.json``
+(see ``serving``). Raw images go through the model's own preprocessing, loaded by
+``serving.LeukemiaModel.load_context``, so they are scored exactly as the served model scores
+them. Perturbations (``PERTURBATIONS``) apply to the raw image, before that preprocessing.
+
+``run_evaluation`` logs one run (tags ``step=evaluate``, ``model_uri``, ``split``) with:
+
+- metrics ``{split}_accuracy``, ``{split}_f1_macro``, ... named as in training runs, and
+  ``{split}_accuracy_ci_low``/``_high``, ``{split}_f1_macro_ci_low``/``_high`` (95 % bootstrap);
+- metrics ``robust_<perturbation>_accuracy`` and ``robust_<perturbation>_f1_macro``;
+- artifacts under ``evaluation/``: what ``tracking.log_evaluation`` writes for the clean images
+  (confusion matrix, classification report, reliability diagram, ``predictions.csv``),
+  ``robustness.json`` and ``robustness.csv`` (one row per condition: accuracy, f1_macro,
+  roc_auc_macro, ece, accuracy_drop vs clean) and ``gradcam.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import mlflow
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from mlflow.exceptions import MlflowException
+from tqdm.auto import tqdm
+
+from . import images, metrics, tracking
+from .data import CLASSES, SPLITS, read_manifest, split_fingerprint
+from .model import Classifier
+from .segmentation import SegmentationParams, preprocess_image
+from .serving import CONFIG_FILE, WEIGHTS_FILE, LeukemiaModel
+
+# model.json, as serving.log_served_model and tracking.log_checkpoint write it
+CONFIG_KEYS = (
+    "model",
+    "dropout",
+    "num_classes",
+    "classes",
+    "mean",
+    "std",
+    "segmentation",
+    "max_pixels",
+)
+EXPECTED_SOURCE = (
+    "runs:/<run_id>[/<model name>], models:/<name>@<alias>, models:/<name>/<version>, or a "
+    f"folder holding {WEIGHTS_FILE} and {CONFIG_FILE}"
+)
+DEFAULT_RUN_MODEL = "classifier"  # what runs:/<run_id> means: the served pyfunc of a train run
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(.*)$")
+_LOG_CLIP = 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class Bundle:
+    """A logged classifier ready to predict: the network (eval mode) and its preprocessing."""
+
+    classifier: Classifier
+    config: dict  # model.json
+    source: str  # the URI or absolute path it was loaded from (runs:/<id> as runs:/<id>/classifier)
+    segmentation: SegmentationParams
+    transform: Callable  # uint8 N x 3 x S x S tensor -> normalised float tensor
+    device: torch.device
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return self.segmentation.image_size
+
+
+def load_bundle(source: str) -> Bundle:
+    """Load a model from a URI (``runs:/``, ``models:/``) or a local folder or file.
+
+    ``runs:/<run_id>`` means ``runs:/<run_id>/classifier``; ``runs:/<run_id>/checkpoint`` works
+    too. A local source is a folder holding the two files, a pyfunc model folder (they are in its
+    ``artifacts/``), or one of the files. Anything else raises ``ValueError``.
+    """
+    source = str(source)
+    match = _URI.match(source)
+    if match:
+        uri = _normalise_uri(source, *match.groups())
+        with tempfile.TemporaryDirectory(prefix="leukemia-evaluate-") as scratch:
+            try:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch)
+            except MlflowException as error:
+                raise ValueError(
+                    f"cannot load model {source!r}: {_one_line(error.message)}; expected "
+                    f"{EXPECTED_SOURCE}"
+                ) from None
+            return _bundle_from_folder(_model_folder(Path(local), source), uri)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ValueError(
+            f"model source {source!r} is neither a model URI nor an existing path; expected "
+            f"{EXPECTED_SOURCE}"
+        )
+    return _bundle_from_folder(_model_folder(path, source), str(path.resolve()))
+
+
+def _normalise_uri(source: str, scheme: str, rest: str) -> str:
+    if scheme not in ("runs", "models"):
+        raise ValueError(f"unsupported model URI {source!r}; expected {EXPECTED_SOURCE}")
+    rest = rest.strip("/")
+    if not rest:
+        raise ValueError(f"model URI {source!r} names no run or model; expected {EXPECTED_SOURCE}")
+    if scheme == "runs" and "/" not in rest:
+        return f"runs:/{rest}/{DEFAULT_RUN_MODEL}"
+    return f"{scheme}:/{rest}"
+
+
+def _model_folder(path: Path, source: str) -> Path:
+    """The folder holding both files: ``path`` (or its folder, for a file) or its ``artifacts/``
+    (a pyfunc model: ``runs:/`` downloads it into ``<name>/``, ``models:/`` as the root)."""
+    folder = path.parent if path.is_file() else path
+    for candidate in (folder, folder / "artifacts"):
+        if (candidate / WEIGHTS_FILE).is_file() and (candidate / CONFIG_FILE).is_file():
+            return candidate
+    found = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else []
+    raise ValueError(
+        f"{source!r} holds no {WEIGHTS_FILE} + {CONFIG_FILE} (nor in artifacts/), found "
+        f"{found}; expected a model logged by leukemia train (classifier/ or checkpoint/)"
+    )
+
+
+def _bundle_from_folder(folder: Path, source: str) -> Bundle:
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{CONFIG_FILE} of {source!r} is not readable JSON ({error})") from None
+    missing = [k for k in CONFIG_KEYS if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise ValueError(
+            f"{CONFIG_FILE} of {source!r} lacks the keys {missing}; expected {list(CONFIG_KEYS)}"
+        )
+    # The served model's own loading: same config parsing, device choice and transform.
+    served = LeukemiaModel()
+    context = SimpleNamespace(artifacts={"config": str(config_path), "weights": str(weights_path)})
+    try:
+        served.load_context(context)
+    except RuntimeError as error:  # load_state_dict: missing, unexpected or misshapen tensors
+        raise ValueError(
+            f"{WEIGHTS_FILE} of {source!r} does not fit a {config['model']} with "
+            f"{config['num_classes']} classes: {_one_line(str(error))[:300]}"
+        ) from None
+    return Bundle(
+        classifier=served.model,
+        config=config,
+        source=source,
+        segmentation=served.segmentation,
+        transform=served.transform,
+        device=served.device,
+    )
+
+
+def _one_line(text: str) -> str:
+    """A message as one line without its final full stop, to go inside a sentence."""
+    return " ".join(str(text).split()).rstrip(".")
+
+
+# ---------------------------------------------------------------------------------------------
+# Perturbations: H x W x 3 uint8 RGB in, the same shape out, before the model's preprocessing
+
+NOISE_SD = 10.0  # grey levels
+JPEG_QUALITY = 30
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def clean(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return rgb
+
+
+def darken(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """I' = round(0.6 I): under-exposure."""
+    return _to_uint8(rgb * np.float32(0.6))
+
+
+def brighten(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """I' = min(255, round(1.4 I)): over-exposure (bright background saturates)."""
+    return _to_uint8(rgb * np.float32(1.4))
+
+
+def gaussian_noise(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """I' = clip(round(I + n)), n ~ N(0, 10^2) per pixel and channel: sensor noise."""
+    noise = rng.standard_normal(rgb.shape, dtype=np.float32) * np.float32(NOISE_SD)
+    return _to_uint8(rgb + noise)
+
+
+def blur(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """5 x 5 Gaussian blur, sigma 1.5: slight defocus."""
+    return cv2.GaussianBlur(rgb, (5, 5), 1.5)
+
+
+def jpeg30(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A JPEG round trip at quality 30: heavy compression artefacts."""
+    bgr = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
+    ok, buffer = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise RuntimeError("OpenCV failed to encode a JPEG")
+    return cv2.cvtColor(cv2.imdecode(buffer, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+PERTURBATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "clean": clean,
+    "darken": darken,
+    "brighten": brighten,
+    "noise": gaussian_noise,
+    "blur": blur,
+    "jpeg30": jpeg30,
+}
+
+
+def _check_perturbations(names: Sequence[str]) -> list[str]:
+    names = list(dict.fromkeys([names] if isinstance(names, str) else names))
+    unknown = [n for n in names if n not in PERTURBATIONS]
+    if unknown or not names:
+        raise ValueError(
+            f"unsupported perturbations {unknown or names}; expected some of "
+            f"{', '.join(PERTURBATIONS)}"
+        )
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+
+
+def _check_rgb(rgb, index: int = 0) -> np.ndarray:
+    if not (
+        isinstance(rgb, np.ndarray)
+        and rgb.dtype == np.uint8
+        and rgb.ndim == 3
+        and rgb.shape[2] == 3
+        and rgb.shape[0] > 0
+        and rgb.shape[1] > 0
+    ):
+        got = f"dtype {rgb.dtype}, shape {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb)
+        raise ValueError(f"image {index}: expected a uint8 RGB array (H, W, 3), got {got}")
+    return np.ascontiguousarray(rgb)
+
+
+def model_input(bundle: Bundle, rgb: np.ndarray) -> np.ndarray:
+    """S x S x 3 uint8: what the network sees for one raw RGB image (resize, segmentation)."""
+    return preprocess_image(_check_rgb(rgb), bundle.segmentation)
+
+
+def _tensor(bundle: Bundle, inputs: Sequence[np.ndarray]) -> torch.Tensor:
+    """N x S x S x 3 uint8 model inputs -> the normalised N x 3 x S x S batch on the device."""
+    pixels = torch.from_numpy(np.stack(inputs)).to(bundle.device)
+    return bundle.transform(pixels.permute(0, 3, 1, 2).contiguous())
+
+
+def _probabilities(bundle: Bundle, inputs: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+    """Model inputs -> (n, C) float64 probabilities, as ``LeukemiaModel`` computes them."""
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(inputs), batch_size):
+            logits = bundle.classifier(_tensor(bundle, inputs[start : start + batch_size]))
+            chunks.append(torch.softmax(logits.double(), dim=1).cpu())
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, len(bundle.classes)))
+
+
+def _pool() -> ThreadPoolExecutor:
+    # OpenCV and PIL release the GIL: threads scale over the cores without pickling images.
+    return ThreadPoolExecutor(len(os.sched_getaffinity(0)), thread_name_prefix="leukemia-eval")
+
+
+def predict_rgb(bundle: Bundle, rgbs: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+    """Class probabilities (n, C) for raw H x W x 3 uint8 RGB images (any sizes)."""
+    _check_batch_size(batch_size)
+    rgbs = [_check_rgb(rgb, i) for i, rgb in enumerate(rgbs)]
+    with _pool() as pool:
+        inputs = list(pool.map(lambda rgb: preprocess_image(rgb, bundle.segmentation), rgbs))
+    return _probabilities(bundle, inputs, batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# A manifest's raw images
+
+
+def _dataset_root(manifest_path: Path, dataset_root) -> Path:
+    """``dataset_root``, else the one ``params.json`` next to the manifest names."""
+    if dataset_root is None:
+        params = manifest_path.parent / "params.json"
+        try:
+            dataset_root = json.loads(params.read_text(encoding="utf-8"))["dataset_root"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(
+                f"no dataset_root given and none in {str(params)!r}; pass dataset_root, the "
+                "folder the manifest's paths are relative to"
+            ) from None
+    root = Path(dataset_root)
+    if not root.is_dir():
+        raise ValueError(
+            f"dataset_root {str(root)!r} is not a folder; expected the folder the manifest's "
+            "paths are relative to (the raw dataset preprocess read)"
+        )
+    return root
+
+
+def _read_raw(root: Path, row: dict, max_pixels: int) -> np.ndarray:
+    path = root / row["path"]
+    data = path.read_bytes()
+    # The manifest's hash pins the test set: a replaced file would change what is measured.
+    if row.get("sha256") and images.sha256(data) != row["sha256"]:
+        raise ValueError(
+            f"{str(path)!r} is not the file the manifest lists (sha256 differs); expected the "
+            "dataset that preprocess read"
+        )
+    try:
+        return images.decode_image(data, max_pixels)
+    except images.UnreadableImage as error:
+        raise ValueError(f"{str(path)!r}: {error}") from None
+
+
+def _perturbed_input(bundle: Bundle, seed: int, name: str, index: int, rgb: np.ndarray):
+    """The model input for image ``index`` under perturbation ``name``; its noise comes from
+    ``default_rng((seed, position of name in PERTURBATIONS, index))``."""
+    rng = np.random.default_rng((seed, list(PERTURBATIONS).index(name), index))
+    return preprocess_image(PERTURBATIONS[name](rgb, rng), bundle.segmentation)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+def evaluate_manifest(
+    bundle: Bundle,
+    manifest_path,
+    dataset_root=None,
+    split: str = "test",
+    perturbations: Sequence[str] = ("clean",),
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict[str, dict]:
+    """Score one split's raw images under each perturbation.
+
+    Returns ``{condition: {"labels": (n,) int, "probabilities": (n, C), "paths": [n]}}`` with
+    rows in manifest order; labels index ``bundle.classes``. Each raw image is read once, in
+    chunks of ``batch_size``, so memory stays bounded whatever the dataset's image sizes. Image
+    i's noise is the same whatever the threads, chunks or other perturbations asked for (see
+    ``_perturbed_input``).
+    """
+    names = _check_perturbations(perturbations)
+    _check_batch_size(batch_size)
+    if split not in SPLITS:
+        raise ValueError(f"unsupported split, got {split!r}; expected one of {', '.join(SPLITS)}")
+    manifest_path = Path(manifest_path)
+    rows = [r for r in read_manifest(manifest_path) if r["split"] == split]
+    if not rows:
+        raise ValueError(f"manifest {str(manifest_path)!r} lists no {split!r} images")
+    root = _dataset_root(manifest_path, dataset_root)
+    unknown = sorted({r["class"] for r in rows} - set(bundle.classes))
+    if unknown:
+        raise ValueError(f"manifest classes {unknown} are not among the model's {bundle.classes}")
+    missing = [r["path"] for r in rows if not (root / r["path"]).is_file()]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of the {len(rows)} {split} images of {str(manifest_path)!r} are "
+            f"missing under {str(root)!r} (e.g. {missing[:3]}); pass the dataset_root they are "
+            "relative to"
+        )
+    labels = np.array([bundle.classes.index(r["class"]) for r in rows], dtype=np.int64)
+    max_pixels = int(bundle.config["max_pixels"])
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    starts = range(0, len(rows), batch_size)
+    with _pool() as pool:
+        for start in tqdm(starts, desc=f"evaluate {split}", unit="batch", leave=False):
+            chunk = rows[start : start + batch_size]
+            raws = list(pool.map(lambda row: _read_raw(root, row, max_pixels), chunk))
+            for name in names:
+                jobs = [(name, start + i, rgb) for i, rgb in enumerate(raws)]
+                inputs = list(pool.map(lambda job: _perturbed_input(bundle, seed, *job), jobs))
+                chunks[name].append(_probabilities(bundle, inputs, batch_size))
+    paths = [r["path"] for r in rows]
+    return {
+        name: {"labels": labels.copy(), "probabilities": np.concatenate(c), "paths": list(paths)}
+        for name, c in chunks.items()
+    }
+
+
+def cross_entropy(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Mean -log p(true class), unweighted; p clipped at 1e-12 so one miss stays finite."""
+    true_class = probabilities[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(true_class, _LOG_CLIP, 1.0))))
+
+
+def robustness_table(results: dict[str, dict]) -> list[dict]:
+    """One row per condition: accuracy, f1_macro, roc_auc_macro, ece and accuracy_drop (clean
+    accuracy minus the condition's; positive when the perturbation hurts)."""
+    rows = []
+    for name, result in results.items():
+        report = metrics.classification_metrics(result["labels"], result["probabilities"])
+        rows.append(
+            {
+                "condition": name,
+                "accuracy": report["accuracy"],
+                "f1_macro": report["f1_macro"],
+                "roc_auc_macro": report["roc_auc_macro"],
+                "ece": report["ece"],
+            }
+        )
+    clean_accuracy = next((r["accuracy"] for r in rows if r["condition"] == "clean"), None)
+    for row in rows:
+        row["accuracy_drop"] = None if clean_accuracy is None else clean_accuracy - row["accuracy"]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Grad-CAM
+
+
+def _head(classifier: Classifier, features: torch.Tensor) -> torch.Tensor:
+    # The backbone's own pooling (global average for the EfficientNets): the logits are the
+    # model's by construction, whichever pooling a timm backbone uses.
+    return classifier.head(classifier.dropout(classifier.backbone.forward_head(features)))
+
+
+def features_and_logits(classifier: Classifier, x: torch.Tensor):
+    """``Classifier.forward`` split at the last feature map: ``(A, logits)`` with
+    A = backbone.forward_features(x) of shape (B, C, h, w) and logits = head(pool(A))."""
+    features = classifier.backbone.forward_features(x)
+    return features, _head(classifier, features)
+
+
+def _grad_cam(bundle: Bundle, rgb: np.ndarray, target: int | None):
+    """(cam S x S in [0, 1], the S x S x 3 model input, probabilities (C,))."""
+    image = model_input(bundle, rgb)
+    classifier = bundle.classifier
+    with torch.inference_mode(False), torch.enable_grad():
+        x = _tensor(bundle, [image])
+        with torch.no_grad():  # only dlogit/dA is needed: no graph through the backbone
+            features = classifier.backbone.forward_features(x)
+        if features.ndim != 4:
+            raise ValueError(
+                f"Grad-CAM needs a convolutional backbone whose forward_features gives "
+                f"(B, C, h, w); {bundle.config['model']} gives shape {tuple(features.shape)}"
+            )
+        features = features.detach().requires_grad_(True)
+        logits = _head(classifier, features)
+        classes = logits.shape[1]
+        target = int(logits.argmax()) if target is None else int(target)
+        if not 0 <= target < classes:
+            raise ValueError(f"target must be a class index in [0, {classes}), got {target}")
+        (gradient,) = torch.autograd.grad(logits[0, target], features)
+    weights = gradient.mean(dim=(2, 3), keepdim=True)  # alpha_c = mean over h, w of dy/dA_c
+    cam = torch.relu((weights * features.detach()).sum(dim=1))[0].float().cpu().numpy()
+    size = bundle.image_size
+    cam = cv2.resize(cam, (size, size), interpolation=cv2.INTER_LINEAR)
+    top = float(cam.max())
+    cam = np.clip(cam / top, 0.0, 1.0) if top > 0 else np.zeros_like(cam)
+    probabilities = torch.softmax(logits.detach().double(), dim=1)[0].cpu().numpy()
+    return cam, image, probabilities
+
+
+def grad_cam(bundle: Bundle, rgb: np.ndarray, target: int | None = None) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al. 2017) of class ``target`` (default: the predicted one).
+
+    With A (C, h, w) the backbone's last feature map and y the target logit:
+    alpha_c = mean_ij dy/dA_cij, cam = ReLU(sum_c alpha_c A_c), bilinearly upsampled to the
+    model input size S and divided by its maximum. Returns S x S float32 in [0, 1] (all zeros
+    when no location supports the class).
+    """
+    return _grad_cam(bundle, rgb, target)[0]
+
+
+def gradcam_figure(bundle: Bundle, samples: Sequence[tuple[np.ndarray, int]]) -> Figure:
+    """One row per true class: for each ``(raw rgb, label)`` of it, the model input and the
+    Grad-CAM of the predicted class over it, titled with true and predicted class."""
+    if not samples:
+        raise ValueError("samples must hold at least one (rgb, label) pair, got none")
+    by_class: dict[int, list[np.ndarray]] = {}
+    for rgb, label in samples:
+        by_class.setdefault(int(label), []).append(rgb)
+    classes = bundle.classes
+    n_rows, n_cols = len(by_class), 2 * max(len(v) for v in by_class.values())
+    fig = Figure(figsize=(1.9 * n_cols, 2.2 * n_rows + 0.4), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for row, label in enumerate(sorted(by_class)):
+        for k, rgb in enumerate(by_class[label]):
+            cam, image, probabilities = _grad_cam(bundle, rgb, None)
+            predicted = int(probabilities.argmax())
+            left, right = axes[row, 2 * k], axes[row, 2 * k + 1]
+            left.imshow(image)
+            left.set_title(f"true: {classes[label]}", fontsize=8)
+            right.imshow(image)
+            right.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            right.set_title(
+                f"pred: {classes[predicted]} ({probabilities[predicted]:.2f})",
+                fontsize=8,
+                color="black" if predicted == label else "red",
+            )
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle("Model input and Grad-CAM of the predicted class (red: wrong)", fontsize=10)
+    return fig
+
+
+def _gradcam_samples(manifest_path: Path, root: Path, split: str, bundle: Bundle, per_class: int):
+    """The first ``per_class`` raw images of each class in the split, in manifest order."""
+    rows = [r for r in read_manifest(manifest_path) if r["split"] == split]
+    samples = []
+    for label, name in enumerate(bundle.classes):
+        for row in [r for r in rows if r["class"] == name][:per_class]:
+            samples.append((_read_raw(root, row, int(bundle.config["max_pixels"])), label))
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# The tracked step
+
+
+def run_evaluation(
+    source: str,
+    manifest_path,
+    *,
+    dataset_root=None,
+    split: str = "test",
+    robustness: bool = True,
+    gradcam_per_class: int = 2,
+    bootstrap: int = 1000,
+    experiment: str | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict:
+    """Evaluate ``source`` on the ``split`` of a manifest in one MLflow run (see the module).
+
+    Everything is computed before the run starts, so a bad model, manifest or dataset never
+    leaves a failed run behind. ``bootstrap`` resamples (0: no intervals); ``robustness``:
+    every perturbation, else clean only. Returns ``run_id``, ``n_images``, ``accuracy``,
+    ``f1_macro``, ``accuracy_ci`` and ``f1_macro_ci`` (``(low, high)`` or None) and
+    ``robustness`` (the table's rows).
+    """
+    if bootstrap < 0 or gradcam_per_class < 0:
+        raise ValueError(
+            f"bootstrap and gradcam_per_class must be >= 0, got {bootstrap}, {gradcam_per_class}"
+        )
+    bundle = load_bundle(source)
+    if tuple(bundle.classes) != CLASSES:
+        raise ValueError(f"model classes {bundle.classes} differ from the dataset's {CLASSES}")
+    manifest_path = Path(manifest_path)
+    root = _dataset_root(manifest_path, dataset_root)
+    conditions = tuple(PERTURBATIONS) if robustness else ("clean",)
+    results = evaluate_manifest(bundle, manifest_path, root, split, conditions, seed, batch_size)
+    clean_result = results["clean"]
+    labels, probabilities = clean_result["labels"], clean_result["probabilities"]
+    intervals = {}
+    if bootstrap:
+        predictions = probabilities.argmax(axis=1)
+        for metric in metrics.BOOTSTRAP_METRICS:
+            intervals[metric] = metrics.bootstrap_ci(
+                labels, predictions, metric, n_resamples=bootstrap, seed=seed
+            )
+    table = robustness_table(results)
+    samples = _gradcam_samples(manifest_path, root, split, bundle, gradcam_per_class)
+    figure = gradcam_figure(bundle, samples) if samples else None
+
+    tags = {"step": "evaluate", "model_uri": bundle.source, "split": split}
+    with tracking.start_run("evaluate", experiment, tags=tags) as run:
+        # Prefixed keys: `mlflow run` logs its own -P parameters under the plain names.
+        mlflow.log_params(
+            {
+                "evaluate.model": bundle.config["model"],
+                "evaluate.image_size": bundle.image_size,
+                "evaluate.manifest": str(manifest_path.resolve()),
+                "evaluate.dataset_root": str(root.resolve()),
+                "evaluate.images": len(labels),
+                "evaluate.perturbations": ",".join(conditions),
+                "evaluate.bootstrap": bootstrap,
+                "evaluate.seed": seed,
+                # The key training runs use: equal values mean the same split of the same files.
+                "data.manifest_hash": split_fingerprint(read_manifest(manifest_path)),
+            }
+        )
+        report = tracking.log_evaluation(
+            {
+                "labels": labels,
+                "probabilities": probabilities,
+                "loss": cross_entropy(labels, probabilities),
+            },
+            prefix=f"{split}_",
+            paths=clean_result["paths"],
+            artifact_dir="evaluation",
+        )
+        mlflow.log_metrics(
+            {
+                f"{split}_{metric}_ci_{side}": interval[side]
+                for metric, interval in intervals.items()
+                for side in ("low", "high")
+            }
+        )
+        if robustness:
+            mlflow.log_metrics(
+                {
+                    f"robust_{row['condition']}_{metric}": row[metric]
+                    for row in table
+                    if row["condition"] != "clean"
+                    for metric in ("accuracy", "f1_macro")
+                }
+            )
+            mlflow.log_dict({"conditions": table}, "evaluation/robustness.json")
+            mlflow.log_text(_csv(table), "evaluation/robustness.csv")
+        if figure is not None:
+            mlflow.log_figure(figure, "evaluation/gradcam.png")
+    return {
+        "run_id": run.info.run_id,
+        "n_images": len(labels),
+        "accuracy": report["accuracy"],
+        "f1_macro": report["f1_macro"],
+        **{
+            f"{metric}_ci": (intervals[metric]["low"], intervals[metric]["high"])
+            if metric in intervals
+            else None
+            for metric in metrics.BOOTSTRAP_METRICS
+        },
+        "robustness": table,
+    }
+
+
+def _csv(table: list[dict]) -> str:
+    import pandas as pd
+
+    return pd.DataFrame(table).to_csv(index=False)
