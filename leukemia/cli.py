@@ -548,6 +548,12 @@ def study_options(function):
             help="Also fit the colour/brightness shortcut arms.",
         ),
         click.option(
+            "--shortcuts-enabled",
+            type=click.BOOL,
+            default=None,
+            help="Same as --shortcuts/--no-shortcuts, as true/false (for MLproject).",
+        ),
+        click.option(
             "--registered-model-name",
             default="leukemia-classifier",
             help="Each trained arm registers a version of this model.",
@@ -556,6 +562,23 @@ def study_options(function):
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def _plan_study(ctx, config_path, seeds):
+    """Check a study's input before any run starts: overrides, seeds, configs, project."""
+    from . import study
+    from .config import load_config
+
+    overrides = parse_overrides(ctx.args)
+    try:
+        seed_list = study.parse_seeds(seeds)
+        configs = {
+            seed: load_config(config_path, {**overrides, "seed": seed}) for seed in seed_list
+        }
+        project = study.find_project()
+    except ValueError as error:
+        raise _Failure(str(error)) from None
+    return overrides, seed_list, configs, project
 
 
 def _compare(
@@ -576,18 +599,9 @@ def _compare(
     import mlflow
 
     from . import study
-    from .config import load_config
     from .data import read_manifest, split_fingerprint
 
-    overrides = parse_overrides(ctx.args)
-    try:
-        seed_list = study.parse_seeds(seeds)
-        configs = {
-            seed: load_config(config_path, {**overrides, "seed": seed}) for seed in seed_list
-        }
-        project = study.find_project()
-    except ValueError as error:
-        raise _Failure(str(error)) from None
+    overrides, seed_list, configs, project = _plan_study(ctx, config_path, seeds)
     data_dir = _resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
     options["image_size"] = configs[seed_list[0]].image_size
     segmented_dir, raw_dir = Path(out_dir, "segmented"), Path(out_dir, "raw")
@@ -681,10 +695,148 @@ def compare_command(ctx, data_dir, synthetic_per_class, synthetic_seed, experime
     Config fields can be overridden as --field VALUE for both arms."""
     from . import tracking
 
-    study_args = {k: options.pop(k) for k in _STUDY_KEYS}
+    study_args = _study_args(options)
+    _plan_study(ctx, study_args["config_path"], study_args["seeds"])
     with tracking.start_run("compare", experiment) as parent:
         _compare(ctx, data_dir, synthetic_per_class, synthetic_seed, options=options, **study_args)
     click.echo(f"parent run {parent.info.run_id}")
+
+
+@main.command("evaluate")
+@click.option(
+    "--model-uri",
+    default="models:/leukemia-classifier@champion",
+    help="runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint folder.",
+)
+@click.option(
+    "--manifest",
+    default=os.path.join("processed", "segmented", "manifest.csv"),
+    help="A manifest.csv written by preprocess/train (its split says which images to use).",
+)
+@click.option(
+    "--data-dir",
+    callback=_empty_is_none,
+    default=None,
+    help="Where the manifest's raw images are [default: the dataset it was made from].",
+)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test")
+@click.option(
+    "--robustness/--no-robustness",
+    default=True,
+    help="Also score darkened, brightened, noisy, blurred and JPEG-30 test images.",
+)
+@click.option("--gradcam-per-class", type=click.IntRange(min=0), default=2)
+@click.option("--bootstrap", type=click.IntRange(min=0), default=1000, help="Resamples (0: none).")
+@click.option("--experiment", default=None, help="MLflow experiment.")
+def evaluate_command(
+    model_uri, manifest, data_dir, split, robustness, gradcam_per_class, bootstrap, experiment
+):
+    """Score a model on a split: report, confusion matrix, ROC-AUC, calibration, bootstrap
+    intervals, robustness table and Grad-CAM, logged as one MLflow run."""
+    from . import evaluation
+    from .data import DatasetError
+
+    if data_dir == SYNTHETIC:
+        raise _Failure("--data-dir names the raw images of the manifest; omit it for synthetic")
+    try:
+        result = evaluation.run_evaluation(
+            model_uri,
+            manifest,
+            dataset_root=data_dir,
+            split=split,
+            robustness=robustness,
+            gradcam_per_class=gradcam_per_class,
+            bootstrap=bootstrap,
+            experiment=experiment,
+        )
+    except (ValueError, DatasetError) as error:
+        raise _Failure(str(error)) from None
+    _echo_evaluation(result, split)
+
+
+def _echo_evaluation(result: dict, split: str) -> None:
+    low, high = result["accuracy_ci"] or (float("nan"), float("nan"))
+    click.echo(
+        f"{split}: {result['n_images']} images, accuracy {result['accuracy']:.4f} "
+        f"[{low:.4f}, {high:.4f}], F1 macro {result['f1_macro']:.4f}"
+    )
+    for row in result.get("robustness") or []:
+        if row.get("condition") != "clean":
+            click.echo(
+                f"  {row['condition']:<9} accuracy {row['accuracy']:.4f} "
+                f"(drop {row.get('accuracy_drop', float('nan')):+.4f})"
+            )
+    click.echo(f"MLflow run {result['run_id']}")
+
+
+@main.command("main", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@preprocess_options(training=True)
+@study_options
+@click.option("--metric", default="test_f1_macro", help="Promotion metric.")
+@click.option("--min-delta", type=click.FloatRange(min=0), default=0.0, help="Promotion margin.")
+@click.pass_context
+def main_command(
+    ctx, data_dir, synthetic_per_class, synthetic_seed, experiment, metric, min_delta, **options
+):
+    """The whole study: preprocess, train both arms (and the shortcut arms), compare with
+    statistics, register, promote the better deep arm, evaluate the champion.
+
+    With no options: the built-in synthetic data; `--config experiments/demo.yaml` makes it a
+    few minutes on a CPU, `--config experiments/paper.yaml --data-dir DATASET` is the paper."""
+    from . import evaluation, registry, study, tracking
+
+    study_args = _study_args(options)
+    name = study_args["registered_model_name"]
+    _plan_study(ctx, study_args["config_path"], study_args["seeds"])
+    with tracking.start_run("main", experiment) as parent:
+        children, table, tests = _compare(
+            ctx, data_dir, synthetic_per_class, synthetic_seed, options=options, **study_args
+        )
+        best = max(study.DEEP_ARMS, key=lambda arm: table[arm][f"{metric}_mean"])
+        best_run = study.registered_version(children[best].values(), metric)
+        mlflow_client = tracking.mlflow.tracking.MlflowClient()
+        tracking.mlflow.set_tags({"step": "main", "best_deep_arm": best})
+        try:
+            decision = registry.promote(
+                registry.decide(name, best_run, metric=metric, min_delta=min_delta)
+            )
+            click.echo(
+                f"promotion: version {decision.candidate} ({best} arm) "
+                f"{'is now @champion' if decision.promote else 'not promoted'}: {decision.reason}"
+            )
+        except ValueError as error:
+            click.echo(f"promotion skipped: {error}")
+        try:
+            mlflow_client.get_model_version_by_alias(name, registry.CHAMPION)
+        except tracking.mlflow.exceptions.MlflowException:
+            champion_uri = None
+        else:
+            champion_uri = f"models:/{name}@{registry.CHAMPION}"
+        if champion_uri:
+            manifest = Path(study_args["out_dir"], "segmented", "manifest.csv")
+            try:
+                result = evaluation.run_evaluation(
+                    champion_uri, manifest, bootstrap=1000, nested=True
+                )
+            except ValueError as error:
+                click.echo(f"evaluation of the champion skipped: {error}")
+            else:
+                _echo_evaluation(result, "test (champion)")
+    uri = tracking.mlflow.get_tracking_uri()
+    click.echo(
+        f"\nDone. Parent run {parent.info.run_id} holds the comparison (comparison.png, "
+        f"statistics.json).\nLook: mlflow ui --backend-store-uri {uri}\n"
+        f"Serve: mlflow models serve -m models:/{name}@champion --env-manager local -p 5001"
+    )
+
+
+def _study_args(options: dict) -> dict:
+    """Take the study options out of ``options`` (the rest are preprocessing options)."""
+    study_args = {k: options.pop(k) for k in _STUDY_KEYS}
+    enabled = options.pop("shortcuts_enabled")
+    if enabled is not None:
+        study_args["shortcuts"] = enabled
+    return study_args
 
 
 _STUDY_KEYS = (

@@ -545,8 +545,10 @@ def run_evaluation(
     experiment: str | None = None,
     seed: int = 0,
     batch_size: int = 32,
+    nested: bool = False,
 ) -> dict:
-    """Evaluate ``source`` on the ``split`` of a manifest in one MLflow run (see the module).
+    """Evaluate ``source`` on the ``split`` of a manifest in one MLflow run (see the module);
+    ``nested``: as a child of the active run (the ``main`` study).
 
     Everything is computed before the run starts, so a bad model, manifest or dataset never
     leaves a failed run behind. ``bootstrap`` resamples (0: no intervals); ``robustness``:
@@ -579,7 +581,7 @@ def run_evaluation(
     figure = gradcam_figure(bundle, samples) if samples else None
 
     tags = {"step": "evaluate", "model_uri": bundle.source, "split": split}
-    with tracking.start_run("evaluate", experiment, tags=tags) as run:
+    with tracking.start_run("evaluate", experiment, nested=nested, tags=tags) as run:
         # Prefixed keys: `mlflow run` logs its own -P parameters under the plain names.
         mlflow.log_params(
             {

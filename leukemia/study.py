@@ -275,3 +275,14 @@ def format_table(table: dict, tests: dict) -> str:
 
 def results_json(table: dict, tests: dict) -> str:
     return json.dumps({"table": table, "statistics": tests}, indent=2)
+
+
+def registered_version(run_ids, metric: str = "test_f1_macro") -> str | None:
+    """The registered version (number) of the best of ``run_ids`` by ``metric``."""
+    client = MlflowClient()
+    runs = [client.get_run(run_id) for run_id in run_ids]
+    runs = [r for r in runs if "registered_version" in r.data.tags]
+    if not runs:
+        return None
+    best = max(runs, key=lambda r: r.data.metrics.get(metric, float("-inf")))
+    return best.data.tags["registered_version"].rsplit("/", 1)[1]

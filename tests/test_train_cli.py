@@ -236,7 +236,9 @@ def test_mlflow_run_train_entry_point_takes_config_overrides(tmp_path):
         "phase1_lr=2e-3",
     ):
         command += ["-P", parameter]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    completed = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     try:

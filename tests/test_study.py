@@ -1,0 +1,122 @@
+"""The whole study (``leukemia main``) as the README's quick start runs it, on tiny settings:
+both arms as ``mlflow run -e train`` children, shortcut arms, statistics, registry, promotion,
+evaluation; then reuse of finished children, ``predict``, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from leukemia.cli import main
+from leukemia.tracking import git_commit
+
+from .conftest import REPO
+
+TINY = [
+    "--config",
+    str(REPO / "experiments" / "demo.yaml"),
+    "--synthetic-per-class",
+    "8",
+    "--phase1_epochs",
+    "1",
+    "--phase2_epochs",
+    "2",
+]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def venv_on_path(monkeypatch):
+    """Children run `leukemia` and `mlflow` by name, as they do in an activated environment."""
+    bin_dir = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", bin_dir + os.pathsep + os.environ.get("PATH", ""))
+
+
+@pytest.mark.slow
+def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_path):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("main", *TINY, "--experiment", "study")
+    assert result.exit_code == 0, result.output
+    assert "is now @champion" in result.output and "mlflow ui --backend-store-uri" in result.output
+    client = MlflowClient()
+    runs = mlflow.search_runs(experiment_names=["study"], output_format="list")
+    (parent,) = [r for r in runs if r.info.run_name == "main"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    arms = sorted(r.data.tags["arm"] for r in children if r.data.tags.get("step") == "train")
+    assert arms == sorted(
+        ["baseline", "proposed", "shortcut-rgb", "shortcut-gray", "shortcut-gray-segmented"]
+    )
+    deep = [r for r in children if r.data.tags.get("arm") in ("baseline", "proposed")]
+    assert {r.data.params["data.manifest_hash"] for r in deep} == {
+        parent.data.params["data.manifest_hash"]
+    }
+    assert {r.data.params["config.seed"] for r in deep} == {"42"}
+    assert all(r.info.status == "FINISHED" for r in children)
+    # Same metric keys on every arm, so the MLflow UI's compare view lines them up.
+    for run in children:
+        if run.data.tags.get("step") == "train":
+            assert {"test_accuracy", "test_f1_macro", "test_f1_weighted"} <= set(run.data.metrics)
+    statistics = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/statistics.json")
+    seed = statistics["per_seed"]["42"]
+    assert 0 <= seed["proposed_vs_baseline"]["p_value"] <= 1
+    assert statistics["best_shortcut"].startswith("shortcut")
+    assert f"proposed_vs_{statistics['best_shortcut']}" in seed
+    table = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/comparison.json")
+    assert set(table) == set(arms)
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.png", "comparison.csv", "statistics.json"} <= names
+    # Registry: one version per deep arm, the better one champion, the evaluation nested.
+    versions = client.search_model_versions("name = 'leukemia-classifier'")
+    assert len(versions) == 2
+    champion = client.get_model_version_by_alias("leukemia-classifier", "champion")
+    assert champion.tags["promotion.decision"] == "promoted"
+    (evaluation,) = [r for r in children if r.data.tags.get("step") == "evaluate"]
+    assert "robust_jpeg30_accuracy" in evaluation.data.metrics
+    assert "test_accuracy_ci_low" in evaluation.data.metrics
+
+    # predict with the champion, as a user would after the demo.
+    image = next((Path(os.environ["LEUKEMIA_CACHE_DIR"]) / "synthetic").rglob("*.jpg"))
+    predicted = invoke("predict", image, "--json")
+    assert predicted.exit_code == 0, predicted.output
+    answer = json.loads(predicted.output)
+    assert answer["label"] in ("Benign", "Early Pre-B", "Pre-B", "Pro-B")
+    assert abs(sum(v for k, v in answer.items() if k not in ("image", "label")) - 1) < 1e-4
+
+    # compare again: the finished children are reused, not retrained (clean checkouts only:
+    # uncommitted code proves nothing about what an old run ran).
+    if git_commit(REPO).endswith("+dirty"):
+        pytest.skip("uncommitted changes: finished runs are (rightly) not reused")
+    again = invoke("compare", *TINY, "--experiment", "study", "--no-shortcuts")
+    assert again.exit_code == 0, again.output
+    assert again.output.count("reusing finished run") == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["compare", "--seeds", ""], "seeds must be comma-separated integers"),
+        (["compare", "--seeds", "1,x"], "seeds must be comma-separated integers"),
+        (["compare", "--seeds", "1,1"], "seeds must not repeat"),
+        (["compare", "--bogus", "3"], "unknown config key(s) ['bogus']"),
+        (["evaluate", "--model-uri", "models:/leukemia-classifier@nope"], "cannot load model"),
+        (["predict", "missing.png"], "image file(s) not found"),
+        (["promote", "--version", "3"], "no registered model 'leukemia-classifier'"),
+    ],
+)
+def test_bad_study_input_is_a_clear_error(tracking_uri, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*args)
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
