@@ -45,6 +45,16 @@ def dataset_copy(synthetic_dir, tmp_path) -> Path:
     return target
 
 
+def forget_experiment() -> None:
+    """``mlflow.set_experiment`` caches the experiment id process-wide (a module variable and
+    ``MLFLOW_EXPERIMENT_ID`` in ``os.environ``); a fresh store has no experiment of that id, so
+    a test that switches stores forgets both."""
+    from mlflow.tracking import fluent
+
+    fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch) -> str:
     """A fresh SQLite MLflow store for this test, and a private cache for generated data."""
@@ -55,10 +65,14 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
         monkeypatch.delenv(name, raising=False)
     import mlflow
 
+    # MLflow puts a SQLite store's artifacts under ./mlruns: keep them in the test's folder.
+    monkeypatch.chdir(tmp_path)
+    forget_experiment()
     mlflow.set_tracking_uri(uri)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+    forget_experiment()
     mlflow.set_tracking_uri(None)
 
 

@@ -29,6 +29,8 @@ from leukemia.datasets import build_transform
 from leukemia.model import create_classifier
 from leukemia.segmentation import SegmentationParams, preprocess_image
 
+from .conftest import forget_experiment
+
 SEG = SegmentationParams(image_size=64)
 MAX_PIXELS = 100 * 100  # small, so that an oversized image is cheap to make
 PROB_COLUMNS = [f"prob_{name}" for name in CLASSES]
@@ -68,12 +70,14 @@ def served(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)  # MLflow puts a SQLite store's artifacts under ./mlruns
         patch.setenv("MLFLOW_TRACKING_URI", uri)
+        forget_experiment()
         mlflow.set_tracking_uri(uri)
         try:
             classifier = _classifier()
             model_info = _log(classifier)
             loaded = mlflow.pyfunc.load_model(model_info.model_uri)
         finally:
+            forget_experiment()
             mlflow.set_tracking_uri(None)
     return classifier.eval(), loaded
 
