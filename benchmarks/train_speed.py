@@ -131,21 +131,9 @@ def _sync(device: torch.device) -> None:
 
 
 def train_step(model, images, labels, loss_fn, optimizer, precision, scaler) -> int:
-    """One ``engine.train_one_epoch`` step; returns the batch size."""
-    optimizer.zero_grad(set_to_none=True)
-    with precision.autocast():
-        logits = model(images)
-    loss = loss_fn(logits.float(), labels)
-    if scaler is None:
-        loss.backward()
-        optimizer.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    # The two host syncs train_one_epoch makes (running loss and accuracy).
-    loss.item()
-    (logits.argmax(1) == labels).sum().item()
+    """``engine.train_step``, the step training runs (with its two host syncs); returns the
+    batch size."""
+    engine.train_step(model, images, labels, loss_fn, optimizer, precision, scaler)
     return len(labels)
 
 

@@ -66,6 +66,22 @@ def _to_device(images, labels, device, precision: Precision, batch_transform=Non
     return images, labels.to(device, non_blocking=True)
 
 
+def train_step(model, images, labels, loss_fn, optimizer, precision: Precision, scaler=None):
+    """One optimisation step on a batch already on the device; returns (loss, correct)."""
+    optimizer.zero_grad(set_to_none=True)
+    with precision.autocast():
+        logits = model(images)
+    loss = loss_fn(logits.float(), labels)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return loss.item(), (logits.argmax(1) == labels).sum().item()
+
+
 def train_one_epoch(
     model: Classifier,
     loader,
@@ -85,19 +101,9 @@ def train_one_epoch(
     bar = tqdm(loader, desc=description, unit="batch", leave=False, dynamic_ncols=True)
     for images, labels in bar:
         images, labels = _to_device(images, labels, device, precision, batch_transform)
-        optimizer.zero_grad(set_to_none=True)
-        with precision.autocast():
-            logits = model(images)
-        loss = loss_fn(logits.float(), labels)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        total_loss += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
+        loss, hits = train_step(model, images, labels, loss_fn, optimizer, precision, scaler)
+        total_loss += loss * len(labels)
+        correct += hits
         seen += len(labels)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
     seconds = time.perf_counter() - start

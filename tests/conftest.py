@@ -78,3 +78,19 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
 
 def pytest_configure(config):
     os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def mlflow_run_env(tmp_path: Path) -> dict:
+    """Environment for an ``mlflow run`` subprocess: a fresh store and cache in ``tmp_path``,
+    this interpreter's bin folder first on PATH (entry points call ``leukemia`` by name)."""
+    import sys
+
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "LEUKEMIA_CACHE_DIR": str(tmp_path / "cache"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(name, None)
+    return env

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from leukemia.cli import main
 
-from .conftest import REPO
+from .conftest import REPO, mlflow_run_env
 
 
 def invoke(*args):
@@ -142,14 +141,7 @@ def summary_key(out_dir: Path) -> str:
 @pytest.mark.slow
 def test_mlproject_entry_point_runs_with_mlflow_run(tmp_path):
     """``mlflow run . -e preprocess`` as the README shows it, in this environment."""
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "LEUKEMIA_CACHE_DIR": str(tmp_path / "cache"),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-        env.pop(name, None)
+    env = mlflow_run_env(tmp_path)
     out = tmp_path / "processed"
     command = [
         sys.executable,

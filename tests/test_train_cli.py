@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from leukemia.cli import main
 
-from .conftest import REPO
+from .conftest import REPO, mlflow_run_env
 
 DEMO = str(REPO / "experiments" / "demo.yaml")
 # Tiny and quick: 8 synthetic images per class, one epoch per phase.
@@ -216,14 +216,7 @@ def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
 @pytest.mark.slow
 def test_mlflow_run_train_entry_point_takes_config_overrides(tmp_path):
     """``mlflow run . -e train`` with undeclared ``-P`` config overrides, as the README shows."""
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "LEUKEMIA_CACHE_DIR": str(tmp_path / "cache"),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-        env.pop(name, None)
+    env = mlflow_run_env(tmp_path)
     command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train"]
     command += ["--env-manager", "local", "--experiment-name", "entry"]
     for parameter in (
