@@ -471,11 +471,17 @@ def promote_command(name, candidate, metric, min_delta, recall_tolerance, force,
     if as_json:
         click.echo(json.dumps({**decision.as_dict(), "dry_run": dry_run}))
         return
+    prefix = "dry run, nothing changed: " if dry_run else ""
     verb = "would become" if dry_run else "is now"
     if decision.promote:
-        click.echo(f"{name} version {decision.candidate} {verb} @champion: {decision.reason}")
+        click.echo(
+            f"{prefix}{name} version {decision.candidate} {verb} @champion: {decision.reason}"
+        )
     else:
-        click.echo(f"{name} @champion stays {decision.champion}: {decision.reason}")
+        click.echo(
+            f"{prefix}{name} version {decision.candidate} not promoted, @champion stays "
+            f"{decision.champion}: {decision.reason}"
+        )
 
 
 @main.command("predict")

@@ -533,6 +533,21 @@ def _gradcam_samples(manifest_path: Path, root: Path, split: str, bundle: Bundle
 # The tracked step
 
 
+def _registered_version(source: str) -> str | None:
+    """``name/version`` a ``models:/name@alias`` or ``models:/name/version`` URI names."""
+    if not source.startswith("models:/"):
+        return None
+    name, _, rest = source[len("models:/") :].partition("@")
+    client = mlflow.tracking.MlflowClient()
+    try:
+        if rest:
+            return f"{name}/{client.get_model_version_by_alias(name, rest).version}"
+        name, _, number = name.partition("/")
+        return f"{name}/{number}" if number else None
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
 def run_evaluation(
     source: str,
     manifest_path,
@@ -581,6 +596,9 @@ def run_evaluation(
     figure = gradcam_figure(bundle, samples) if samples else None
 
     tags = {"step": "evaluate", "model_uri": bundle.source, "split": split}
+    version = _registered_version(source)
+    if version:
+        tags["model_version"] = version  # what an alias pointed to at evaluation time
     with tracking.start_run("evaluate", experiment, nested=nested, tags=tags) as run:
         # Prefixed keys: `mlflow run` logs its own -P parameters under the plain names.
         mlflow.log_params(

@@ -109,7 +109,14 @@ def decide(
         champion = None
     if champion is None:
         return Decision(
-            name, str(new.version), None, metric, value, None, True, "no champion yet: the first"
+            name,
+            str(new.version),
+            None,
+            metric,
+            value,
+            None,
+            True,
+            "no champion yet: the first candidate becomes champion",
         )
     old = _metric(champion, metric)
     if str(champion.version) == str(new.version):

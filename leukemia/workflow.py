@@ -120,7 +120,7 @@ def run_training(
     except KeyboardInterrupt:
         if run_id:
             mlflow.tracking.MlflowClient().set_terminated(run_id, "KILLED")
-            echo(f"interrupted; continue with the same command and --resume {run_id}")
+            echo(f"\ninterrupted; continue with the same command and --resume {run_id}")
         raise
     return run_id
 

@@ -82,6 +82,7 @@ def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_
     assert champion.tags["promotion.decision"] == "promoted"
     (evaluation,) = [r for r in children if r.data.tags.get("step") == "evaluate"]
     assert "robust_jpeg30_accuracy" in evaluation.data.metrics
+    assert evaluation.data.tags["model_version"] == f"leukemia-classifier/{champion.version}"
     assert "test_accuracy_ci_low" in evaluation.data.metrics
 
     # predict with the champion, as a user would after the demo.
