@@ -117,6 +117,13 @@ def run_training(
                 resume=bool(resume),
                 register_as=register_as,
             )
+            final = mlflow.get_run(run_id).data.metrics
+            echo(
+                f"test accuracy {final['test_accuracy']:.4f}, F1 macro "
+                f"{final['test_f1_macro']:.4f} (best epochs: phase 1 "
+                f"{final.get('phase1_best_epoch', 0):.0f}, phase 2 "
+                f"{final.get('phase2_best_epoch', 0):.0f})"
+            )
     except KeyboardInterrupt:
         if run_id:
             mlflow.tracking.MlflowClient().set_terminated(run_id, "KILLED")

@@ -52,6 +52,7 @@ def test_a_train_run_leaves_everything_in_mlflow(tracking_uri, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     result = invoke(*TINY, "--segment", "false", "--batch-size=8")
     assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output
     (run,) = runs()
     data, run_id = run.data, run.info.run_id
     assert run.info.status == "FINISHED"
