@@ -588,7 +588,7 @@ def _plan_study(ctx, config_path, seeds):
 
 
 def _compare(
-    ctx,
+    plan,
     data_dir,
     synthetic_per_class,
     synthetic_seed,
@@ -601,13 +601,15 @@ def _compare(
     options,
     echo_table=True,
 ):
-    """Both arms x seeds as `mlflow run -e train` children of the active run, + shortcuts."""
+    """Both arms x seeds as `mlflow run -e train` children of the active run, + shortcuts.
+
+    ``plan``: what ``_plan_study`` checked before the run started (``seeds`` is in it)."""
     import mlflow
 
     from . import study
     from .data import read_manifest, split_fingerprint
 
-    overrides, seed_list, configs, project = _plan_study(ctx, config_path, seeds)
+    overrides, seed_list, configs, project = plan
     data_dir = _resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
     options["image_size"] = configs[seed_list[0]].image_size
     segmented_dir, raw_dir = Path(out_dir, "segmented"), Path(out_dir, "raw")
@@ -702,9 +704,9 @@ def compare_command(ctx, data_dir, synthetic_per_class, synthetic_seed, experime
     from . import tracking
 
     study_args = _study_args(options)
-    _plan_study(ctx, study_args["config_path"], study_args["seeds"])
+    plan = _plan_study(ctx, study_args["config_path"], study_args["seeds"])
     with tracking.start_run("compare", experiment) as parent:
-        _compare(ctx, data_dir, synthetic_per_class, synthetic_seed, options=options, **study_args)
+        _compare(plan, data_dir, synthetic_per_class, synthetic_seed, options=options, **study_args)
     click.echo(f"parent run {parent.info.run_id}")
 
 
@@ -793,10 +795,10 @@ def main_command(
 
     study_args = _study_args(options)
     name = study_args["registered_model_name"]
-    _plan_study(ctx, study_args["config_path"], study_args["seeds"])
+    plan = _plan_study(ctx, study_args["config_path"], study_args["seeds"])
     with tracking.start_run("main", experiment) as parent:
         children, table, tests = _compare(
-            ctx, data_dir, synthetic_per_class, synthetic_seed, options=options, **study_args
+            plan, data_dir, synthetic_per_class, synthetic_seed, options=options, **study_args
         )
         best = max(study.DEEP_ARMS, key=lambda arm: table[arm][f"{metric}_mean"])
         best_run = study.registered_version(children[best].values(), metric)

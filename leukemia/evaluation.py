@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 from tqdm.auto import tqdm
 
-from . import images, metrics, tracking
+from . import images, metrics, serving, tracking
 from .data import CLASSES, SPLITS, read_manifest, split_fingerprint
 from .model import Classifier
 from .segmentation import SegmentationParams, preprocess_image
@@ -60,7 +60,6 @@ EXPECTED_SOURCE = (
 )
 DEFAULT_RUN_MODEL = "classifier"  # what runs:/<run_id> means: the served pyfunc of a train run
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(.*)$")
-_LOG_CLIP = 1e-12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,18 +267,16 @@ def model_input(bundle: Bundle, rgb: np.ndarray) -> np.ndarray:
 
 def _tensor(bundle: Bundle, inputs: Sequence[np.ndarray]) -> torch.Tensor:
     """N x S x S x 3 uint8 model inputs -> the normalised N x 3 x S x S batch on the device."""
-    pixels = torch.from_numpy(np.stack(inputs)).to(bundle.device)
-    return bundle.transform(pixels.permute(0, 3, 1, 2).contiguous())
+    return serving.model_batch(np.stack(inputs), bundle.transform, bundle.device)
 
 
 def _probabilities(bundle: Bundle, inputs: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
-    """Model inputs -> (n, C) float64 probabilities, as ``LeukemiaModel`` computes them."""
-    chunks = []
-    with torch.inference_mode():
-        for start in range(0, len(inputs), batch_size):
-            logits = bundle.classifier(_tensor(bundle, inputs[start : start + batch_size]))
-            chunks.append(torch.softmax(logits.double(), dim=1).cpu())
-    return torch.cat(chunks).numpy() if chunks else np.zeros((0, len(bundle.classes)))
+    """Model inputs -> (n, C) float64 probabilities, computed as the served model does."""
+    if len(inputs) == 0:
+        return np.zeros((0, len(bundle.classes)))
+    return serving.probabilities(
+        bundle.classifier, bundle.transform, bundle.device, np.stack(inputs), batch_size
+    )
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -400,12 +397,6 @@ def evaluate_manifest(
         name: {"labels": labels.copy(), "probabilities": np.concatenate(c), "paths": list(paths)}
         for name, c in chunks.items()
     }
-
-
-def cross_entropy(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """Mean -log p(true class), unweighted; p clipped at 1e-12 so one miss stays finite."""
-    true_class = probabilities[np.arange(len(labels)), labels]
-    return float(-np.mean(np.log(np.clip(true_class, _LOG_CLIP, 1.0))))
 
 
 def robustness_table(results: dict[str, dict]) -> list[dict]:
@@ -619,7 +610,6 @@ def run_evaluation(
             {
                 "labels": labels,
                 "probabilities": probabilities,
-                "loss": cross_entropy(labels, probabilities),
             },
             prefix=f"{split}_",
             paths=clean_result["paths"],

@@ -85,7 +85,8 @@ def _check_bootstrap(n_resamples: int, confidence: float) -> None:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """A name as a metric/param key part: 'Early Pre-B' -> 'early_pre_b'."""
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
@@ -196,7 +197,7 @@ def flat_metrics(metrics: dict, prefix: str = "test_") -> dict[str, float]:
     names += ("recall_macro", "roc_auc_macro", "ece")
     flat = {f"{prefix}{k}": float(metrics[k]) for k in names if metrics[k] is not None}
     for class_name, value in metrics["recall"].items():
-        flat[f"{prefix}recall_{_slug(class_name)}"] = float(value)
+        flat[f"{prefix}recall_{slug(class_name)}"] = float(value)
     return flat
 
 

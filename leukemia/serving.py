@@ -202,14 +202,7 @@ class LeukemiaModel(mlflow.pyfunc.PythonModel):
 
     def _predict_preprocessed(self, batch: np.ndarray) -> pd.DataFrame:
         """N x S x S x 3 uint8 model inputs -> the output DataFrame."""
-        chunks = []
-        with torch.inference_mode():
-            for start in range(0, len(batch), self.batch_size):
-                pixels = torch.from_numpy(batch[start : start + self.batch_size]).to(self.device)
-                inputs = self.transform(pixels.permute(0, 3, 1, 2).contiguous())
-                logits = self.model(inputs)
-                chunks.append(torch.softmax(logits.double(), dim=1).cpu())
-        probs = torch.cat(chunks).numpy() if chunks else np.zeros((0, len(self.classes)))
+        probs = probabilities(self.model, self.transform, self.device, batch, self.batch_size)
         labels = np.asarray(self.classes, dtype=object)[probs.argmax(axis=1)]
         return pd.DataFrame(
             {
@@ -217,6 +210,27 @@ class LeukemiaModel(mlflow.pyfunc.PythonModel):
                 **{prob_column(name): probs[:, i] for i, name in enumerate(self.classes)},
             }
         )
+
+
+def model_batch(pixels: np.ndarray, transform, device) -> torch.Tensor:
+    """N x S x S x 3 uint8 model inputs -> the normalised N x 3 x S x S batch on ``device``."""
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
+    return transform(tensor.permute(0, 3, 1, 2).contiguous())
+
+
+def probabilities(
+    model: Classifier, transform, device, inputs: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """N x S x S x 3 uint8 model inputs -> (N, C) float64 softmax, ``batch_size`` at a time:
+    what the served model returns, and what evaluation scores."""
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(inputs), batch_size):
+            logits = model(model_batch(inputs[start : start + batch_size], transform, device))
+            chunks.append(torch.softmax(logits.double(), dim=1).cpu())
+    if not chunks:
+        return np.zeros((0, model.head.out_features))
+    return torch.cat(chunks).numpy()
 
 
 def _run_all(jobs: list[tuple]) -> np.ndarray:
@@ -294,6 +308,46 @@ def _pinned_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name).split('+')[0]}" for name in _REQUIREMENTS]
 
 
+def write_model_files(
+    folder: str | os.PathLike,
+    classifier: Classifier,
+    *,
+    model_name: str,
+    dropout: float,
+    mean: Sequence[float],
+    std: Sequence[float],
+    segmentation: dict | SegmentationParams,
+    classes: Sequence[str] = CLASSES,
+    max_pixels: int = images.DEFAULT_MAX_PIXELS,
+) -> tuple[Path, Path]:
+    """Write ``weights.safetensors`` and ``model.json`` (see the module) into ``folder``: the
+    served model's artifacts, and training's ``checkpoint/``. Returns their paths."""
+    num_classes = classifier.head.out_features
+    if len(classes) != num_classes:
+        raise ValueError(f"{len(classes)} class names for a classifier with {num_classes} outputs")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (RGB), got {list(mean)} and {list(std)}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+    config = {
+        "model": model_name,
+        "dropout": float(dropout),
+        "num_classes": num_classes,
+        "classes": [str(c) for c in classes],
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "segmentation": segmentation_params(segmentation).to_dict(),
+        "max_pixels": int(max_pixels),
+    }
+    from safetensors.torch import save_file
+
+    weights, config_path = Path(folder, WEIGHTS_FILE), Path(folder, CONFIG_FILE)
+    state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
+    save_file(state, str(weights))
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return weights, config_path
+
+
 def log_served_model(
     classifier: Classifier,
     *,
@@ -316,31 +370,18 @@ def log_served_model(
     where the model is loaded. Returns MLflow's ``ModelInfo`` (``model_uri``, and
     ``registered_model_version`` when ``registered_model_name`` is given).
     """
-    num_classes = classifier.head.out_features
-    if len(classes) != num_classes:
-        raise ValueError(f"{len(classes)} class names for a classifier with {num_classes} outputs")
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std need 3 values (RGB), got {list(mean)} and {list(std)}")
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
-    params = segmentation_params(segmentation)
-    config = {
-        "model": model_name,
-        "dropout": float(dropout),
-        "num_classes": num_classes,
-        "classes": [str(c) for c in classes],
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
-        "segmentation": params.to_dict(),
-        "max_pixels": int(max_pixels),
-    }
-    from safetensors.torch import save_file
-
     with tempfile.TemporaryDirectory(prefix="leukemia-serving-") as scratch:
-        weights, config_path = Path(scratch, WEIGHTS_FILE), Path(scratch, CONFIG_FILE)
-        state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
-        save_file(state, str(weights))
-        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        weights, config_path = write_model_files(
+            scratch,
+            classifier,
+            model_name=model_name,
+            dropout=dropout,
+            mean=mean,
+            std=std,
+            segmentation=segmentation,
+            classes=classes,
+            max_pixels=max_pixels,
+        )
         # Models from code: MLflow stores this file, not a pickle of LeukemiaModel, and runs it
         # at load time, so the model follows the installed leukemia package.
         code_path = Path(scratch, "served_model.py")
@@ -349,7 +390,7 @@ def log_served_model(
             name=name,
             python_model=str(code_path),
             artifacts={"weights": str(weights), "config": str(config_path)},
-            signature=served_signature(config["classes"]),
+            signature=served_signature([str(c) for c in classes]),
             input_example=example_request() if input_example is None else input_example,
             registered_model_name=registered_model_name,
             pip_requirements=_pinned_requirements(),

@@ -25,7 +25,6 @@ import warnings
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
@@ -146,20 +145,9 @@ def run_shortcut_arm(arm: str, kind: str, processed_dir, parent_id: str) -> str:
             },
             "shortcut.json",
         )
-        probabilities = result.test_probabilities
-        loss = float(
-            -np.mean(
-                np.log(
-                    np.clip(
-                        probabilities[np.arange(len(result.test_labels)), result.test_labels],
-                        1e-12,
-                        1,
-                    )
-                )
-            )
-        )
         tracking.log_evaluation(
-            {"labels": result.test_labels, "probabilities": probabilities, "loss": loss},
+            # No loss given: the metrics' own mean -log p(true class), as evaluate logs it.
+            {"labels": result.test_labels, "probabilities": result.test_probabilities},
             prefix="test_",
             paths=result.test_paths,
             artifact_dir="evaluation",
@@ -239,7 +227,7 @@ def log_summary(table: dict, tests: dict) -> None:
     mlflow.log_figure(metrics.comparison_figure(figure_table, "test_accuracy"), "comparison.png")
     headline = {}
     for arm, entry in table.items():
-        key = tracking.slug(arm)
+        key = metrics.slug(arm)
         for metric in HEADLINE:
             headline[f"{key}_{metric}_mean"] = entry[f"{metric}_mean"]
             headline[f"{key}_{metric}_sd"] = entry[f"{metric}_sd"]

@@ -86,7 +86,6 @@ def flatten(params: dict, prefix: str = "") -> dict:
 
 def log_preprocess(result, seconds: float | None) -> None:
     """Log a finished ``preprocess`` call (a PreprocessResult) to the active run."""
-    import pandas as pd
 
     params = result.params
     out_dir = Path(result.out_dir)
@@ -111,14 +110,7 @@ def log_preprocess(result, seconds: float | None) -> None:
     for name in PREPROCESS_ARTIFACTS:
         if (out_dir / name).is_file():
             mlflow.log_artifact(str(out_dir / name))
-    manifest = pd.read_csv(manifest_path, dtype={"dhash": str})
-    with warnings.catch_warnings():
-        # MLflow hints about integer columns and guesses between two local source types.
-        warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(
-            manifest, source=params["dataset_root"], targets="label", name="manifest"
-        )
-        mlflow.log_input(dataset, context="preprocess")
+    log_dataset(manifest_path, source=params["dataset_root"], context="preprocess")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,17 +121,13 @@ def log_preprocess(result, seconds: float | None) -> None:
 # second value for a key).
 
 
-def slug(name: str) -> str:
-    """A class name as a metric/param key part: 'Early Pre-B' -> 'early_pre_b'."""
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-
-
 def training_params(config, rows, *, device: str, precision: str, processed_dir) -> dict:
     """Everything a training run is defined by, as flat MLflow params."""
     import timm
     import torch
 
     from .data import class_counts, split_fingerprint
+    from .metrics import slug
 
     params = {f"config.{k}": v for k, v in config.to_dict().items()}
     params["data.manifest_hash"] = split_fingerprint(rows)
@@ -190,15 +178,16 @@ def log_epoch(record: dict) -> None:
     mlflow.log_metrics({k: float(record[k]) for k in keys}, step=record["epoch"])
 
 
-def log_dataset(processed_dir, rows, context: str) -> None:
-    """The manifest as the run's input dataset (what MLflow's UI shows under Datasets)."""
+def log_dataset(manifest_path, source: str, context: str) -> None:
+    """A manifest as the run's input dataset (what MLflow's UI shows under Datasets)."""
     import pandas as pd
 
-    manifest = pd.read_csv(Path(processed_dir) / "manifest.csv", dtype={"dhash": str})
+    manifest = pd.read_csv(manifest_path, dtype={"dhash": str})
     with warnings.catch_warnings():
+        # MLflow hints about integer columns and guesses between two local source types.
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(
-            manifest, source=str(Path(processed_dir).resolve()), targets="label", name="manifest"
+            manifest, source=str(source), targets="label", name="manifest"
         )
         mlflow.log_input(dataset, context=context)
 
@@ -241,7 +230,7 @@ def log_evaluation(result: dict, prefix: str, paths=None, artifact_dir: str | No
             "path": list(paths) if paths is not None else range(len(labels)),
             "label": labels,
             "predicted": probabilities.argmax(1),
-            **{f"prob_{slug(name)}": probabilities[:, c] for c, name in enumerate(CLASSES)},
+            **{f"prob_{metrics.slug(name)}": probabilities[:, c] for c, name in enumerate(CLASSES)},
         }
     )
     mlflow.log_text(table.to_csv(index=False), f"{artifact_dir}/predictions.csv")
@@ -258,30 +247,21 @@ def log_curves(history: list[dict], phase2_start_epoch: int | None) -> None:
 
 def log_checkpoint(classifier, config, mean, std, segmentation: dict) -> None:
     """The best weights as ``checkpoint/weights.safetensors`` plus ``checkpoint/model.json``:
-    the same two files (and keys) the served model carries, so either folder can be evaluated.
-    """
-    import json
+    the served model's two files, so either folder can be evaluated."""
     import tempfile
 
-    from safetensors.torch import save_file
+    from .serving import write_model_files
 
-    from .data import CLASSES
-    from .images import DEFAULT_MAX_PIXELS
-
-    description = {
-        "model": config.model,
-        "dropout": config.dropout,
-        "num_classes": classifier.head.out_features,
-        "classes": list(CLASSES),
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
-        "segmentation": segmentation,
-        "max_pixels": DEFAULT_MAX_PIXELS,
-    }
     with tempfile.TemporaryDirectory() as tmp:
-        state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
-        save_file(state, str(Path(tmp, "weights.safetensors")))
-        Path(tmp, "model.json").write_text(json.dumps(description, indent=2) + "\n")
+        write_model_files(
+            tmp,
+            classifier,
+            model_name=config.model,
+            dropout=config.dropout,
+            mean=mean,
+            std=std,
+            segmentation=segmentation,
+        )
         mlflow.log_artifacts(tmp, "checkpoint")
 
 
@@ -290,11 +270,10 @@ def log_torch_model(classifier, example) -> None:
     ``mlflow.pytorch.load_model(runs:/<id>/model)`` gives back the ``Classifier``."""
     import mlflow.pytorch
     import numpy as np
+    import torch
     from mlflow.models import infer_signature
 
     classifier = classifier.cpu().eval()
-    import torch
-
     with torch.inference_mode():
         output = classifier(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import torch
 
 from . import engine, registry, serving, tracking
 from . import train as training
@@ -82,8 +81,6 @@ def run_training(
     rows = read_manifest(processed_dir / "manifest.csv")
     classifier = training.build_classifier(config)
     device = training.resolve_device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {config.device!r} asked for, but CUDA is not available here")
     precision = engine.resolve_precision(config.precision, device)
     training.check_training_split([int(r["label"]) for r in rows if r["split"] == "train"])
     params = tracking.training_params(
@@ -137,7 +134,9 @@ def _train_and_log(
 ):
     run_id = mlflow.active_run().info.run_id
     tracking.log_params_once(params)
-    tracking.log_dataset(processed_dir, rows, context="training")
+    tracking.log_dataset(
+        processed_dir / "manifest.csv", source=processed_dir.resolve(), context="training"
+    )
     already_logged = tracking.logged_epochs(run_id) if resume else 0
     plan = training.phases(config)
     test_paths = [r["path"] for r in rows if r["split"] == "test"]
