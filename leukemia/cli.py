@@ -318,8 +318,8 @@ def preprocess_command(
 
 
 def _default_out_dir(segment: bool) -> str:
-    """``processed/segmented`` or ``processed/raw``: one folder per arm, replaced when options
-    change (so a changed option never reads stale images, and disks do not fill up)."""
+    """``processed/segmented`` or ``processed/raw``: one store per arm, holding one immutable
+    folder per option set (see ``leukemia.store``)."""
     return os.path.join("processed", "segmented" if segment else "raw")
 
 
@@ -677,7 +677,7 @@ def _compare(
         mlflow.set_tag("compare.reused_runs", ",".join(reused))
     if shortcuts:
         for arm, kind, source in study.SHORTCUT_ARMS:
-            folder = segmented_dir if source == "proposed" else raw_dir
+            folder = proposed.out_dir if source == "proposed" else baseline.out_dir
             run_id = study.run_shortcut_arm(arm, kind, folder, parent.info.run_id)
             children[arm] = dict.fromkeys(seed_list, run_id)
     try:
@@ -687,7 +687,7 @@ def _compare(
     study.log_summary(table, tests)
     if echo_table:
         click.echo(study.format_table(table, tests))
-    return children, table, tests
+    return children, table, tests, proposed.manifest
 
 
 @main.command(
@@ -718,7 +718,7 @@ def compare_command(ctx, data_dir, synthetic_per_class, synthetic_seed, experime
 )
 @click.option(
     "--manifest",
-    default=os.path.join("processed", "segmented", "manifest.csv"),
+    default=os.path.join("processed", "segmented", "latest", "manifest.csv"),
     help="A manifest.csv written by preprocess/train (its split says which images to use).",
 )
 @click.option(
@@ -797,7 +797,7 @@ def main_command(
     name = study_args["registered_model_name"]
     plan = _plan_study(ctx, study_args["config_path"], study_args["seeds"])
     with tracking.start_run("main", experiment) as parent:
-        children, table, tests = _compare(
+        children, table, tests, manifest = _compare(
             plan, data_dir, synthetic_per_class, synthetic_seed, options=options, **study_args
         )
         best = max(study.DEEP_ARMS, key=lambda arm: table[arm][f"{metric}_mean"])
@@ -821,7 +821,6 @@ def main_command(
         else:
             champion_uri = f"models:/{name}@{registry.CHAMPION}"
         if champion_uri:
-            manifest = Path(study_args["out_dir"], "segmented", "manifest.csv")
             try:
                 result = evaluation.run_evaluation(
                     champion_uri, manifest, bootstrap=1000, nested=True

@@ -276,8 +276,8 @@ def parse_fractions(text: str | tuple) -> tuple[float, float, float]:
         )
     if abs(sum(values) - 1.0) > 1e-6:
         raise ValueError(f"split fractions must sum to 1, got {text!r} (sum {sum(values):g})")
-    if values[0] == 0 or values[2] == 0:
-        raise ValueError(f"the train and test fractions must be > 0, got {text!r}")
+    if min(values) == 0:
+        raise ValueError(f"the train, val and test fractions must be > 0, got {text!r}")
     return values
 
 

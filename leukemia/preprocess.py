@@ -1,6 +1,8 @@
 """The ``preprocess`` step: audit, split and segment a dataset into a cached output folder.
 
-Writes to ``out_dir``:
+Each option set gets its own immutable folder ``<out_dir>/<key[:16]>/`` (see ``store``; the
+cache key covers the input files and every option), and ``<out_dir>/latest`` points at the most
+recent one. A folder holds:
 
 - ``images/<class folder>/<name>.png``: what the model sees, lossless, mirroring the input;
 - ``manifest.csv``: one row per usable image (path, class, label, split, group, sha256, ...);
@@ -8,9 +10,9 @@ Writes to ``out_dir``:
 - ``params.json``: every option, the cache key and the counts;
 - ``preview.png``: original, mask and model input for a few images per class.
 
-The output folder appears only complete: everything is written to a temporary sibling folder
-that is renamed into place at the end. A later call with the same input files and options finds
-``params.json`` with the same cache key and returns at once.
+A folder appears only complete (built in a temporary folder, then renamed) and is never
+rewritten, so a training run reading it is never disturbed by another preprocess. A later call
+with the same input files and options finds it and returns at once.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 import shutil
 import sys
 import threading
-import uuid
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ from tqdm import tqdm
 
 from . import data, images
 from .segmentation import SegmentationParams, preprocess_planes, segment
+from .store import OutputStore
 
 # Bump when a change to this module or to segmentation.py changes what is written.
 PIPELINE_VERSION = 1
@@ -115,6 +118,16 @@ _worker: dict = {}
 def _init_worker(source_root: str, target_root: str, seg: SegmentationParams, max_pixels: int):
     cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would only contend
     _worker.update(source=source_root, target=target_root, seg=seg, max_pixels=max_pixels)
+    if multiprocessing.parent_process() is not None:
+        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
+    """End this worker once its parent is gone (killed with SIGKILL, say): a worker waiting on
+    the task queue would otherwise block forever, since it holds the queue's write end too."""
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
 
 
 def _process_one(task: tuple[int, str, str]) -> tuple[int, dict]:
@@ -227,6 +240,7 @@ def preprocess(
     if not 0 <= max_unreadable <= 1:
         raise ValueError(f"max_unreadable must be a fraction in [0, 1], got {max_unreadable}")
     root, folders = data.resolve_root(data_dir)
+    _check_not_nested(data_dir, root, out_dir)
     files, ignored = data.list_images(root, folders)
     manifest_rows, manifest_sha = None, None
     if manifest is not None:
@@ -234,14 +248,15 @@ def preprocess(
         manifest_sha = hashlib.sha256(Path(manifest).read_bytes()).hexdigest()
         files = _files_in_manifest(files, manifest_rows, root)
     key = cache_key(files, seg, split, max_pixels, manifest_sha)
-    out_dir = Path(out_dir)
-    cached = _read_params(out_dir)
-    if cached is not None and cached.get("cache_key") == key:
-        return PreprocessResult(out_dir, True, cached, cached.get("counts", {}))
-    _check_replaceable(out_dir, cached)
-    _remove_stale_temporaries(out_dir)
+    store = OutputStore(out_dir, OWNER_MARK).open()
+    found = store.find(key, _recorded_key)
+    if found is not None:
+        store.point_latest(found)
+        cached = _read_params(found)
+        return PreprocessResult(found, True, cached, cached.get("counts", {}))
+    store.remove_stale_temporaries()
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = store.new_temporary()
     try:
         taken: set[str] = set()
         outputs = [output_name(f.path, taken) for f in files]
@@ -277,11 +292,31 @@ def preprocess(
         }
         # params.json last: the cache key is only ever next to a complete output.
         (tmp / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
-        _swap_into_place(tmp, out_dir)
+        final, _ = store.publish(tmp, key, _recorded_key)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return PreprocessResult(out_dir, False, params, audit["counts"])
+        store.release_if_unused()
+    store.point_latest(final)
+    params = _read_params(final)
+    return PreprocessResult(final, False, params, params["counts"])
+
+
+def _check_not_nested(data_dir, root: Path, out_dir) -> None:
+    """An output inside the dataset would be read back as images of a class; a dataset inside
+    an output could be mistaken for ours."""
+    out = Path(out_dir).resolve()
+    for source in {Path(data_dir).resolve(), root.resolve()}:
+        if out == source or source in out.parents:
+            raise data.DatasetError(
+                f"--out-dir {str(out_dir)!r} is inside the dataset {str(source)!r}; choose an "
+                "output folder outside it"
+            )
+        if out in source.parents:
+            raise data.DatasetError(
+                f"the dataset {str(source)!r} is inside --out-dir {str(out_dir)!r}; choose an "
+                "output folder that does not contain it"
+            )
 
 
 def _files_in_manifest(files, rows, root) -> list[data.ImageFile]:
@@ -309,39 +344,9 @@ def _read_params(out_dir: Path) -> dict | None:
     return params if isinstance(params, dict) and params.get("written_by") == OWNER_MARK else None
 
 
-def _check_replaceable(out_dir: Path, cached: dict | None) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"--out-dir {str(out_dir)!r} exists and is not a directory")
-    if cached is None and out_dir.is_dir() and any(out_dir.iterdir()):
-        raise FileExistsError(
-            f"--out-dir {str(out_dir)!r} is not empty and was not written by leukemia "
-            "preprocess; choose a new or empty directory"
-        )
-
-
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Remove temporary folders left by killed runs (their process is gone)."""
-    if not out_dir.parent.is_dir():
-        return
-    for stale in out_dir.parent.glob(f".{out_dir.name}.*-*-*"):
-        try:
-            pid = int(stale.name.rsplit("-", 2)[-2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(stale, ignore_errors=True)
-        except (ValueError, PermissionError):
-            continue
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+def _recorded_key(folder: Path) -> str | None:
+    params = _read_params(folder)
+    return params.get("cache_key") if params else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +401,13 @@ def _build_rows_and_audit(
         numbering: dict[str, int] = {}
         groups = [numbering.setdefault(g, len(numbering)) for g in given]
 
+    empty = [name for name in data.SPLITS if name not in splits]
+    if empty:
+        raise data.DatasetError(
+            f"the split leaves no {' and no '.join(empty)} images ({len(paths)} usable images, "
+            f"fractions {','.join(f'{v:g}' for v in split.fractions)}); training needs images in "
+            "train, val and test: use more images or larger fractions"
+        )
     rows = []
     for k, i in enumerate(keep):
         rows.append(

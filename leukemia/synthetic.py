@@ -143,17 +143,18 @@ def generate(
         "jpeg_quality": jpeg_quality,
     }
     marker = out_dir / "synthetic.json"
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == options:
-                return out_dir
-        except ValueError:
-            pass
-    if out_dir.exists() and (not marker.is_file() or not out_dir.is_dir()):
-        if not out_dir.is_dir() or any(out_dir.iterdir()):
-            raise FileExistsError(
-                f"{str(out_dir)!r} exists and is not a synthetic dataset; choose a new directory"
-            )
+    written = _read_options(marker)
+    if written == options:
+        return out_dir
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        # Never replaced, even when it is ours: files may have been added since.
+        ours = isinstance(written, dict) and written.get("generator") == options["generator"]
+        raise FileExistsError(
+            f"{str(out_dir)!r} holds a synthetic dataset made with other options "
+            f"({_differences(written, options)}); choose a new directory or remove it"
+            if ours
+            else f"{str(out_dir)!r} exists and is not a synthetic dataset; choose a new directory"
+        )
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         for class_name, (folder, _) in LAYOUT.items():
@@ -165,9 +166,25 @@ def generate(
                 )
                 (tmp / file_path(class_name, index)).write_bytes(jpeg.tobytes())
         (tmp / "synthetic.json").write_text(json.dumps(options, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        try:
+            if out_dir.is_dir():
+                out_dir.rmdir()  # empty (checked above)
+            os.rename(tmp, out_dir)
+        except OSError:
+            if _read_options(marker) != options:  # not a concurrent twin that finished first
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _read_options(marker: Path):
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _differences(written: dict, wanted: dict) -> str:
+    keys = sorted(k for k in wanted if written.get(k) != wanted[k])
+    return ", ".join(f"{k} {written.get(k)!r}, now {wanted[k]!r}" for k in keys)

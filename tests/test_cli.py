@@ -135,7 +135,7 @@ def test_preprocess_logs_a_complete_run(tracking_uri, synthetic_dir, tmp_path):
 
 
 def summary_key(out_dir: Path) -> str:
-    return json.loads((out_dir / "params.json").read_text())["cache_key"]
+    return json.loads((out_dir / "latest" / "params.json").read_text())["cache_key"]
 
 
 @pytest.mark.slow
@@ -156,7 +156,7 @@ def test_mlproject_entry_point_runs_with_mlflow_run(tmp_path):
         "--experiment-name",
         "mlproject",
         "-P",
-        "synthetic_per_class=4",
+        "synthetic_per_class=8",
         "-P",
         "kernel_size=3",
         "-P",
@@ -176,8 +176,8 @@ def test_mlproject_entry_point_runs_with_mlflow_run(tmp_path):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["segmentation.kernel_size"] == "3"
-    assert run.data.metrics["images"] == 16
-    assert (out / "manifest.csv").is_file()
+    assert run.data.metrics["images"] == 32
+    assert (out / "latest" / "manifest.csv").is_file()
 
     bad = subprocess.run(
         [c.replace("kernel_size=3", "kernel_size=4") for c in command],

@@ -126,7 +126,8 @@ def test_index_blocks_and_duplicates_share_groups():
         ("0.7,0.3", "three numbers"),
         ("a,b,c", "three numbers"),
         ("1.2,-0.1,-0.1", ">= 0"),
-        ("0.85,0.15,0", "train and test"),
+        ("0.85,0.15,0", "train, val and test"),
+        ("0.85,0,0.15", "train, val and test"),
     ],
 )
 def test_bad_fractions(text, message):

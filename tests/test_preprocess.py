@@ -39,7 +39,10 @@ def test_outputs_match_the_operator_and_the_manifest(synthetic_dir, tmp_path):
     result = run(synthetic_dir, tmp_path / "out")
     out = result.out_dir
     assert not result.cache_hit
+    assert out.parent == tmp_path / "out" and out.name == result.params["cache_key"][:16]
+    assert (tmp_path / "out" / "latest").resolve() == out.resolve()
     assert {p.name for p in out.iterdir()} == {
+        ".build.json",
         "images",
         "manifest.csv",
         "audit.json",
@@ -81,13 +84,19 @@ def test_cache_hit_and_changed_parameter(synthetic_dir, tmp_path):
     again = run(synthetic_dir, tmp_path / "out")
     assert again.cache_hit and time.perf_counter() - start < 1.0
     assert again.params["cache_key"] == first.params["cache_key"]
-    before = (tmp_path / "out" / "manifest.csv").stat().st_mtime_ns
+    before = {p: p.stat().st_mtime_ns for p in first.out_dir.rglob("*")}
     changed = run(synthetic_dir, tmp_path / "out", seg=SegmentationParams(kernel_size=3))
     assert not changed.cache_hit
     assert changed.params["cache_key"] != first.params["cache_key"]
     assert changed.params["segmentation"]["kernel_size"] == 3
-    assert (tmp_path / "out" / "manifest.csv").stat().st_mtime_ns != before
-    assert not list(tmp_path.glob(".out.*")), "no temporary or old folders left behind"
+    assert changed.out_dir != first.out_dir, "a new option set makes a new folder"
+    assert {p: p.stat().st_mtime_ns for p in first.out_dir.rglob("*")} == before, "immutable"
+    assert (tmp_path / "out" / "latest").resolve() == changed.out_dir.resolve()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [".leukemia-store.json", "latest", first.out_dir.name, changed.out_dir.name]
+    ), "no temporary folders left behind"
+    assert run(synthetic_dir, tmp_path / "out").out_dir == first.out_dir
+    assert (tmp_path / "out" / "latest").resolve() == first.out_dir.resolve()
 
 
 def test_same_input_same_manifest_bytes(synthetic_dir, tmp_path):
@@ -141,7 +150,9 @@ def test_duplicates_never_straddle_splits(dataset_copy, tmp_path):
 
 def test_index_blocks_keep_neighbours_together(dataset_copy, tmp_path):
     result = run(
-        dataset_copy, tmp_path / "out", split=SplitParams(group_by="index-block", block_size=2)
+        dataset_copy,
+        tmp_path / "out",
+        split=SplitParams(group_by="index-block", block_size=2, fractions=(0.5, 0.25, 0.25)),
     )
     splits_per_block = defaultdict(set)
     for row in read_rows(result.out_dir):
@@ -160,8 +171,7 @@ def test_unreadable_files_are_skipped_listed_and_bounded(dataset_copy, tmp_path)
 
     with pytest.raises(DatasetError, match=r"3 of 35 image files are unreadable.*Pre/text.png"):
         run(dataset_copy, tmp_path / "strict")
-    assert not (tmp_path / "strict").exists()
-    assert not list(tmp_path.glob(".strict*")), "a failed run leaves nothing behind"
+    assert not (tmp_path / "strict").exists(), "a failed run leaves nothing behind"
 
     result = run(dataset_copy, tmp_path / "out", max_unreadable=0.1)
     audit = json.loads((result.out_dir / "audit.json").read_text())
@@ -200,7 +210,7 @@ def test_refuses_to_overwrite_a_foreign_folder(synthetic_dir, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    with pytest.raises(FileExistsError, match="not written by leukemia preprocess"):
+    with pytest.raises(ValueError, match="not written by leukemia preprocess"):
         run(synthetic_dir, foreign)
     assert (foreign / "thesis.tex").read_text() == "precious"
 
@@ -224,7 +234,7 @@ def test_killed_run_leaves_no_output_that_looks_complete(tmp_path):
     process = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        temporaries = list(tmp_path.glob(".out.tmp-*"))
+        temporaries = list(out.glob(".tmp-*"))
         if temporaries and len(list(temporaries[0].rglob("*.png"))) > 20:
             break
         time.sleep(0.02)
@@ -232,11 +242,11 @@ def test_killed_run_leaves_no_output_that_looks_complete(tmp_path):
         pytest.fail("the preprocess subprocess never started writing")
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not out.exists(), "a killed run must not leave a folder that looks complete"
-    assert list(tmp_path.glob(".out.tmp-*")), "the half-written temporary folder is separate"
+    assert not list(out.glob("*/params.json")), "a killed run leaves nothing that looks complete"
+    assert list(out.glob(".tmp-*")), "the half-written temporary folder is separate"
     result = run(data_dir, out)
     assert not result.cache_hit and result.counts["images"] == 240
-    assert not list(tmp_path.glob(".out.tmp-*")), "the next run cleans up after the killed one"
+    assert not list(out.glob(".tmp-*")), "the next run cleans up after the killed one"
 
 
 @requires_real_data
