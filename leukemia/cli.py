@@ -464,10 +464,11 @@ def promote_command(name, candidate, metric, min_delta, recall_tolerance, force,
     from . import registry
 
     try:
-        decision = registry.decide(name, candidate, metric, min_delta, recall_tolerance, force)
+        decision = registry.decide_and_promote(
+            name, candidate, metric, min_delta, recall_tolerance, force, dry_run=dry_run
+        )
     except ValueError as error:
         raise _Failure(str(error)) from None
-    registry.promote(decision, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps({**decision.as_dict(), "dry_run": dry_run}))
         return
@@ -805,8 +806,8 @@ def main_command(
         mlflow_client = tracking.mlflow.tracking.MlflowClient()
         tracking.mlflow.set_tags({"step": "main", "best_deep_arm": best})
         try:
-            decision = registry.promote(
-                registry.decide(name, best_run, metric=metric, min_delta=min_delta)
+            decision = registry.decide_and_promote(
+                name, best_run, metric=metric, min_delta=min_delta
             )
             click.echo(
                 f"promotion: version {decision.candidate} ({best} arm) "

@@ -4,20 +4,34 @@ Aliases, not the deprecated stages: the newest version is ``@challenger``; ``@ch
 only when a candidate beats it on the same test images (same ``data.manifest_hash``) by at
 least ``min_delta`` on the chosen metric, without any class's recall dropping by more than
 ``recall_tolerance``. Each decision and its reason are recorded as version tags.
+
+Promotions are serialised: ``decide_and_promote`` holds a lock while it reads the champion,
+decides and moves the alias, so two promotions at once cannot leave the worse model as
+champion. The lock is a registered model ``<name>.promotion-lock``: creating a registered model
+is atomic in every MLflow store (a unique name in SQLite, PostgreSQL, or behind a tracking
+server), so the lock holds across processes and machines. A lock left by a killed promotion is
+taken over after ``LOCK_STALE_S``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
 DEFAULT_NAME = "leukemia-classifier"
 CHAMPION, CHALLENGER = "champion", "challenger"
 RECALL_PREFIX = "test_recall_"
+LOCK_SUFFIX = ".promotion-lock"
+LOCK_STALE_S = 60.0  # a promotion takes about a second; a lock this old was left by a kill
+LOCK_WAIT_S = 120.0
 
 
 def version_tags(run) -> dict[str, str]:
@@ -96,8 +110,8 @@ def decide(
     """Whether ``candidate`` (a version number or alias; default ``@challenger``) should
     become ``@champion``. Raises ValueError for bad input or different test manifests (unless
     ``force``); changes nothing."""
-    if min_delta < 0:
-        raise ValueError(f"min_delta must be >= 0, got {min_delta}")
+    if not min_delta >= 0:  # NaN fails too
+        raise ValueError(f"min_delta must be a number >= 0, got {min_delta}")
     if not 0 <= recall_tolerance <= 1:
         raise ValueError(f"recall_tolerance must be in [0, 1], got {recall_tolerance}")
     client = MlflowClient()
@@ -176,3 +190,66 @@ def promote(decision: Decision, dry_run: bool = False) -> Decision:
     if decision.promote:
         client.set_registered_model_alias(decision.name, CHAMPION, decision.candidate)
     return decision
+
+
+@contextlib.contextmanager
+def promotion_lock(name: str, wait_s: float = LOCK_WAIT_S, stale_s: float = LOCK_STALE_S):
+    """Hold the promotion lock of ``name`` (see the module) for the ``with`` block."""
+    client = MlflowClient()
+    lock = name + LOCK_SUFFIX
+    owner = f"{socket.gethostname()}:{os.getpid()}:{time.time():.3f}"
+    deadline = time.monotonic() + wait_s
+    delay = 0.05
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={"owner": owner}, description="held while a promotion runs"
+            )
+            break
+        except MlflowException as error:
+            if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        _remove_if_stale(client, lock, stale_s)
+        if time.monotonic() > deadline:
+            raise ValueError(
+                f"another promotion of {name!r} holds the lock {lock!r} for more than "
+                f"{wait_s:.0f} s; try again, or delete that registered model if no promotion runs"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            if client.get_registered_model(lock).tags.get("owner") == owner:
+                client.delete_registered_model(lock)
+
+
+def _remove_if_stale(client: MlflowClient, lock: str, stale_s: float) -> None:
+    try:
+        held = client.get_registered_model(lock)
+    except MlflowException:
+        return  # released meanwhile
+    age = time.time() - held.creation_timestamp / 1000
+    if age > stale_s:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(lock)
+
+
+def decide_and_promote(
+    name: str = DEFAULT_NAME,
+    candidate: str | None = None,
+    metric: str = "test_f1_macro",
+    min_delta: float = 0.0,
+    recall_tolerance: float = 0.05,
+    force: bool = False,
+    dry_run: bool = False,
+) -> Decision:
+    """``decide`` then ``promote``, under the promotion lock unless ``dry_run``: the champion
+    the decision compares with is still the champion when the alias moves."""
+    if dry_run:
+        return decide(name, candidate, metric, min_delta, recall_tolerance, force)
+    _version(MlflowClient(), name, candidate)  # a clear error before waiting for the lock
+    with promotion_lock(name):
+        decision = decide(name, candidate, metric, min_delta, recall_tolerance, force)
+        return promote(decision)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import mlflow
 import pytest
@@ -98,7 +99,7 @@ def test_promotion_refuses_bad_input_and_changes_nothing(tracking_uri, tiny_mode
     for args, message in (
         (("--version", "17"), "has no version or alias '17'"),
         (("--version", "nonexistent"), "has no version or alias 'nonexistent'"),
-        (("--min-delta", "-0.1"), "min_delta must be >= 0"),
+        (("--min-delta", "-0.1"), "min_delta must be a number >= 0"),
         (("--metric", "test_bogus"), "has no metric 'test_bogus'"),
     ):
         result, _ = promote(*args)
@@ -107,3 +108,66 @@ def test_promotion_refuses_bad_input_and_changes_nothing(tracking_uri, tiny_mode
     assert "promotion.decision" not in MlflowClient().get_model_version(NAME, "2").tags
     result, decision = promote("--force")
     assert decision["promote"] and champion() == "2"
+
+
+_PROMOTER = """
+import sys, time
+from pathlib import Path
+from leukemia import registry
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.005)
+decision = registry.decide_and_promote("leukemia-classifier", sys.argv[1])
+print(decision.promote)
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_promotions_leave_the_better_model_champion(tracking_uri, tiny_model, tmp_path):
+    """Two promotions at once, many times: version 3 beats version 2, whatever the order."""
+    import subprocess
+    import sys
+
+    for f1 in (0.80, 0.85, 0.90):
+        register(tiny_model, f1)
+    client = MlflowClient()
+    for round_ in range(6):
+        client.set_registered_model_alias(NAME, "champion", "1")
+        go = tmp_path / f"go-{round_}"
+        order = ("3", "2") if round_ % 2 else ("2", "3")
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", _PROMOTER, version, str(go)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for version in order
+        ]
+        time.sleep(4)  # both imported and waiting
+        go.touch()
+        for process in processes:
+            _, stderr = process.communicate(timeout=120)
+            assert process.returncode == 0, stderr[-2000:]
+        assert champion() == "3", f"round {round_}: version {champion()} is champion"
+    assert NAME + registry.LOCK_SUFFIX not in {m.name for m in client.search_registered_models()}
+
+
+def test_a_stale_promotion_lock_is_taken_over(tracking_uri, tiny_model):
+    register(tiny_model, 0.80)
+    MlflowClient().create_registered_model(NAME + registry.LOCK_SUFFIX)  # a killed promotion's
+    with pytest.raises(ValueError, match="holds the lock"):
+        with registry.promotion_lock(NAME, wait_s=0.3, stale_s=600):
+            pass
+    with registry.promotion_lock(NAME, wait_s=10, stale_s=0.5):
+        assert registry.promote(registry.decide(NAME)).promote
+    assert champion() == "1"
+    assert NAME + registry.LOCK_SUFFIX not in {
+        m.name for m in MlflowClient().search_registered_models()
+    }
+
+
+def test_nan_min_delta_is_refused(tracking_uri, tiny_model):
+    register(tiny_model, 0.80)
+    result, _ = promote("--min-delta", "nan")
+    assert result.exit_code == 1 and "min_delta must be a number >= 0, got nan" in result.output
