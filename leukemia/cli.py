@@ -498,16 +498,16 @@ def predict_command(image_files, model_uri, as_json):
     import mlflow
     import pandas as pd
 
+    from .evaluation import load_bundle
     from .serving import IMAGE_COLUMN, encode_image_file
 
     missing = [f for f in image_files if not os.path.isfile(f)]
     if missing:
         raise _Failure(f"image file(s) not found: {missing[:3]}")
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except (mlflow.exceptions.MlflowException, OSError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise _Failure(f"cannot load model {model_uri!r}: {first}") from None
+    try:  # the model's two data files only: nothing that came with the model runs
+        model = load_bundle(model_uri).served
+    except ValueError as error:
+        raise _Failure(str(error)) from None
     frame = pd.DataFrame({IMAGE_COLUMN: [encode_image_file(f) for f in image_files]})
     try:
         output = model.predict(frame)

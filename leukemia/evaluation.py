@@ -2,9 +2,10 @@
 
 A model comes from a training run (``classifier/``, the served pyfunc, or ``checkpoint/``), the
 registry, or a local folder: the same two files, ``weights.safetensors`` and ``model.json``
-(see ``serving``). Raw images go through the model's own preprocessing, loaded by
-``serving.LeukemiaModel.load_context``, so they are scored exactly as the served model scores
-them. Perturbations (``PERTURBATIONS``) apply to the raw image, before that preprocessing.
+(see ``model_files``; nothing else in a model folder is read, so nothing in it runs). Raw images
+go through the model's own preprocessing, loaded by ``serving.LeukemiaModel.from_folder``, so
+they are scored exactly as the served model scores them. Perturbations (``PERTURBATIONS``)
+apply to the raw image, before that preprocessing.
 
 ``run_evaluation`` logs one run (tags ``step=evaluate``, ``model_uri``, ``split``) with:
 
@@ -27,7 +28,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import mlflow
@@ -37,26 +37,16 @@ from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 from tqdm.auto import tqdm
 
-from . import images, metrics, serving, tracking
+from . import images, metrics, model_files, serving, tracking
 from .data import CLASSES, SPLITS, read_manifest, split_fingerprint
 from .model import Classifier
+from .model_files import SPEC_FILE, WEIGHTS_FILE
 from .segmentation import SegmentationParams, preprocess_image
-from .serving import CONFIG_FILE, WEIGHTS_FILE, LeukemiaModel
+from .serving import LeukemiaModel
 
-# model.json, as serving.log_served_model and tracking.log_checkpoint write it
-CONFIG_KEYS = (
-    "model",
-    "dropout",
-    "num_classes",
-    "classes",
-    "mean",
-    "std",
-    "segmentation",
-    "max_pixels",
-)
 EXPECTED_SOURCE = (
     "runs:/<run_id>[/<model name>], models:/<name>@<alias>, models:/<name>/<version>, or a "
-    f"folder holding {WEIGHTS_FILE} and {CONFIG_FILE}"
+    f"folder holding {WEIGHTS_FILE} and {SPEC_FILE}"
 )
 DEFAULT_RUN_MODEL = "classifier"  # what runs:/<run_id> means: the served pyfunc of a train run
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(.*)$")
@@ -72,6 +62,7 @@ class Bundle:
 
     classifier: Classifier
     config: dict  # model.json
+    served: LeukemiaModel  # what the served pyfunc predicts with
     source: str  # the URI or absolute path it was loaded from (runs:/<id> as runs:/<id>/classifier)
     segmentation: SegmentationParams
     transform: Callable  # uint8 N x 3 x S x S tensor -> normalised float tensor
@@ -91,7 +82,7 @@ def load_bundle(source: str) -> Bundle:
 
     ``runs:/<run_id>`` means ``runs:/<run_id>/classifier``; ``runs:/<run_id>/checkpoint`` works
     too. A local source is a folder holding the two files, a pyfunc model folder (they are in its
-    ``artifacts/``), or one of the files. Anything else raises ``ValueError``.
+    ``data/model/``), or one of the files. Anything else raises ``ValueError``.
     """
     source = str(source)
     match = _URI.match(source)
@@ -105,14 +96,14 @@ def load_bundle(source: str) -> Bundle:
                     f"cannot load model {source!r}: {_one_line(error.message)}; expected "
                     f"{EXPECTED_SOURCE}"
                 ) from None
-            return _bundle_from_folder(_model_folder(Path(local), source), uri)
+            return _bundle_from_folder(model_files.find_folder(local, source), uri)
     path = Path(source).expanduser()
     if not path.exists():
         raise ValueError(
             f"model source {source!r} is neither a model URI nor an existing path; expected "
             f"{EXPECTED_SOURCE}"
         )
-    return _bundle_from_folder(_model_folder(path, source), str(path.resolve()))
+    return _bundle_from_folder(model_files.find_folder(path, source), str(path.resolve()))
 
 
 def _normalise_uri(source: str, scheme: str, rest: str) -> str:
@@ -126,44 +117,12 @@ def _normalise_uri(source: str, scheme: str, rest: str) -> str:
     return f"{scheme}:/{rest}"
 
 
-def _model_folder(path: Path, source: str) -> Path:
-    """The folder holding both files: ``path`` (or its folder, for a file) or its ``artifacts/``
-    (a pyfunc model: ``runs:/`` downloads it into ``<name>/``, ``models:/`` as the root)."""
-    folder = path.parent if path.is_file() else path
-    for candidate in (folder, folder / "artifacts"):
-        if (candidate / WEIGHTS_FILE).is_file() and (candidate / CONFIG_FILE).is_file():
-            return candidate
-    found = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else []
-    raise ValueError(
-        f"{source!r} holds no {WEIGHTS_FILE} + {CONFIG_FILE} (nor in artifacts/), found "
-        f"{found}; expected a model logged by leukemia train (classifier/ or checkpoint/)"
-    )
-
-
 def _bundle_from_folder(folder: Path, source: str) -> Bundle:
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{CONFIG_FILE} of {source!r} is not readable JSON ({error})") from None
-    missing = [k for k in CONFIG_KEYS if not isinstance(config, dict) or k not in config]
-    if missing:
-        raise ValueError(
-            f"{CONFIG_FILE} of {source!r} lacks the keys {missing}; expected {list(CONFIG_KEYS)}"
-        )
-    # The served model's own loading: same config parsing, device choice and transform.
-    served = LeukemiaModel()
-    context = SimpleNamespace(artifacts={"config": str(config_path), "weights": str(weights_path)})
-    try:
-        served.load_context(context)
-    except RuntimeError as error:  # load_state_dict: missing, unexpected or misshapen tensors
-        raise ValueError(
-            f"{WEIGHTS_FILE} of {source!r} does not fit a {config['model']} with "
-            f"{config['num_classes']} classes: {_one_line(str(error))[:300]}"
-        ) from None
+    served = LeukemiaModel.from_folder(folder, source)
     return Bundle(
         classifier=served.model,
-        config=config,
+        config=served.spec.to_json(),
+        served=served,
         source=source,
         segmentation=served.segmentation,
         transform=served.transform,

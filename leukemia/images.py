@@ -23,6 +23,22 @@ class UnreadableImage(ValueError):
     """A file that cannot be used as an image; ``str(error)`` is the reason for the audit."""
 
 
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone; ``UnreadableImage`` for what is not an image."""
+    if not data:
+        raise UnreadableImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data)).size
+    except UnidentifiedImageError:
+        raise UnreadableImage("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as error:
+        raise UnreadableImage(f"too many pixels ({error})") from None
+    except (OSError, SyntaxError, ValueError, struct.error) as error:
+        raise UnreadableImage(f"corrupt or truncated image ({error})") from None
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode image bytes to an H x W x 3 uint8 RGB array.
 

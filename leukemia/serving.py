@@ -1,13 +1,11 @@
 """The served model: image files (or RGB arrays) in, the training-time preprocessing, class
 probabilities out, as an MLflow pyfunc.
 
-Artifacts, written by ``log_served_model`` and read by ``LeukemiaModel.load_context``:
-
-- ``weights.safetensors``: the state dict of the whole ``Classifier`` (backbone and head);
-- ``model.json``: ``{"model": timm name, "dropout", "num_classes", "classes", "mean", "std",
-  "segmentation": SegmentationParams.to_dict(), "max_pixels"}``;
-- ``served_model.py`` (MLflow's "model from code", instead of a pickle): builds a
-  ``LeukemiaModel``, so the ``leukemia`` package must be installed where the model is loaded.
+Files, written by ``log_served_model`` (see ``model_files``): ``data/model/weights.safetensors``
+and ``data/model/model.json`` beside MLflow's ``MLmodel``, whose ``python_function`` flavor
+names this module as its ``loader_module``. MLflow imports it from the installed ``leukemia``
+package and calls ``_load_pyfunc(data path)``: no pickle and no code file is stored with the
+model, so loading it runs nothing that came with it.
 
 ``predict`` takes a DataFrame with a string column ``image`` of base64-encoded image files (what
 ``mlflow models serve`` receives as ``{"dataframe_split": {"columns": ["image"], "data":
@@ -23,19 +21,17 @@ message. MLflow's scoring server answers it with HTTP 400 and ``{"error_code":
 
 The pyfunc wrapper checks a DataFrame against the signature (one string column ``image``) before
 ``predict`` runs, so arrays reach ``predict`` only through
-``mlflow.pyfunc.load_model(uri).unwrap_python_model().predict(None, array)``.
+``mlflow.pyfunc.load_model(uri).get_raw_model().predict(array)``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
 from importlib import metadata
 from pathlib import Path
 
@@ -48,21 +44,25 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, DataType, Schema
 
-from . import images
+from . import images, model_files
 from .data import CLASSES
 from .datasets import build_transform
-from .model import Classifier, create_classifier
+from .model import Classifier
+from .model_files import ModelSpec
 from .segmentation import SegmentationParams, preprocess_image
 
 IMAGE_COLUMN = "image"
-WEIGHTS_FILE = "weights.safetensors"
-CONFIG_FILE = "model.json"
 # Images per forward pass. On a CPU, big batches are slower per image: activations above
 # glibc's mmap threshold are fresh memory on every pass, and page faults take over
 # (efficientnet_b4 at 224 x 224 on 2 cores: 57 ms per image in pairs, 79 in 8s, 229 in 32s). So a
 # CPU pass holds about 100,000 pixels: 2 images at 224 x 224, 24 at 64 x 64.
 CUDA_BATCH_SIZE = 32
 CPU_BATCH_PIXELS = 2 * 224 * 224
+# Per-request limits, checked before any pixel is decoded (each image's own limit is the
+# model's max_pixels). Set where the model is served: LEUKEMIA_SERVE_MAX_ROWS=... mlflow models
+# serve ...
+MAX_ROWS_ENV, MAX_ROWS = "LEUKEMIA_SERVE_MAX_ROWS", 64
+MAX_PIXELS_ENV, MAX_REQUEST_PIXELS = "LEUKEMIA_SERVE_MAX_PIXELS", 50_000_000
 _EXPECTED_IMAGE = "base64 of an image file (PNG, JPEG, BMP or TIFF)"
 # File signatures of the formats decode_image reads, to tell a client who forgot base64.
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*")
@@ -116,15 +116,24 @@ def decode_base64(value, row: int) -> bytes:
         raise _invalid(f"{where}: not valid base64 ({error}); expected {_EXPECTED_IMAGE}") from None
 
 
-def decode_request_image(value, row: int, max_pixels: int) -> np.ndarray:
-    """One ``image`` value -> H x W x 3 uint8 RGB."""
-    data = decode_base64(value, row)
+def _header_pixels(data: bytes, row: int) -> int:
+    """Width x height of one decoded ``image`` value, from its header (no pixels decoded)."""
     try:
-        return images.decode_image(data, max_pixels)
+        width, height = images.image_size(data)
     except images.UnreadableImage as error:
         raise _invalid(
             f"row {row} of column {IMAGE_COLUMN!r}: {error}; expected {_EXPECTED_IMAGE}"
         ) from None
+    return width * height
+
+
+def _limit_from_env(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {text!r}")
+    return int(text)
 
 
 def check_rgb_batch(array: np.ndarray, max_pixels: int) -> np.ndarray:
@@ -148,33 +157,38 @@ def check_rgb_batch(array: np.ndarray, max_pixels: int) -> np.ndarray:
 # The pyfunc
 
 
-class LeukemiaModel(mlflow.pyfunc.PythonModel):
+class LeukemiaModel:
     """Image files or RGB arrays -> ``label`` and ``prob_<class>`` per image (see the module)."""
 
-    def load_context(self, context) -> None:
-        config = json.loads(Path(context.artifacts["config"]).read_text(encoding="utf-8"))
-        self.classes = list(config["classes"])
-        self.max_pixels = int(config["max_pixels"])
-        self.segmentation = segmentation_params(config["segmentation"])
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.transform = build_transform(False, config["mean"], config["std"])
-        model = create_classifier(
-            config["model"],
-            num_classes=config["num_classes"],
-            dropout=config["dropout"],
-            pretrained="none",
-        )
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(context.artifacts["weights"]))
-        self.model = model.to(self.device).eval()
+    def __init__(self, classifier: Classifier, spec: ModelSpec, device: torch.device):
+        self.spec = spec
+        self.classes = list(spec.classes)
+        self.max_pixels = spec.max_pixels
+        self.segmentation = spec.segmentation
+        self.device = device
+        self.transform = build_transform(False, spec.mean, spec.std)
+        self.model = classifier
         pixels = self.segmentation.image_size**2
         on_gpu = self.device.type == "cuda"
         self.batch_size = CUDA_BATCH_SIZE if on_gpu else max(1, CPU_BATCH_PIXELS // pixels)
+        self.max_rows = _limit_from_env(MAX_ROWS_ENV, MAX_ROWS)
+        self.max_request_pixels = _limit_from_env(MAX_PIXELS_ENV, MAX_REQUEST_PIXELS)
 
-    # Annotated with what serving sends (unannotated, MLflow warns on import); in process an
-    # array is accepted too.
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+    def get_raw_model(self) -> LeukemiaModel:
+        """What ``mlflow.pyfunc.load_model(uri).get_raw_model()`` returns: this object, whose
+        ``predict`` also takes RGB arrays."""
+        return self
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, source: str | None = None) -> LeukemiaModel:
+        """Read the two model files in ``folder`` (``model_files.load``: data only)."""
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        classifier, spec = model_files.load(folder, source, device)
+        return cls(classifier, spec, device)
+
+    def predict(self, model_input: pd.DataFrame | np.ndarray, params=None) -> pd.DataFrame:
+        """What MLflow's pyfunc wrapper calls (after checking a DataFrame against the
+        signature); in process an array is accepted too."""
         if isinstance(model_input, pd.DataFrame):
             if IMAGE_COLUMN not in model_input.columns:
                 raise _invalid(
@@ -182,9 +196,15 @@ class LeukemiaModel(mlflow.pyfunc.PythonModel):
                     f"columns {[str(c) for c in model_input.columns]}"
                 )
             values = model_input[IMAGE_COLUMN].tolist()
-            jobs = [(self._preprocess_encoded, value, row) for row, value in enumerate(values)]
+            self._check_request(len(values), None)
+            files = [decode_base64(value, row) for row, value in enumerate(values)]
+            self._check_request(
+                len(files), [_header_pixels(data, row) for row, data in enumerate(files)]
+            )
+            jobs = [(self._preprocess_file, data, row) for row, data in enumerate(files)]
         elif isinstance(model_input, np.ndarray):
             batch = check_rgb_batch(model_input, self.max_pixels)
+            self._check_request(len(batch), [batch.shape[1] * batch.shape[2]] * len(batch))
             jobs = [(self._preprocess_rgb, rgb) for rgb in batch]
         else:
             raise _invalid(
@@ -193,8 +213,26 @@ class LeukemiaModel(mlflow.pyfunc.PythonModel):
             )
         return self._predict_preprocessed(_run_all(jobs))
 
-    def _preprocess_encoded(self, value, row: int) -> np.ndarray:
-        rgb = decode_request_image(value, row, self.max_pixels)
+    def _check_request(self, rows: int, pixels: list[int] | None) -> None:
+        """Refuse a request over the per-request limits (see ``MAX_ROWS_ENV``)."""
+        if rows > self.max_rows:
+            raise _invalid(
+                f"expected at most {self.max_rows} images per request ({MAX_ROWS_ENV}), got "
+                f"{rows}; send them in several requests"
+            )
+        if pixels is not None and sum(pixels) > self.max_request_pixels:
+            raise _invalid(
+                f"expected at most {self.max_request_pixels} pixels per request in all images "
+                f"together ({MAX_PIXELS_ENV}), got {sum(pixels)}; send fewer or smaller images"
+            )
+
+    def _preprocess_file(self, data: bytes, row: int) -> np.ndarray:
+        try:
+            rgb = images.decode_image(data, self.max_pixels)
+        except images.UnreadableImage as error:
+            raise _invalid(
+                f"row {row} of column {IMAGE_COLUMN!r}: {error}; expected {_EXPECTED_IMAGE}"
+            ) from None
         return preprocess_image(rgb, self.segmentation)
 
     def _preprocess_rgb(self, rgb: np.ndarray) -> np.ndarray:
@@ -259,20 +297,6 @@ def _run_all(jobs: list[tuple]) -> np.ndarray:
 # Logging
 
 
-def segmentation_params(values: dict | SegmentationParams):
-    """``SegmentationParams`` from its ``to_dict()`` (the derived ``resolved_foreground`` is
-    dropped); unknown keys raise."""
-    if isinstance(values, SegmentationParams):
-        return values
-    names = {f.name for f in fields(SegmentationParams)}
-    unknown = sorted(set(values) - names - {"resolved_foreground"})
-    if unknown:
-        raise ValueError(
-            f"unknown segmentation keys {unknown}; expected some of {', '.join(sorted(names))}"
-        )
-    return SegmentationParams(**{k: v for k, v in values.items() if k in names})
-
-
 def served_signature(classes: Sequence[str]) -> ModelSignature:
     """Input: a string column ``image``; output: ``label`` and a double ``prob_<class>`` each."""
     return ModelSignature(
@@ -294,58 +318,9 @@ def example_request(size: int = 64) -> pd.DataFrame:
     return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(png).decode("ascii")]})
 
 
-_MODEL_CODE = """\
-import mlflow
-
-from leukemia.serving import LeukemiaModel
-
-mlflow.models.set_model(LeukemiaModel())
-"""
-
-
 def _pinned_requirements() -> list[str]:
     # Local version labels (torch's "+cpu") are not on PyPI; MLflow drops them the same way.
     return [f"{name}=={metadata.version(name).split('+')[0]}" for name in _REQUIREMENTS]
-
-
-def write_model_files(
-    folder: str | os.PathLike,
-    classifier: Classifier,
-    *,
-    model_name: str,
-    dropout: float,
-    mean: Sequence[float],
-    std: Sequence[float],
-    segmentation: dict | SegmentationParams,
-    classes: Sequence[str] = CLASSES,
-    max_pixels: int = images.DEFAULT_MAX_PIXELS,
-) -> tuple[Path, Path]:
-    """Write ``weights.safetensors`` and ``model.json`` (see the module) into ``folder``: the
-    served model's artifacts, and training's ``checkpoint/``. Returns their paths."""
-    num_classes = classifier.head.out_features
-    if len(classes) != num_classes:
-        raise ValueError(f"{len(classes)} class names for a classifier with {num_classes} outputs")
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std need 3 values (RGB), got {list(mean)} and {list(std)}")
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
-    config = {
-        "model": model_name,
-        "dropout": float(dropout),
-        "num_classes": num_classes,
-        "classes": [str(c) for c in classes],
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
-        "segmentation": segmentation_params(segmentation).to_dict(),
-        "max_pixels": int(max_pixels),
-    }
-    from safetensors.torch import save_file
-
-    weights, config_path = Path(folder, WEIGHTS_FILE), Path(folder, CONFIG_FILE)
-    state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
-    save_file(state, str(weights))
-    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return weights, config_path
 
 
 def log_served_model(
@@ -370,28 +345,32 @@ def log_served_model(
     where the model is loaded. Returns MLflow's ``ModelInfo`` (``model_uri``, and
     ``registered_model_version`` when ``registered_model_name`` is given).
     """
+    spec = ModelSpec.for_classifier(
+        classifier,
+        model_name=model_name,
+        dropout=dropout,
+        mean=mean,
+        std=std,
+        segmentation=segmentation,
+        classes=classes,
+        max_pixels=max_pixels,
+    )
     with tempfile.TemporaryDirectory(prefix="leukemia-serving-") as scratch:
-        weights, config_path = write_model_files(
-            scratch,
-            classifier,
-            model_name=model_name,
-            dropout=dropout,
-            mean=mean,
-            std=std,
-            segmentation=segmentation,
-            classes=classes,
-            max_pixels=max_pixels,
-        )
-        # Models from code: MLflow stores this file, not a pickle of LeukemiaModel, and runs it
-        # at load time, so the model follows the installed leukemia package.
-        code_path = Path(scratch, "served_model.py")
-        code_path.write_text(_MODEL_CODE, encoding="utf-8")
+        folder = Path(scratch, "model")  # stored as data/model
+        folder.mkdir()
+        model_files.write(folder, classifier, spec)
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=str(code_path),
-            artifacts={"weights": str(weights), "config": str(config_path)},
-            signature=served_signature([str(c) for c in classes]),
+            loader_module=__name__,
+            data_path=str(folder),
+            signature=served_signature(list(spec.classes)),
             input_example=example_request() if input_example is None else input_example,
             registered_model_name=registered_model_name,
             pip_requirements=_pinned_requirements(),
         )
+
+
+def _load_pyfunc(data_path: str) -> LeukemiaModel:
+    """MLflow's entry into a served model (``loader_module``): ``data_path`` is the model's
+    ``data/model`` folder."""
+    return LeukemiaModel.from_folder(data_path)

@@ -247,42 +247,19 @@ def log_curves(history: list[dict], phase2_start_epoch: int | None) -> None:
 
 def log_checkpoint(classifier, config, mean, std, segmentation: dict) -> None:
     """The best weights as ``checkpoint/weights.safetensors`` plus ``checkpoint/model.json``:
-    the served model's two files, so either folder can be evaluated."""
+    the served model's two files (``model_files``), so either folder can be evaluated."""
     import tempfile
 
-    from .serving import write_model_files
+    from . import model_files
 
+    spec = model_files.ModelSpec.for_classifier(
+        classifier,
+        model_name=config.model,
+        dropout=config.dropout,
+        mean=mean,
+        std=std,
+        segmentation=segmentation,
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        write_model_files(
-            tmp,
-            classifier,
-            model_name=config.model,
-            dropout=config.dropout,
-            mean=mean,
-            std=std,
-            segmentation=segmentation,
-        )
+        model_files.write(tmp, classifier, spec)
         mlflow.log_artifacts(tmp, "checkpoint")
-
-
-def log_torch_model(classifier, example) -> None:
-    """The final model with ``mlflow.pytorch`` (pickle format keeps any batch and image size):
-    ``mlflow.pytorch.load_model(runs:/<id>/model)`` gives back the ``Classifier``."""
-    import mlflow.pytorch
-    import numpy as np
-    import torch
-    from mlflow.models import infer_signature
-
-    classifier = classifier.cpu().eval()
-    with torch.inference_mode():
-        output = classifier(torch.from_numpy(example)).numpy()
-    signature = infer_signature(example, output)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        mlflow.pytorch.log_model(
-            classifier,
-            name="model",
-            serialization_format="pickle",
-            signature=signature,
-            input_example=np.ascontiguousarray(example),
-        )

@@ -12,7 +12,6 @@ Artifacts a training run writes (names other steps rely on):
   reliability diagram, ``predictions.csv`` (per test image: label, prediction, probabilities);
 - ``checkpoint/weights.safetensors`` + ``checkpoint/model.json``: the best weights, and what
   rebuilds and preprocesses for them (the served model's two files);
-- ``model/``: ``mlflow.pytorch`` model (tensor in, logits out);
 - ``classifier``: the served pyfunc (raw image in, its own preprocessing, probabilities out),
   registered as a new version (alias ``challenger``) of ``register_as`` when given.
 """
@@ -23,13 +22,11 @@ import os
 from pathlib import Path
 
 import mlflow
-import numpy as np
 
 from . import engine, registry, serving, tracking
 from . import train as training
 from .config import TrainConfig
 from .data import read_manifest
-from .datasets import ManifestDataset, build_transform
 
 
 class ResumeError(ValueError):
@@ -171,11 +168,6 @@ def _train_and_log(
     summary, model = result["summary"], result["model"]
     tracking.log_curves(result["history"], summary.get("phase2_start_epoch"))
     tracking.log_checkpoint(model, config, result["mean"], result["std"], segmentation)
-    example_set = ManifestDataset(
-        processed_dir, "test", build_transform(False, result["mean"], result["std"])
-    )
-    example = np.stack([example_set[i][0].numpy() for i in range(min(2, len(example_set)))])
-    tracking.log_torch_model(model, np.round(example, 3).astype(np.float32))
     served = serving.log_served_model(
         model,
         model_name=config.model,

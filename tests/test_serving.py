@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import cv2
@@ -23,7 +24,7 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
-from leukemia import serving, synthetic
+from leukemia import model_files, serving, synthetic
 from leukemia.data import CLASSES
 from leukemia.datasets import build_transform
 from leukemia.model import create_classifier
@@ -131,23 +132,23 @@ def test_served_model_matches_the_bare_classifier(served):
     _check_output(output, _reference_probs(classifier, reference, cfg["mean"], cfg["std"]))
 
     # In process, RGB arrays skip the decoding (the signature admits DataFrames only).
-    model = loaded.unwrap_python_model()
+    model = loaded.get_raw_model()
     batch = np.stack([_smear(i, 72) for i in range(3)])
     expected = _reference_probs(classifier, batch, cfg["mean"], cfg["std"])
-    _check_output(model.predict(None, batch), expected)
-    _check_output(model.predict(None, batch[1]), expected[1:2])
+    _check_output(model.predict(batch), expected)
+    _check_output(model.predict(batch[1]), expected[1:2])
 
 
 def test_empty_request_gives_an_empty_table(served):
     _, loaded = served
-    output = loaded.unwrap_python_model().predict(None, np.zeros((0, 8, 8, 3), np.uint8))
+    output = loaded.get_raw_model().predict(np.zeros((0, 8, 8, 3), np.uint8))
     assert list(output.columns) == ["label", *PROB_COLUMNS] and len(output) == 0
 
 
 def test_more_than_one_chunk_keeps_the_input_order(served):
     classifier, loaded = served
     cfg = classifier.backbone.pretrained_cfg
-    rgbs = [_smear(i, 64) for i in range(2 * loaded.unwrap_python_model().batch_size + 3)]
+    rgbs = [_smear(i, 64) for i in range(2 * loaded.get_raw_model().batch_size + 3)]
     output = loaded.predict(pd.DataFrame({"image": [_b64(_png(rgb)) for rgb in rgbs]}))
     _check_output(output, _reference_probs(classifier, rgbs, cfg["mean"], cfg["std"]))
 
@@ -185,7 +186,7 @@ def test_missing_image_column_names_the_columns_received(served):
     assert e.value.error_code == "INVALID_PARAMETER_VALUE"
     # ... and the model itself when called directly.
     with pytest.raises(MlflowException, match=r"column 'image'.*got columns \['picture'\]") as e:
-        loaded.unwrap_python_model().predict(None, frame)
+        loaded.get_raw_model().predict(frame)
     assert e.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
@@ -201,14 +202,14 @@ def test_missing_image_column_names_the_columns_received(served):
 )
 def test_malformed_arrays_are_client_errors(served, array, reason):
     with pytest.raises(MlflowException) as caught:
-        served[1].unwrap_python_model().predict(None, array)
+        served[1].get_raw_model().predict(array)
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
     assert reason in caught.value.message and "expected" in caught.value.message
 
 
 def test_other_input_types_are_client_errors(served):
     with pytest.raises(MlflowException, match="expected a DataFrame .* got list") as caught:
-        served[1].unwrap_python_model().predict(None, [[1, 2, 3]])
+        served[1].get_raw_model().predict([[1, 2, 3]])
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
@@ -233,7 +234,7 @@ def test_log_served_model_writes_a_registered_self_describing_model(
     assert [t.name for t in signature.outputs.input_types()] == ["string"] + ["double"] * 4
 
     local = Path(mlflow.artifacts.download_artifacts(model_info.model_uri, dst_path=tmp_path))
-    config = json.loads((local / "artifacts" / "model.json").read_text())
+    config = json.loads((local / "data" / "model" / "model.json").read_text())
     cfg = classifier.backbone.pretrained_cfg
     assert config == {
         "model": "test_efficientnet",
@@ -247,17 +248,17 @@ def test_log_served_model_writes_a_registered_self_describing_model(
     }
     from safetensors.torch import load_file
 
-    weights = load_file(str(local / "artifacts" / "weights.safetensors"))
+    weights = load_file(str(local / "data" / "model" / "weights.safetensors"))
     assert weights.keys() == classifier.state_dict().keys()
     assert torch.equal(weights["head.weight"], classifier.head.weight.detach())
     assert (local / "serving_input_example.json").is_file()
 
 
 def test_log_served_model_checks_its_arguments(tracking_uri):
-    with pytest.raises(ValueError, match="3 class names for a classifier with 4 outputs"):
+    with pytest.raises(ValueError, match="3 class names for 4 outputs"):
         _log(_classifier(), classes=("a", "b", "c"))
     with pytest.raises(ValueError, match=r"unknown segmentation keys \['size'\]"):
-        serving.segmentation_params({"size": 64})
+        model_files.segmentation_params({"size": 64})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,3 +361,28 @@ def _stop(server: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def test_per_request_limits_refuse_before_decoding(served, monkeypatch):
+    raw = served[1].get_raw_model()
+    monkeypatch.setenv(serving.MAX_ROWS_ENV, "3")
+    monkeypatch.setenv(serving.MAX_PIXELS_ENV, str(2 * 64 * 64))
+    limited = serving.LeukemiaModel(raw.model, raw.spec, raw.device)
+    small = _b64(_png(_smear(0, 64)))
+    assert len(limited.predict(pd.DataFrame({"image": [small, small]}))) == 2
+    with pytest.raises(MlflowException, match=r"at most 3 images per request .* got 4") as caught:
+        limited.predict(pd.DataFrame({"image": ["%%% not even base64 %%%"] * 4}))
+    assert caught.value.get_http_status_code() == 400
+    with pytest.raises(MlflowException, match=r"at most 8192 pixels .* got 12288"):
+        limited.predict(pd.DataFrame({"image": [small] * 3}))
+    with pytest.raises(MlflowException, match=r"at most 8192 pixels .* got 12288"):
+        limited.predict(np.zeros((3, 64, 64, 3), np.uint8))
+    # A huge image is refused from its header: a 12000 x 12000 PNG of a few dozen bytes.
+    header = bytearray(_png(np.zeros((1, 1, 3), np.uint8)))
+    header[16:24] = (12000).to_bytes(4, "big") * 2
+    header[29:33] = zlib.crc32(bytes(header[12:29])).to_bytes(4, "big")
+    with pytest.raises(MlflowException, match="pixels per request"):
+        limited.predict(pd.DataFrame({"image": [_b64(bytes(header))]}))
+    monkeypatch.setenv(serving.MAX_ROWS_ENV, "many")
+    with pytest.raises(ValueError, match="LEUKEMIA_SERVE_MAX_ROWS must be a positive integer"):
+        serving.LeukemiaModel(raw.model, raw.spec, raw.device)

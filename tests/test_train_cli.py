@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
+from leukemia import evaluation
 from leukemia.cli import main
 
 from .conftest import REPO, mlflow_run_env
@@ -81,10 +82,19 @@ def test_a_train_run_leaves_everything_in_mlflow(tracking_uri, tmp_path, monkeyp
     ):
         assert name in artifacts, name
     assert run.inputs.dataset_inputs[0].dataset.name == "manifest"
-    # The logged model predicts: what mlflow.pytorch.load_model gives back is the classifier.
-    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
-    logits = model(torch.zeros(3, 3, 64, 64))
-    assert logits.shape == (3, 4)
+    # Model files are data: no pickle and no code anywhere in the run's artifacts, and the
+    # classifier comes back from the two data files.
+    names = []
+    for uri in (f"runs:/{run_id}/", f"runs:/{run_id}/classifier"):  # the model is a LoggedModel
+        local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "dl")))
+        names += [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
+    assert "data/model/weights.safetensors" in names and "MLmodel" in names
+    assert "checkpoint/weights.safetensors" in names
+    assert not [n for n in names if n.endswith((".pkl", ".pth", ".pt", ".py"))], names
+    assert not [n for n in names if n.startswith("model/")], "no pickled mlflow.pytorch copy"
+    model = evaluation.load_bundle(f"runs:/{run_id}").classifier
+    with torch.inference_mode():
+        assert model(torch.zeros(3, 3, 64, 64)).shape == (3, 4)
     predictions = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/predictions.csv")
     test_images = len(predictions.strip().splitlines()) - 1
     assert test_images == sum(
@@ -207,8 +217,8 @@ def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
         assert logged == history(reference.info.run_id, key), key
     for key in ("test_loss", "test_accuracy", "phase1_test_f1_macro", "phase2_best_epoch"):
         assert finished.data.metrics[key] == reference.data.metrics[key], key
-    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
-    same = mlflow.pytorch.load_model(f"runs:/{reference.info.run_id}/model")
+    model = evaluation.load_bundle(f"runs:/{run_id}").classifier
+    same = evaluation.load_bundle(f"runs:/{reference.info.run_id}").classifier
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype("float32"))
     with torch.inference_mode():
         assert torch.equal(model(x), same(x))
