@@ -607,7 +607,7 @@ def _compare(
     ``plan``: what ``_plan_study`` checked before the run started (``seeds`` is in it)."""
     import mlflow
 
-    from . import study
+    from . import study, tracking
     from .data import read_manifest, split_fingerprint
 
     overrides, seed_list, configs, project = plan
@@ -628,6 +628,7 @@ def _compare(
             "compare.config": config_path or "(code defaults: the paper)",
             "compare.env_manager": env_manager,
             "data.manifest_hash": manifest_hash,
+            **tracking.preprocess_params(proposed.params["segmentation"]),
             **{f"compare.override.{k}": v for k, v in overrides.items()},
         }
     )
@@ -649,11 +650,13 @@ def _compare(
     children: dict[str, dict[int, str]] = {}
     reused = []
     for seed in seed_list:
-        for arm, folder, manifest in (
-            ("baseline", raw_dir, proposed.manifest),
-            ("proposed", segmented_dir, ""),
+        for arm, folder, manifest, made in (
+            ("baseline", raw_dir, proposed.manifest, baseline),
+            ("proposed", segmented_dir, "", proposed),
         ):
-            found = study._reusable_run(experiment_id, arm, configs[seed], manifest_hash)
+            found = study._reusable_run(
+                experiment_id, arm, configs[seed], manifest_hash, made.params["segmentation"]
+            )
             if found is not None:
                 click.echo(f"{arm} seed {seed}: reusing finished run {found.info.run_id}")
                 reused.append(found.info.run_id)

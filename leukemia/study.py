@@ -68,8 +68,11 @@ def find_project(start: str | os.PathLike | None = None) -> Path:
     )
 
 
-def _reusable_run(experiment_id: str, arm: str, config: TrainConfig, manifest_hash: str):
-    """A FINISHED train run of ``arm`` with the same config, manifest and code, or None."""
+def _reusable_run(
+    experiment_id: str, arm: str, config: TrainConfig, manifest_hash: str, segmentation: dict
+):
+    """A FINISHED train run of ``arm`` with the same config, preprocessing, manifest and code,
+    or None."""
     commit = tracking.git_commit(Path(__file__).parent) or "unknown"
     if commit.endswith("+dirty"):
         return None  # uncommitted code: nothing proves an old run used it
@@ -79,6 +82,7 @@ def _reusable_run(experiment_id: str, arm: str, config: TrainConfig, manifest_ha
         f"and params.`runtime.git_commit` = '{commit}'"
     )
     wanted = {f"config.{k}": str(v) for k, v in config.to_dict().items()}
+    wanted.update({k: str(v) for k, v in tracking.preprocess_params(segmentation).items()})
     for run in MlflowClient().search_runs([experiment_id], query, order_by=["start_time DESC"]):
         if all(run.data.params.get(k) == v for k, v in wanted.items()):
             return run
@@ -179,7 +183,16 @@ def summarise(children: dict[str, dict[int, str]]) -> tuple[dict, dict]:
     shortcuts = [arm for arm in children if arm.startswith("shortcut")]
     best_shortcut = max(shortcuts, key=lambda a: table[a]["test_accuracy_mean"], default=None)
     seeds = sorted(children["proposed"])
-    tests = {"best_shortcut": best_shortcut, "per_seed": {}}
+    # What each deep arm's model saw, as its runs logged it: the statistics name it.
+    preprocessing = {
+        arm: {
+            k.removeprefix("preprocess."): v
+            for k, v in client.get_run(children[arm][seeds[0]]).data.params.items()
+            if k.startswith("preprocess.")
+        }
+        for arm in DEEP_ARMS
+    }
+    tests = {"best_shortcut": best_shortcut, "preprocessing": preprocessing, "per_seed": {}}
     for seed in seeds:
         proposed = _predictions(children["proposed"][seed])
         baseline = _predictions(children["baseline"][seed])

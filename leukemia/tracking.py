@@ -121,7 +121,27 @@ def log_preprocess(result, seconds: float | None) -> None:
 # second value for a key).
 
 
-def training_params(config, rows, *, device: str, precision: str, processed_dir) -> dict:
+IDENTITY_PREFIXES = ("config.", "preprocess.", "data.")
+
+
+# Without segmentation the model sees the resized RGB image: the other options change nothing.
+UNSEGMENTED_OPTIONS = ("image_size", "segment")
+
+
+def preprocess_params(segmentation: dict) -> dict:
+    """The preprocessing a model sees, as params ``preprocess.<option>``: part of a run's
+    identity (reuse and resume compare them), not only tags."""
+    seen = {
+        k: v
+        for k, v in segmentation.items()
+        if segmentation.get("segment") or k in UNSEGMENTED_OPTIONS
+    }
+    return {f"preprocess.{k}": v for k, v in seen.items()}
+
+
+def training_params(
+    config, rows, *, device: str, precision: str, processed_dir, segmentation: dict
+) -> dict:
     """Everything a training run is defined by, as flat MLflow params."""
     import timm
     import torch
@@ -130,6 +150,7 @@ def training_params(config, rows, *, device: str, precision: str, processed_dir)
     from .metrics import slug
 
     params = {f"config.{k}": v for k, v in config.to_dict().items()}
+    params.update(preprocess_params(segmentation))
     params["data.manifest_hash"] = split_fingerprint(rows)
     params["data.processed_dir"] = str(Path(processed_dir).resolve())
     for split, counts in class_counts(rows).items():

@@ -51,7 +51,11 @@ def check_resumable(run_id: str, params: dict) -> None:
         raise ResumeError(f"run {run_id!r} is not a train run; resume expects one")
     if run.info.status == "FINISHED":
         raise ResumeError(f"run {run_id!r} already finished; there is nothing to resume")
-    defining = {k: v for k, v in params.items() if k.startswith(("config.", "data."))}
+    defining = {
+        k: v
+        for k, v in params.items()
+        if k.startswith(tracking.IDENTITY_PREFIXES) and k != "data.processed_dir"
+    }
     logged = run.data.params
     differ = sorted(k for k, v in defining.items() if k in logged and logged[k] != str(v))
     if differ:
@@ -81,7 +85,12 @@ def run_training(
     precision = engine.resolve_precision(config.precision, device)
     training.check_training_split([int(r["label"]) for r in rows if r["split"] == "train"])
     params = tracking.training_params(
-        config, rows, device=str(device), precision=precision.name, processed_dir=processed_dir
+        config,
+        rows,
+        device=str(device),
+        precision=precision.name,
+        processed_dir=processed_dir,
+        segmentation=segmentation,
     )
     if resume:
         check_resumable(resume, params)

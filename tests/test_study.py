@@ -101,6 +101,24 @@ def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_
     assert again.exit_code == 0, again.output
     assert again.output.count("reusing finished run") == 2
 
+    # Another kernel changes what the proposed arm sees: it trains anew; the baseline, which
+    # sees the same resized RGB images, is reused; the statistics name kernel 9.
+    kernel9 = invoke(
+        "compare", *TINY, "--experiment", "study", "--no-shortcuts", "--kernel-size", "9"
+    )
+    assert kernel9.exit_code == 0, kernel9.output
+    assert "baseline seed 42: reusing finished run" in kernel9.output
+    assert "proposed seed 42: mlflow run -e train" in kernel9.output
+    latest = mlflow.search_runs(
+        experiment_names=["study"],
+        filter_string="tags.step = 'compare'",
+        order_by=["start_time DESC"],
+        output_format="list",
+    )[0]
+    statistics = mlflow.artifacts.load_dict(f"runs:/{latest.info.run_id}/statistics.json")
+    assert statistics["preprocessing"]["proposed"]["kernel_size"] == "9"
+    assert latest.data.params["preprocess.kernel_size"] == "9"
+
 
 @pytest.mark.parametrize(
     "args, message",

@@ -170,6 +170,9 @@ def test_resume_refuses_a_finished_run_and_other_settings(tracking_uri, tmp_path
     other = invoke(*TINY, "--dropout", "0.1", "--resume", run.info.run_id)
     assert other.exit_code == 1
     assert "config.dropout=0.4 (now 0.1)" in other.output
+    kernel = invoke(*TINY, "--kernel-size", "9", "--resume", run.info.run_id)
+    assert kernel.exit_code == 1
+    assert "preprocess.kernel_size=5 (now 9)" in kernel.output
 
 
 def _train_process(tmp_path: Path, *extra: str) -> subprocess.Popen:
