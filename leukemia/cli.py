@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from .segmentation import (
     CHANNELS,
     FOREGROUNDS,
     KERNEL_SHAPES,
+    MAX_IMAGE_SIZE,
     OUTPUTS,
     SegmentationParams,
     check_kernel_size,
@@ -51,7 +52,27 @@ class _Failure(click.ClickException):
     """A one-line error on stderr and exit code 1, for errors found in the data."""
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _Commands(click.Group):
+    """Turns a failing file system (read-only, full, permission denied) into one line: what
+    failed and where. Whatever was being written is a temporary that is never published."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OSError as error:
+            if error.errno not in _FILE_SYSTEM_ERRORS:
+                raise
+            where = f": {error.filename}" if error.filename else ""
+            raise _Failure(f"{error.strerror or error}{where}") from None
+
+
+_FILE_SYSTEM_ERRORS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
+
+@click.group(
+    cls=_Commands,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.version_option(package_name="leukemia")
 def main():
     """Reproducible acute lymphoblastic leukemia classification, tracked in MLflow."""
@@ -61,7 +82,12 @@ def main():
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--per-class", type=click.IntRange(min=1), default=60, help="Images per class.")
 @click.option("--seed", type=int, default=0, help="Seed: same seed, same images.")
-@click.option("--size", type=click.IntRange(min=32), default=224, help="Image side in pixels.")
+@click.option(
+    "--size",
+    type=click.IntRange(32, synthetic.MAX_SIZE),
+    default=224,
+    help="Image side in pixels.",
+)
 def synth_command(out, per_class, seed, size):
     """Draw a synthetic smear dataset into OUT (the 3,256-image release's layout)."""
     try:
@@ -96,7 +122,7 @@ def preprocess_options(function=None, *, training: bool = False):
         if training
         else click.option(
             "--image-size",
-            type=click.IntRange(min=8),
+            type=click.IntRange(8, MAX_IMAGE_SIZE),
             default=224,
             help="Images are resized to this square side.",
         ),
@@ -858,7 +884,3 @@ _STUDY_KEYS = (
     "shortcuts",
     "registered_model_name",
 )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,12 +7,15 @@ the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
+
+from .segmentation import MAX_IMAGE_SIZE
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -54,10 +57,14 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("phase1_lr", "phase2_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            if not 0 < getattr(self, name) < math.inf:  # NaN fails too
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {self.image_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.precision not in PRECISIONS:

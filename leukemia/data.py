@@ -157,7 +157,10 @@ def list_images(root: Path, folders: dict[str, str]) -> tuple[list[ImageFile], l
                 if full.suffix.lower() not in IMAGE_SUFFIXES:
                     ignored.append(rel)
                     continue
-                stat = full.stat()
+                try:
+                    stat = full.stat()
+                except OSError:  # a broken or looping symlink: listed as unreadable later
+                    stat = full.lstat()
                 images.append(ImageFile(rel, class_name, stat.st_size, stat.st_mtime_ns))
     images.sort(key=lambda f: f.path)
     if not images:

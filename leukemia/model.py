@@ -106,6 +106,28 @@ def check_image_size(backbone: nn.Module, image_size: int) -> None:
         )
 
 
+def read_state_dict(path: str | os.PathLike, what: str) -> dict:
+    """A state dict from a ``.safetensors`` file, else a ``torch.save`` file read with
+    ``weights_only`` (tensors and plain containers: no code). ValueError names the file."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - corrupt files fail in many ways; all are refused
+        detail = " ".join(str(error).split()).split(". ")[0][:200] or type(error).__name__
+        raise ValueError(
+            f"{what} {str(path)!r} is not a readable state dict ({detail}); expected a "
+            ".safetensors or torch.save file of tensors"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{what} {str(path)!r} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     """Load a local state dict into ``backbone``; classifier weights in it are ignored."""
     path = Path(path)
@@ -113,13 +135,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
         raise ValueError(
             f"pretrained must be 'imagenet', 'none' or a weights file; {str(path)!r} is none"
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = read_state_dict(path, "pretrained weights")
+    state = state.get("state_dict", state) if isinstance(state.get("state_dict"), dict) else state
     head_names = {
         f"{getattr(backbone, 'default_cfg', {}).get('classifier', 'classifier')}.{s}"
         for s in ("weight", "bias")

@@ -132,7 +132,10 @@ def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
 
 def _process_one(task: tuple[int, str, str]) -> tuple[int, dict]:
     index, rel_path, out_rel = task
-    raw = Path(_worker["source"], rel_path).read_bytes()
+    try:
+        raw = Path(_worker["source"], rel_path).read_bytes()
+    except OSError as error:  # a broken or looping symlink, a file removed meanwhile
+        return index, {"error": f"cannot read the file ({error.strerror})"}
     record = {"sha256": images.sha256(raw), "bytes": len(raw)}
     try:
         rgb = images.decode_image(raw, _worker["max_pixels"])
@@ -540,7 +543,7 @@ def _write_preview(
             path_in = members[k].path
             try:
                 result = segment(images.read_image(root / path_in), full)
-            except images.UnreadableImage:
+            except (images.UnreadableImage, OSError):
                 continue  # listed in the audit; the preview shows the others
             shown = result["output"] if seg.segment else result["resized"]
             mask = cv2.merge([result["mask"].astype(np.uint8) * 255] * 3)

@@ -53,6 +53,8 @@ def register_run_model(run_id: str, model_uri: str, name: str = DEFAULT_NAME):
     """Register ``model_uri`` (logged by run ``run_id``) as a new version of ``name``, tagged
     with ``version_tags`` and aliased ``challenger``. Returns the ModelVersion."""
     client = MlflowClient()
+    for existing in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        return existing  # a resumed run that was registered before it was killed: once only
     tags = version_tags(client.get_run(run_id))
     version = mlflow.register_model(model_uri, name, tags=tags)
     client.set_registered_model_alias(name, CHALLENGER, version.version)

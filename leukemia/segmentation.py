@@ -51,8 +51,10 @@ class SegmentationParams:
         _check_choice("output", self.output, OUTPUTS)
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int):
             raise ValueError(f"image_size must be an integer, got {self.image_size!r}")
-        if self.image_size < 8:
-            raise ValueError(f"image_size must be >= 8 pixels, got {self.image_size}")
+        if not 8 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(
+                f"image_size must be from 8 to {MAX_IMAGE_SIZE} pixels, got {self.image_size}"
+            )
         check_kernel_size(self.kernel_size)
 
     @property
@@ -69,12 +71,19 @@ def _check_choice(name: str, value, choices: tuple) -> None:
         raise ValueError(f"unsupported {name}, got {value!r}; expected one of {', '.join(choices)}")
 
 
+# Bounds that keep one image's work within reason: a 224 px image closed with a 255 px element
+# is already all foreground; EfficientNet-B7's native size is 600 px.
+MAX_KERNEL_SIZE = 255
+MAX_IMAGE_SIZE = 2048
+
+
 def check_kernel_size(kernel_size) -> int:
-    """Return ``kernel_size`` if it is an odd positive integer, else raise ValueError."""
+    """Return ``kernel_size`` if it is an odd integer in [1, MAX_KERNEL_SIZE], else raise."""
+    expected = f"kernel_size must be an odd integer from 1 to {MAX_KERNEL_SIZE}"
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, (int, np.integer)):
-        raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size}")
+        raise ValueError(f"{expected}, got {kernel_size!r}")
+    if not 1 <= kernel_size <= MAX_KERNEL_SIZE or kernel_size % 2 == 0:
+        raise ValueError(f"{expected}, got {kernel_size}")
     return int(kernel_size)
 
 

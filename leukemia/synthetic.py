@@ -125,14 +125,17 @@ def make_image(seed: int, class_name: str, index: int, size: int = 224):
     return draw_smear(class_name, np.random.default_rng([seed, class_index, index]), size)
 
 
+MAX_SIZE = 4096
+
+
 def generate(
     out_dir, per_class: int = 50, seed: int = 0, size: int = 224, jpeg_quality: int = 92
 ) -> Path:
     """Write ``per_class`` JPEGs per class under ``out_dir`` (atomically; cached by options)."""
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
         raise ValueError(f"per_class must be a positive integer, got {per_class!r}")
-    if size < 32:
-        raise ValueError(f"size must be >= 32 pixels, got {size}")
+    if not 32 <= size <= MAX_SIZE:
+        raise ValueError(f"size must be from 32 to {MAX_SIZE} pixels, got {size}")
     out_dir = Path(out_dir)
     options = {
         "generator": "leukemia.synthetic",

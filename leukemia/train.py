@@ -107,7 +107,14 @@ def load_state(work_dir) -> dict | None:
     if not path.is_file():
         return None
     # On the CPU: RNG states must be CPU tensors; load_state_dict copies weights to the model.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a damaged file fails in many ways
+        detail = " ".join(str(error).split()).split(". ")[0][:200] or type(error).__name__
+        raise ValueError(
+            f"the saved training state {str(path)!r} is damaged ({detail}); this run cannot be "
+            "resumed: start a new run"
+        ) from None
 
 
 def build_classifier(config: TrainConfig) -> m.Classifier:

@@ -66,6 +66,24 @@ def check_resumable(run_id: str, params: dict) -> None:
         )
 
 
+def _check_saved_state(run_id: str, work_dir: Path, echo) -> None:
+    """A run killed before its first epoch ended has no state and starts again from epoch 1;
+    one that logged epochs but lost its state cannot continue."""
+    if (work_dir / training.STATE_FILE).is_file():
+        return
+    logged = tracking.logged_epochs(run_id)
+    if logged:
+        raise ResumeError(
+            f"run {run_id!r} logged {logged} epoch(s) but its training state "
+            f"{str(work_dir / training.STATE_FILE)!r} is gone (deleted, or another "
+            "LEUKEMIA_CACHE_DIR); it cannot continue: start a new run"
+        )
+    echo(
+        f"run {run_id} has no saved state (killed before its first epoch ended): "
+        "training starts again from epoch 1 in the same run"
+    )
+
+
 def run_training(
     config: TrainConfig,
     processed_dir,
@@ -94,6 +112,7 @@ def run_training(
     )
     if resume:
         check_resumable(resume, params)
+        _check_saved_state(resume, Path(work_root) / resume, echo)
     arm = arm_name(segmentation)
     tags = {
         "step": "train",

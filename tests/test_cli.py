@@ -57,8 +57,10 @@ def test_synth_is_deterministic(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--kernel-size", "4"], "must be an odd integer >= 1, got 4"),
-        (["--kernel-size", "0"], "must be an odd integer >= 1, got 0"),
+        (["--kernel-size", "4"], "must be an odd integer from 1 to 255, got 4"),
+        (["--kernel-size", "0"], "must be an odd integer from 1 to 255, got 0"),
+        (["--kernel-size", "100001"], "must be an odd integer from 1 to 255, got 100001"),
+        (["--image-size", "100000"], "100000 is not in the range 8<=x<=2048"),
         (["--channel", "hue"], "'hue' is not one of 'gray', 'saturation', 'lab-a'"),
         (["--split-fractions", "0.8,0.15,0.15"], "must sum to 1"),
         (["--group-by", "patient"], "'patient' is not one of 'image', 'index-block'"),
@@ -188,4 +190,4 @@ def test_mlproject_entry_point_runs_with_mlflow_run(tmp_path):
         cwd=tmp_path,
     )
     assert bad.returncode != 0
-    assert "must be an odd integer >= 1, got 4" in bad.stderr
+    assert "must be an odd integer from 1 to 255, got 4" in bad.stderr

@@ -129,9 +129,9 @@ def test_closing_never_removes_foreground_and_matches_dilate_then_erode():
 
 @pytest.mark.parametrize("bad", [0, -3, 4, 2.0, "5", True])
 def test_bad_kernel_sizes_are_rejected(bad):
-    with pytest.raises(ValueError, match="odd integer >= 1"):
+    with pytest.raises(ValueError, match="odd integer from 1 to 255"):
         seg.structuring_element(bad)
-    with pytest.raises(ValueError, match="odd integer >= 1"):
+    with pytest.raises(ValueError, match="odd integer from 1 to 255"):
         SegmentationParams(kernel_size=bad)
 
 

@@ -173,6 +173,21 @@ def test_resume_refuses_a_finished_run_and_other_settings(tracking_uri, tmp_path
     kernel = invoke(*TINY, "--kernel-size", "9", "--resume", run.info.run_id)
     assert kernel.exit_code == 1
     assert "preprocess.kernel_size=5 (now 9)" in kernel.output
+    # A damaged or lost training state: one line, no traceback.
+    state = Path(os.environ["LEUKEMIA_CACHE_DIR"], "runs", run.info.run_id, "state.pt")
+    state.write_bytes(state.read_bytes()[:1000])
+    damaged = invoke(*TINY, "--resume", run.info.run_id)
+    assert damaged.exit_code == 1 and "is damaged" in damaged.output, damaged.output
+    assert "Traceback" not in damaged.output
+    state.unlink()
+    lost = invoke(*TINY, "--resume", run.info.run_id)
+    assert lost.exit_code == 1 and "logged 2 epoch(s) but its training state" in lost.output
+    # Registered once, however often registration is asked for (a resume after a kill).
+    from leukemia import registry
+
+    again = registry.register_run_model(run.info.run_id, f"runs:/{run.info.run_id}/classifier")
+    versions = MlflowClient().search_model_versions("name = 'leukemia-classifier'")
+    assert [v.version for v in versions] == [again.version]
 
 
 def _train_process(tmp_path: Path, *extra: str) -> subprocess.Popen:
