@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from . import images, synthetic
+from . import images, processes, synthetic
 from .data import DatasetError
 from .preprocess import PreprocessResult, SplitParams, preprocess
 from .segmentation import (
@@ -76,6 +76,7 @@ _FILE_SYSTEM_ERRORS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, er
 @click.version_option(package_name="leukemia")
 def main():
     """Reproducible acute lymphoblastic leukemia classification, tracked in MLflow."""
+    processes.stop_when_parent_dies()  # a child of compare/main ends with it
 
 
 @main.command("synth")
@@ -735,7 +736,7 @@ def compare_command(ctx, data_dir, synthetic_per_class, synthetic_seed, experime
 
     study_args = _study_args(options)
     plan = _plan_study(ctx, study_args["config_path"], study_args["seeds"])
-    with tracking.start_run("compare", experiment) as parent:
+    with tracking.start_run("compare", experiment) as parent, processes.children_stop_with_me():
         _compare(plan, data_dir, synthetic_per_class, synthetic_seed, options=options, **study_args)
     click.echo(f"parent run {parent.info.run_id}")
 
@@ -826,7 +827,7 @@ def main_command(
     study_args = _study_args(options)
     name = study_args["registered_model_name"]
     plan = _plan_study(ctx, study_args["config_path"], study_args["seeds"])
-    with tracking.start_run("main", experiment) as parent:
+    with tracking.start_run("main", experiment) as parent, processes.children_stop_with_me():
         children, table, tests, manifest = _compare(
             plan, data_dir, synthetic_per_class, synthetic_seed, options=options, **study_args
         )

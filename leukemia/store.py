@@ -27,6 +27,8 @@ import socket
 import uuid
 from pathlib import Path
 
+from .processes import process_start
+
 ROOT_MARKER = ".leukemia-store.json"
 BUILD_FILE = ".build.json"
 LATEST = "latest"
@@ -36,24 +38,6 @@ KEY_CHARS = 16
 
 class StoreError(ValueError):
     """The output root cannot be used (not ours, not a folder, an older layout)."""
-
-
-def _process_start(pid: int) -> str | None:
-    """A token that tells a process from a later one with the same pid, or None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return None
-    except OSError:  # no /proc (not Linux): the pid alone
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return "alive"
-    # Field 22 (start time in clock ticks) follows the parenthesised command name.
-    return stat.rsplit(")", 1)[1].split()[19]
 
 
 class OutputStore:
@@ -144,7 +128,7 @@ class OutputStore:
             "written_by": self.owner,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "process_start": _process_start(os.getpid()),
+            "process_start": process_start(os.getpid()),
         }
         (folder / BUILD_FILE).write_text(json.dumps(build) + "\n")
         return folder
@@ -185,7 +169,7 @@ class OutputStore:
             try:
                 build = json.loads((entry / BUILD_FILE).read_text())
                 owned = build["written_by"] == self.owner and build["host"] == host
-                alive = _process_start(int(build["pid"])) == build["process_start"]
+                alive = process_start(int(build["pid"])) == build["process_start"]
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # no proof that it is ours: leave it
             if owned and not alive:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import warnings
 from pathlib import Path
 
 import mlflow
+
+from . import processes
 
 DEFAULT_EXPERIMENT = "leukemia"
 PREPROCESS_ARTIFACTS = ("manifest.csv", "audit.json", "params.json", "preview.png")
@@ -32,6 +35,8 @@ def start_run(
     (``MLFLOW_EXPERIMENT_NAME``/``_ID``, or the run ``mlflow run`` created). ``run_id``
     continues that existing run instead (resume), whatever the environment says.
     """
+    tags = {**(tags or {}), PROCESS_TAG: processes.token()}
+    mark_stale_runs_killed()
     if run_id:
         with mlflow.start_run(run_id=run_id, tags=tags) as run:
             yield run
@@ -44,6 +49,40 @@ def start_run(
         mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
     with mlflow.start_run(run_name=run_name, nested=nested, tags=tags) as run:
         yield run
+
+
+PROCESS_TAG = "leukemia.process"  # host:pid:start of the process that works in the run
+KILLED_TAG = "leukemia.killed"
+
+
+def mark_stale_runs_killed() -> list[str]:
+    """End as KILLED the RUNNING runs whose process (``PROCESS_TAG``, on this host) is gone,
+    with a tag that says why and how to continue. Returns their ids."""
+    client = mlflow.tracking.MlflowClient()
+    host = socket.gethostname().replace("'", "")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    stale = client.search_runs(
+        experiments,
+        f"attributes.status = 'RUNNING' and tags.`{PROCESS_TAG}` LIKE '{host}:%'",
+        max_results=1000,
+    )
+    ended = []
+    for run in stale:
+        owner = run.data.tags[PROCESS_TAG]
+        if not processes.is_gone(owner):
+            continue
+        step = run.data.tags.get("step", "")
+        how = (
+            f"continue it with: leukemia train ... --resume {run.info.run_id} (same options)"
+            if step == "train"
+            else "run the same command again (finished child runs are reused)"
+        )
+        client.set_tag(run.info.run_id, KILLED_TAG, f"its process {owner} is gone; {how}")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended
 
 
 def git_commit(path: str | os.PathLike = ".") -> str:

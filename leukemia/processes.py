@@ -1,0 +1,88 @@
+"""Which process owns what: tokens that outlive pid reuse, and children that stop with a parent.
+
+A process token is ``host:pid:start``, where ``start`` is the process's start time in clock
+ticks (``/proc/<pid>/stat``), so a later process that reuses the pid does not pass for it. Runs
+and temporary folders record the token of the process that made them; another process can then
+prove that its maker is gone.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+PARENT_ENV = "LEUKEMIA_PARENT_PROCESS"
+
+
+def process_start(pid: int) -> str | None:
+    """A token that tells a process from a later one with the same pid, or None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:  # no /proc (not Linux): the pid alone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "alive"
+    # Field 22 (start time in clock ticks) follows the parenthesised command name; a zombie
+    # (state Z) has exited.
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def token(pid: int | None = None) -> str:
+    """``host:pid:start`` of ``pid`` (default: this process)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{process_start(pid)}"
+
+
+def is_gone(owner: str) -> bool:
+    """Whether the process of ``owner`` (a ``token``) has ended. Only a process of this host can
+    be checked: for any other host, or a malformed token, the answer is False."""
+    try:
+        host, pid, start = owner.rsplit(":", 2)
+        pid_number = int(pid)
+    except ValueError:
+        return False
+    return host == socket.gethostname() and process_start(pid_number) != start
+
+
+@contextlib.contextmanager
+def children_stop_with_me():
+    """Within the block, child ``leukemia`` commands (``stop_when_parent_dies``) stop when this
+    process dies, even by SIGKILL, whatever processes lie between (``mlflow run``, a shell)."""
+    previous = os.environ.get(PARENT_ENV)
+    os.environ[PARENT_ENV] = token()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = previous
+
+
+def stop_when_parent_dies(interval: float = 1.0, grace: float = 60.0) -> None:
+    """When ``PARENT_ENV`` names a process, interrupt this one (KeyboardInterrupt: a training
+    run ends KILLED with its resume command) once that process is gone; exit if it lingers."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or parent == token():
+        return
+
+    def watch():
+        while not is_gone(parent):
+            time.sleep(interval)
+        _thread.interrupt_main()
+        time.sleep(grace)
+        os._exit(130)
+
+    threading.Thread(target=watch, name="leukemia-parent-watch", daemon=True).start()

@@ -1,0 +1,126 @@
+"""Nothing left running: children stop with a killed parent, and runs whose process is gone are
+ended as KILLED, with how to continue, the next time a command opens the store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from leukemia import processes, tracking
+
+from .conftest import REPO, mlflow_run_env
+
+
+def test_tokens_tell_a_gone_process_from_a_live_one():
+    assert not processes.is_gone(processes.token())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner = processes.token(child.pid)
+    child.wait()
+    assert processes.is_gone(owner)
+    assert not processes.is_gone(f"another-host:{child.pid}:1"), "other hosts are not judged"
+    assert not processes.is_gone("garbage")
+
+
+def test_stale_running_runs_are_marked_killed_with_the_way_on(tracking_uri):
+    client = MlflowClient()
+    experiment = client.create_experiment("stale")
+    host = socket.gethostname()
+    dead = f"{host}:{2**22 + 17}:12345"
+    runs = {
+        "gone-train": {"step": "train", tracking.PROCESS_TAG: dead},
+        "gone-compare": {"step": "compare", tracking.PROCESS_TAG: dead},
+        "alive": {"step": "train", tracking.PROCESS_TAG: processes.token()},
+        "elsewhere": {"step": "train", tracking.PROCESS_TAG: f"other-host:{2**22 + 17}:1"},
+        "untagged": {"step": "train"},
+    }
+    ids = {
+        name: client.create_run(experiment, tags=tags).info.run_id for name, tags in runs.items()
+    }
+    with tracking.start_run("preprocess", "another") as run:
+        pass
+    status = {name: client.get_run(i).info.status for name, i in ids.items()}
+    assert status == {
+        "gone-train": "KILLED",
+        "gone-compare": "KILLED",
+        "alive": "RUNNING",
+        "elsewhere": "RUNNING",
+        "untagged": "RUNNING",
+    }
+    why = client.get_run(ids["gone-train"]).data.tags[tracking.KILLED_TAG]
+    assert dead in why and f"--resume {ids['gone-train']}" in why
+    assert (
+        "same command again" in client.get_run(ids["gone-compare"]).data.tags[tracking.KILLED_TAG]
+    )
+    assert client.get_run(run.info.run_id).data.tags[tracking.PROCESS_TAG] == processes.token()
+
+
+@pytest.mark.slow
+def test_killing_compare_stops_its_training_child(tmp_path):
+    env = mlflow_run_env(tmp_path)
+    command = [
+        sys.executable,
+        "-m",
+        "leukemia",
+        "compare",
+        "--config",
+        str(REPO / "experiments" / "demo.yaml"),
+        "--synthetic-per-class",
+        "8",
+        "--phase1_epochs",
+        "30",
+        "--patience",
+        "30",
+        "--no-shortcuts",
+        "--experiment",
+        "kill",
+    ]
+    compare = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        deadline = time.monotonic() + 180
+        child = None
+        while time.monotonic() < deadline and child is None:
+            assert compare.poll() is None, "compare ended before it could be killed"
+            time.sleep(1)
+            with_epochs = [
+                r
+                for r in mlflow.search_runs(
+                    experiment_names=["kill"],
+                    filter_string="tags.step = 'train'",
+                    output_format="list",
+                )
+                if "train_loss" in r.data.metrics
+            ]
+            child = with_epochs[0] if with_epochs else None
+        assert child is not None, "no training child started within 180 s"
+        compare.send_signal(signal.SIGKILL)
+        compare.wait()
+        owner = MlflowClient().get_run(child.info.run_id).data.tags[tracking.PROCESS_TAG]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not processes.is_gone(owner):
+            time.sleep(0.5)
+        assert processes.is_gone(owner), "the training child outlived its killed parent"
+        status = MlflowClient().get_run(child.info.run_id).info.status
+        assert status in ("KILLED", "FAILED"), status
+        # The parent compare run stays RUNNING until a command opens the store again.
+        with tracking.start_run("preprocess", "kill"):
+            pass
+        (parent,) = mlflow.search_runs(
+            experiment_names=["kill"], filter_string="tags.step = 'compare'", output_format="list"
+        )
+        assert parent.info.status == "KILLED"
+        assert "same command again" in parent.data.tags[tracking.KILLED_TAG]
+    finally:
+        if compare.poll() is None:
+            os.kill(compare.pid, signal.SIGKILL)
+        mlflow.set_tracking_uri(None)
