@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from . import images, processes, synthetic
+from . import images, processes, synthetic, tracking
 from .data import DatasetError
 from .preprocess import PreprocessResult, SplitParams, preprocess
 from .segmentation import (
@@ -64,6 +64,15 @@ class _Commands(click.Group):
                 raise
             where = f": {error.filename}" if error.filename else ""
             raise _Failure(f"{error.strerror or error}{where}") from None
+        except tracking.TrackingUnavailable as error:
+            raise _Failure(str(error)) from None
+        except Exception as error:
+            if not tracking.unreachable(error):
+                raise
+            raise _Failure(
+                f"MLflow tracking server {tracking.mlflow.get_tracking_uri()} is unreachable; "
+                "try again when it is back"
+            ) from None
 
 
 _FILE_SYSTEM_ERRORS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM}
@@ -77,6 +86,7 @@ _FILE_SYSTEM_ERRORS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, er
 def main():
     """Reproducible acute lymphoblastic leukemia classification, tracked in MLflow."""
     processes.stop_when_parent_dies()  # a child of compare/main ends with it
+    tracking.watch_tracking_server(lambda line: click.echo(line, err=True))
 
 
 @main.command("synth")
@@ -320,7 +330,6 @@ def preprocess_command(
     **options,
 ):
     """Audit, split and segment a dataset; log it to MLflow. Cached by input and options."""
-    from . import tracking
 
     segment = segment and not no_segment
     data_dir = _resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
@@ -634,7 +643,7 @@ def _compare(
     ``plan``: what ``_plan_study`` checked before the run started (``seeds`` is in it)."""
     import mlflow
 
-    from . import study, tracking
+    from . import study
     from .data import read_manifest, split_fingerprint
 
     overrides, seed_list, configs, project = plan
@@ -732,7 +741,6 @@ def compare_command(ctx, data_dir, synthetic_per_class, synthetic_seed, experime
     manifest and the same seeds, with paired statistics, under one parent run.
 
     Config fields can be overridden as --field VALUE for both arms."""
-    from . import tracking
 
     study_args = _study_args(options)
     plan = _plan_study(ctx, study_args["config_path"], study_args["seeds"])
@@ -822,7 +830,7 @@ def main_command(
 
     With no options: the built-in synthetic data; `--config experiments/demo.yaml` makes it a
     few minutes on a CPU, `--config experiments/paper.yaml --data-dir DATASET` is the paper."""
-    from . import evaluation, registry, study, tracking
+    from . import evaluation, registry, study
 
     study_args = _study_args(options)
     name = study_args["registered_model_name"]

@@ -7,6 +7,7 @@ the working directory). Under ``mlflow run`` the entry point's run is reused (ML
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -38,17 +39,81 @@ def start_run(
     tags = {**(tags or {}), PROCESS_TAG: processes.token()}
     mark_stale_runs_killed()
     if run_id:
-        with mlflow.start_run(run_id=run_id, tags=tags) as run:
+        opened = mlflow.start_run(run_id=run_id, tags=tags)
+    else:
+        from_environment = any(
+            os.environ.get(name)
+            for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
+        )
+        if not nested and (experiment or not from_environment):
+            mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
+        opened = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
+    with opened as run:
+        try:
             yield run
+        except Exception as error:
+            if unreachable(error):
+                give_up_on_server()  # ending the run must not spend the budget again
+            raise
+
+
+# A bounded retry budget for a tracking server (MLflow's default retries for about four
+# minutes, meant for rate limits); a variable the user set wins. urllib3 sleeps 0, 4, 8, 16 s.
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer within the retry budget."""
+
+
+class _RetryNotice(logging.Handler):
+    """Says once, as soon as urllib3 starts retrying, that the server is unreachable."""
+
+    def __init__(self, uri: str, echo):
+        super().__init__(logging.WARNING)
+        self.uri, self.echo, self.said = uri, echo, False
+
+    def emit(self, record):
+        if self.said or not record.getMessage().startswith("Retrying"):
+            return
+        self.said = True
+        retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+        self.echo(
+            f"MLflow tracking server {self.uri} is unreachable; retrying ({retries} retries with "
+            "backoff, about 30 s with the default MLFLOW_HTTP_REQUEST_* settings) ..."
+        )
+
+
+def watch_tracking_server(echo) -> None:
+    """For an http(s) tracking URI: bound MLflow's retries and announce the first retry."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
         return
-    from_environment = any(
-        os.environ.get(name)
-        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
+    for name, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    logger = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(h, _RetryNotice) for h in logger.handlers):
+        logger.addHandler(_RetryNotice(uri, echo))
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether ``error`` is MLflow giving up on a tracking server that does not answer."""
+    import requests
+
+    cause = error.__cause__ or error.__context__
+    return isinstance(error, requests.exceptions.ConnectionError) or (
+        isinstance(error, mlflow.exceptions.MlflowException)
+        and isinstance(cause, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
     )
-    if not nested and (experiment or not from_environment):
-        mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
-    with mlflow.start_run(run_name=run_name, nested=nested, tags=tags) as run:
-        yield run
+
+
+def give_up_on_server() -> None:
+    """After the budget is spent, fail the remaining calls (ending the run) at once."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
 
 
 PROCESS_TAG = "leukemia.process"  # host:pid:start of the process that works in the run

@@ -151,6 +151,14 @@ def run_training(
             mlflow.tracking.MlflowClient().set_terminated(run_id, "KILLED")
             echo(f"\ninterrupted; continue with the same command and --resume {run_id}")
         raise
+    except Exception as error:
+        if not tracking.unreachable(error):
+            raise
+        saved = f"; the training state is saved: continue with --resume {run_id}" if run_id else ""
+        raise tracking.TrackingUnavailable(
+            f"MLflow tracking server {mlflow.get_tracking_uri()} is unreachable{saved} when it "
+            "is back"
+        ) from None
     return run_id
 
 

@@ -1,0 +1,141 @@
+"""A tracking server that goes away mid-training: said at once, one line after a bounded retry
+budget, the training state intact, and resume finishes the run once the server is back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _server(tmp_path: Path, port: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [
+            BIN / "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--default-artifact-root",
+            str(tmp_path / "artifacts"),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return server
+        except OSError:
+            time.sleep(0.5)
+    _stop(server)
+    pytest.fail("mlflow server did not start within 90 s")
+
+
+def _stop(server: subprocess.Popen) -> None:
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_server_down_mid_training_then_resume(tmp_path):
+    port = _free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+        "LEUKEMIA_CACHE_DIR": str(tmp_path / "cache"),
+        "TQDM_DISABLE": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(name, None)
+    train = [
+        BIN / "leukemia",
+        "train",
+        "--config",
+        REPO / "experiments" / "demo.yaml",
+        "--synthetic-per-class",
+        "8",
+        "--phase1_epochs",
+        "400",
+        "--patience",
+        "400",
+    ]
+    server = _server(tmp_path, port)
+    try:
+        process = subprocess.Popen(
+            train,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        states = tmp_path / "cache" / "runs"
+        deadline = time.monotonic() + 120
+        while not list(states.glob("*/state.pt")):
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "no epoch finished within 120 s"
+            time.sleep(0.1)
+        _stop(server)
+        down = time.monotonic()
+        output, _ = process.communicate(timeout=180)
+        seconds = time.monotonic() - down
+    finally:
+        _stop(server)
+    assert process.returncode == 1, output
+    assert "Traceback" not in output, output[-3000:]
+    (state,) = states.glob("*/state.pt")
+    run_id = state.parent.name
+    assert "is unreachable; retrying" in output
+    (error,) = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert "unreachable" in error and f"--resume {run_id}" in error
+    assert seconds < 120, f"gave up only after {seconds:.0f} s"
+
+    server = _server(tmp_path, port)
+    try:
+        resumed = subprocess.run(
+            [*train, "--resume", run_id],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        import mlflow
+
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        try:
+            assert mlflow.get_run(run_id).info.status == "FINISHED"
+        finally:
+            mlflow.set_tracking_uri(None)
+    finally:
+        _stop(server)
