@@ -34,6 +34,7 @@ from leukemia import images, synthetic
 from leukemia.data import CLASSES
 from leukemia.datasets import build_transform
 from leukemia.model import create_classifier
+from leukemia.model_files import ModelSpec
 from leukemia.segmentation import SegmentationParams, preprocess_image
 from leukemia.serving import log_served_model
 
@@ -85,17 +86,18 @@ def main() -> None:
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # MLflow's advice on model logging
-            model_info = log_served_model(
+            spec = ModelSpec.for_classifier(
                 classifier,
                 model_name=args.model,
                 dropout=0.4,
                 mean=mean,
                 std=std,
-                segmentation=seg.to_dict(),
+                segmentation=seg,
             )
+            model_info = log_served_model(classifier, spec)
         served = mlflow.pyfunc.load_model(model_info.model_uri)
 
-        chunk = served.unwrap_python_model().batch_size
+        chunk = served.get_raw_model().batch_size
 
         def bare():
             with torch.inference_mode():

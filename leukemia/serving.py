@@ -49,7 +49,7 @@ from .data import CLASSES
 from .datasets import build_transform
 from .model import Classifier
 from .model_files import ModelSpec
-from .segmentation import SegmentationParams, preprocess_image
+from .segmentation import preprocess_image
 
 IMAGE_COLUMN = "image"
 # Images per forward pass. On a CPU, big batches are slower per image: activations above
@@ -325,36 +325,16 @@ def _pinned_requirements() -> list[str]:
 
 def log_served_model(
     classifier: Classifier,
+    spec: ModelSpec,
     *,
-    model_name: str,
-    dropout: float,
-    mean: Sequence[float],
-    std: Sequence[float],
-    segmentation: dict | SegmentationParams,
-    classes: Sequence[str] = CLASSES,
     name: str = "classifier",
     registered_model_name: str | None = None,
-    max_pixels: int = images.DEFAULT_MAX_PIXELS,
     input_example: pd.DataFrame | None = None,
 ) -> mlflow.models.model.ModelInfo:
-    """Log ``classifier`` with its preprocessing as a pyfunc (in the active run, if any).
-
-    ``model_name``/``dropout`` rebuild the architecture (``create_classifier``); ``mean``/``std``
-    and ``segmentation`` are the training-time normalisation and ``SegmentationParams``;
-    ``classes`` name the outputs in logit order. The ``leukemia`` package must be importable
-    where the model is loaded. Returns MLflow's ``ModelInfo`` (``model_uri``, and
-    ``registered_model_version`` when ``registered_model_name`` is given).
-    """
-    spec = ModelSpec.for_classifier(
-        classifier,
-        model_name=model_name,
-        dropout=dropout,
-        mean=mean,
-        std=std,
-        segmentation=segmentation,
-        classes=classes,
-        max_pixels=max_pixels,
-    )
+    """Log ``classifier`` with its preprocessing (``spec``) as a pyfunc, in the active run if
+    any. The ``leukemia`` package must be importable where the model is loaded. Returns MLflow's
+    ``ModelInfo`` (``model_uri``, and ``registered_model_version`` when
+    ``registered_model_name`` is given)."""
     with tempfile.TemporaryDirectory(prefix="leukemia-serving-") as scratch:
         folder = Path(scratch, "model")  # stored as data/model
         folder.mkdir()

@@ -370,21 +370,13 @@ def log_curves(history: list[dict], phase2_start_epoch: int | None) -> None:
         mlflow.log_dict({"epochs": history}, "history.json")
 
 
-def log_checkpoint(classifier, config, mean, std, segmentation: dict) -> None:
-    """The best weights as ``checkpoint/weights.safetensors`` plus ``checkpoint/model.json``:
-    the served model's two files (``model_files``), so either folder can be evaluated."""
+def log_checkpoint(classifier, spec) -> None:
+    """The best weights as ``checkpoint/weights.safetensors`` plus ``checkpoint/model.json``
+    (a ``model_files.ModelSpec``): the served model's two files, so either can be evaluated."""
     import tempfile
 
     from . import model_files
 
-    spec = model_files.ModelSpec.for_classifier(
-        classifier,
-        model_name=config.model,
-        dropout=config.dropout,
-        mean=mean,
-        std=std,
-        segmentation=segmentation,
-    )
     with tempfile.TemporaryDirectory() as tmp:
         model_files.write(tmp, classifier, spec)
         mlflow.log_artifacts(tmp, "checkpoint")

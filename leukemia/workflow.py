@@ -27,6 +27,7 @@ from . import engine, registry, serving, tracking
 from . import train as training
 from .config import TrainConfig
 from .data import read_manifest
+from .model_files import ModelSpec
 
 
 class ResumeError(ValueError):
@@ -203,16 +204,16 @@ def _train_and_log(
     )
     summary, model = result["summary"], result["model"]
     tracking.log_curves(result["history"], summary.get("phase2_start_epoch"))
-    tracking.log_checkpoint(model, config, result["mean"], result["std"], segmentation)
-    served = serving.log_served_model(
+    spec = ModelSpec.for_classifier(
         model,
         model_name=config.model,
         dropout=config.dropout,
         mean=result["mean"],
         std=result["std"],
         segmentation=segmentation,
-        name="classifier",
     )
+    tracking.log_checkpoint(model, spec)
+    served = serving.log_served_model(model, spec, name="classifier")
     if register_as:
         version = registry.register_run_model(run_id, served.model_uri, register_as)
         mlflow.set_tag("registered_version", f"{register_as}/{version.version}")

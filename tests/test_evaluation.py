@@ -8,7 +8,6 @@ import base64
 import io
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import mlflow
@@ -25,6 +24,7 @@ from leukemia.data import CLASSES, read_manifest
 from leukemia.datasets import build_transform
 from leukemia.evaluation import PERTURBATIONS
 from leukemia.model import create_classifier
+from leukemia.model_files import ModelSpec
 from leukemia.segmentation import SegmentationParams, preprocess_image
 
 SEG = SegmentationParams(image_size=64)
@@ -109,15 +109,15 @@ def test_load_bundle_from_run_and_registry_uris_predicts_as_the_served_model(
     classifier = _classifier()
     mean, std = _mean_std(classifier)
     with mlflow.start_run() as run:
-        info = serving.log_served_model(
+        spec = ModelSpec.for_classifier(
             classifier,
             model_name="test_efficientnet",
             dropout=0.2,
             mean=mean,
             std=std,
             segmentation=SEG,
-            registered_model_name=REGISTERED,
         )
+        info = serving.log_served_model(classifier, spec, registered_model_name=REGISTERED)
     run_id = run.info.run_id
     MlflowClient().set_registered_model_alias(REGISTERED, "champion", info.registered_model_version)
 
@@ -352,8 +352,16 @@ def test_run_evaluation_logs_one_finished_run(tracking_uri, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     classifier = _classifier()
     with mlflow.start_run() as train_run:  # what a training run leaves: checkpoint/
-        config = SimpleNamespace(model="test_efficientnet", dropout=0.2)
-        tracking.log_checkpoint(classifier, config, *_mean_std(classifier), SEG.to_dict())
+        mean, std = _mean_std(classifier)
+        spec = ModelSpec.for_classifier(
+            classifier,
+            model_name="test_efficientnet",
+            dropout=0.2,
+            mean=mean,
+            std=std,
+            segmentation=SEG,
+        )
+        tracking.log_checkpoint(classifier, spec)
     source = f"runs:/{train_run.info.run_id}/checkpoint"
     manifest = small_processed / "manifest.csv"
 

@@ -69,7 +69,7 @@ def logged(tmp_path_factory):
                 "test_efficientnet", num_classes=4, dropout=0.2, pretrained="none"
             ).eval()
             cfg = classifier.backbone.pretrained_cfg
-            info = serving.log_served_model(
+            spec = ModelSpec.for_classifier(
                 classifier,
                 model_name="test_efficientnet",
                 dropout=0.2,
@@ -77,6 +77,7 @@ def logged(tmp_path_factory):
                 std=cfg["std"],
                 segmentation=SEG,
             )
+            info = serving.log_served_model(classifier, spec)
             folder = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(root)))
         finally:
             forget_experiment()

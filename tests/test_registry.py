@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from leukemia import registry, serving
 from leukemia.cli import main
 from leukemia.model import create_classifier
+from leukemia.model_files import ModelSpec
 from leukemia.segmentation import SegmentationParams
 
 NAME = "leukemia-classifier"
@@ -32,14 +33,15 @@ def register(tiny_model, f1: float, recalls=(0.9, 0.9, 0.9, 0.9), manifest="m1")
         mlflow.log_metrics(
             {"test_f1_macro": f1, **{f"test_recall_{n}": r for n, r in zip(names, recalls)}}
         )
-        info = serving.log_served_model(
+        spec = ModelSpec.for_classifier(
             tiny_model,
             model_name="test_efficientnet",
             dropout=0.4,
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
-            segmentation=SegmentationParams(image_size=64).to_dict(),
+            segmentation=SegmentationParams(image_size=64),
         )
+        info = serving.log_served_model(tiny_model, spec)
     return registry.register_run_model(run.info.run_id, info.model_uri, NAME)
 
 

@@ -28,6 +28,7 @@ from leukemia import model_files, serving, synthetic
 from leukemia.data import CLASSES
 from leukemia.datasets import build_transform
 from leukemia.model import create_classifier
+from leukemia.model_files import ModelSpec
 from leukemia.segmentation import SegmentationParams, preprocess_image
 
 from .conftest import forget_experiment
@@ -46,18 +47,22 @@ def _classifier():
     return model.to(DEVICE)
 
 
-def _log(classifier, **kwargs):
+def _spec(classifier, classes=CLASSES) -> ModelSpec:
     cfg = classifier.backbone.pretrained_cfg
-    return serving.log_served_model(
+    return ModelSpec.for_classifier(
         classifier,
         model_name="test_efficientnet",
         dropout=0.2,
         mean=cfg["mean"],
         std=cfg["std"],
-        segmentation=SEG.to_dict(),
+        segmentation=SEG,
+        classes=classes,
         max_pixels=MAX_PIXELS,
-        **kwargs,
     )
+
+
+def _log(classifier, **kwargs):
+    return serving.log_served_model(classifier, _spec(classifier), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +261,7 @@ def test_log_served_model_writes_a_registered_self_describing_model(
 
 def test_log_served_model_checks_its_arguments(tracking_uri):
     with pytest.raises(ValueError, match="3 class names for 4 outputs"):
-        _log(_classifier(), classes=("a", "b", "c"))
+        _spec(_classifier(), classes=("a", "b", "c"))
     with pytest.raises(ValueError, match=r"unknown segmentation keys \['size'\]"):
         model_files.segmentation_params({"size": 64})
 
