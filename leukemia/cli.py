@@ -6,11 +6,14 @@ import errno
 import json
 import os
 import time
+from dataclasses import fields as dataclass_fields
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
-from . import images, processes, synthetic, tracking
+from . import processes, synthetic, tracking
+from .config import PreprocessConfig, TrainConfig, load_experiment
 from .data import DatasetError
 from .preprocess import PreprocessResult, SplitParams, preprocess
 from .segmentation import (
@@ -19,7 +22,6 @@ from .segmentation import (
     KERNEL_SHAPES,
     MAX_IMAGE_SIZE,
     OUTPUTS,
-    SegmentationParams,
     check_kernel_size,
 )
 
@@ -35,6 +37,8 @@ def cache_dir() -> Path:
 
 
 def _odd_kernel(ctx, param, value):
+    if value is None:
+        return None
     try:
         return check_kernel_size(value)
     except ValueError as error:
@@ -42,10 +46,45 @@ def _odd_kernel(ctx, param, value):
 
 
 def _fractions(ctx, param, value):
+    if value is None:
+        return None
     try:
-        return SplitParams(fractions=value).fractions
+        SplitParams(fractions=value)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
+    return value
+
+
+class _OrConfig(click.ParamType):
+    """A click type whose empty value ("", what MLproject passes by default) means: take the
+    value from the experiment config (``--config``), else the dataclass default."""
+
+    def __init__(self, inner: click.ParamType):
+        self.inner = inner
+        self.name = inner.name
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "":
+            return None
+        return self.inner.convert(value, param, ctx)
+
+    def get_metavar(self, param, ctx=None):
+        return self.inner.get_metavar(param, ctx) if ctx is not None else None
+
+
+def _config_option(*names: str, field: str, type: click.ParamType, help: str, **kwargs):
+    """An option for a ``PreprocessConfig`` field: unset by default, so that the config decides;
+    the help shows the dataclass default."""
+    default = getattr(PreprocessConfig, field)
+    return click.option(
+        *names,
+        field,
+        type=_OrConfig(type),
+        default=None,
+        show_default=False,
+        help=f"{help} [default: from --config, else {default}]",
+        **kwargs,
+    )
 
 
 class _Failure(click.ClickException):
@@ -112,7 +151,8 @@ def preprocess_options(function=None, *, training: bool = False):
     """The options shared by every command that preprocesses (preprocess, main, train).
 
     ``training``: the image size comes from the training config, and the split's seed is
-    ``--split-seed`` (``--seed`` seeds training)."""
+    ``--split-seed`` (``--seed`` seeds training). Options of ``PreprocessConfig`` fields are
+    unset by default: the experiment config (or its defaults) decides."""
     if function is None:
         return lambda f: preprocess_options(f, training=training)
     options = [
@@ -133,86 +173,86 @@ def preprocess_options(function=None, *, training: bool = False):
         if training
         else click.option(
             "--image-size",
-            type=click.IntRange(8, MAX_IMAGE_SIZE),
-            default=224,
-            help="Images are resized to this square side.",
+            type=_OrConfig(click.IntRange(8, MAX_IMAGE_SIZE)),
+            default=None,
+            show_default=False,
+            help=f"Images are resized to this square side [default: from --config, else "
+            f"{TrainConfig.image_size}].",
         ),
-        click.option(
+        _config_option(
             "--channel",
+            field="channel",
             type=click.Choice(CHANNELS),
-            default="gray",
             help="Channel Otsu thresholds: grayscale, HSV saturation or LAB a*.",
         ),
-        click.option(
+        _config_option(
             "--foreground",
+            field="foreground",
             type=click.Choice(FOREGROUNDS),
-            default="auto",
-            help="Which side of t* is foreground. auto: the stained cells (dark in "
-            "gray, bright in saturation and lab-a); 'bright' in gray is the "
-            "paper's literal text.",
+            help="Which side of t* is foreground. auto: the stained cells (dark in gray, bright "
+            "in saturation and lab-a); 'bright' in gray is the paper's literal text.",
         ),
-        click.option(
+        _config_option(
             "--kernel-size",
-            type=int,
-            default=5,
+            field="kernel_size",
+            type=click.INT,
             callback=_odd_kernel,
             help="Side of the closing's structuring element (odd).",
         ),
-        click.option(
+        _config_option(
             "--kernel-shape",
+            field="kernel_shape",
             type=click.Choice(tuple(KERNEL_SHAPES)),
-            default="ellipse",
             help="Shape of the structuring element.",
         ),
-        click.option(
+        _config_option(
             "--output",
+            field="output",
             type=click.Choice(OUTPUTS),
-            default="masked",
             help="masked: gray with background 0; mask: the closed mask as 0/255.",
         ),
-        click.option(
+        _config_option(
             "--split-fractions",
-            default="0.7,0.15,0.15",
+            field="split_fractions",
+            type=click.STRING,
             callback=_fractions,
             help="train,val,test fractions (sum to 1).",
         ),
-        click.option(
+        _config_option(
             "--split-seed" if training else "--seed",
-            "split_seed",
-            type=int,
-            default=42,
+            field="split_seed",
+            type=click.IntRange(min=0),
             help="Seed of the split.",
         ),
-        click.option(
+        _config_option(
             "--group-by",
+            field="group_by",
             type=click.Choice(["image", "index-block"]),
-            default="image",
-            help="image: the paper's split (duplicates still kept together); "
-            "index-block: runs of --block-size consecutive file numbers stay "
-            "together as pseudo-patients.",
+            help="image: the paper's split (duplicates still kept together); index-block: runs "
+            "of --block-size consecutive file numbers stay together as pseudo-patients.",
         ),
-        click.option(
+        _config_option(
             "--block-size",
+            field="block_size",
             type=click.IntRange(min=1),
-            default=24,
             help="File numbers per pseudo-patient block.",
         ),
-        click.option(
+        _config_option(
             "--near-duplicate-distance",
+            field="near_duplicate_distance",
             type=click.IntRange(0, 64),
-            default=4,
             help="Largest dHash Hamming distance (of 64 bits) counted near-duplicate.",
         ),
-        click.option(
+        _config_option(
             "--max-unreadable",
+            field="max_unreadable",
             type=click.FloatRange(0, 1),
-            default=0.01,
             help="Fail when more than this fraction of image files is unreadable.",
         ),
-        click.option(
+        _config_option(
             "--max-pixels",
+            field="max_pixels",
             type=click.IntRange(min=1),
-            default=images.DEFAULT_MAX_PIXELS,
             help="Larger images are skipped as unreadable (decompression bombs).",
         ),
         click.option(
@@ -230,6 +270,25 @@ def preprocess_options(function=None, *, training: bool = False):
     return function
 
 
+def _segment_option(help: str):
+    return _config_option("--segment", field="segment", type=click.BOOL, help=help)
+
+
+PREPROCESS_FIELDS = tuple(f.name for f in dataclass_fields(PreprocessConfig))
+
+
+def _experiment(config_path, options: dict, training_overrides: dict | None = None):
+    """(TrainConfig, PreprocessConfig) from the YAML and the options given; removes the
+    ``PreprocessConfig`` fields from ``options``."""
+    given = {k: options.pop(k) for k in PREPROCESS_FIELDS if k in options}
+    try:
+        return load_experiment(
+            config_path, training_overrides, {k: v for k, v in given.items() if v is not None}
+        )
+    except ValueError as error:
+        raise _Failure(str(error)) from None
+
+
 def _resolve_data_dir(data_dir: str, per_class: int, seed: int) -> str:
     if data_dir != SYNTHETIC:
         return data_dir
@@ -238,35 +297,32 @@ def _resolve_data_dir(data_dir: str, per_class: int, seed: int) -> str:
 
 
 def _run_preprocess(
-    data_dir, out_dir, manifest, options, segment: bool, progress: bool = True
+    data_dir,
+    out_dir,
+    manifest,
+    pre: PreprocessConfig,
+    image_size: int,
+    workers: int,
+    progress: bool = True,
 ) -> tuple[PreprocessResult, float]:
-    seg = SegmentationParams(
-        image_size=options["image_size"],
-        segment=segment,
-        channel=options["channel"],
-        foreground=options["foreground"],
-        kernel_size=options["kernel_size"],
-        kernel_shape=options["kernel_shape"],
-        output=options["output"],
-    )
     split = SplitParams(
-        fractions=options["split_fractions"],
-        seed=options["split_seed"],
-        group_by=options["group_by"],
-        block_size=options["block_size"],
-        near_duplicate_distance=options["near_duplicate_distance"],
+        fractions=pre.split_fractions,
+        seed=pre.split_seed,
+        group_by=pre.group_by,
+        block_size=pre.block_size,
+        near_duplicate_distance=pre.near_duplicate_distance,
     )
     start = time.perf_counter()
     try:
         result = preprocess(
             data_dir,
             out_dir,
-            seg=seg,
+            seg=pre.segmentation(image_size),
             split=split,
             manifest=manifest,
-            max_unreadable=options["max_unreadable"],
-            max_pixels=options["max_pixels"],
-            workers=options["workers"],
+            max_unreadable=pre.max_unreadable,
+            max_pixels=pre.max_pixels,
+            workers=workers,
             progress=progress,
         )
     except (DatasetError, FileExistsError, ValueError) as error:
@@ -292,17 +348,18 @@ def _empty_is_none(ctx, param, value):
 
 @main.command("preprocess")
 @preprocess_options
-@click.option(
-    "--segment",
-    type=click.BOOL,
-    is_flag=False,
-    default=True,
-    help="true: the paper's segmented images (proposed arm); false: the baseline arm.",
-)
+@_segment_option("true: the paper's segmented images (proposed arm); false: the baseline arm.")
 @click.option(
     "--no-segment",
     is_flag=True,
     help="Same as --segment false: write the resized RGB images (baseline arm).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    callback=_empty_is_none,
+    default=None,
+    help="Experiment YAML whose preprocess block (and image_size) to use.",
 )
 @click.option(
     "--out-dir",
@@ -321,20 +378,24 @@ def preprocess_command(
     data_dir,
     synthetic_per_class,
     synthetic_seed,
-    segment,
     no_segment,
+    config_path,
     out_dir,
     manifest,
     as_json,
     experiment,
+    image_size,
+    workers,
     **options,
 ):
     """Audit, split and segment a dataset; log it to MLflow. Cached by input and options."""
-
-    segment = segment and not no_segment
+    if no_segment:
+        options["segment"] = False
+    config, pre = _experiment(config_path, options)
     data_dir = _resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
-    out_dir = out_dir or _default_out_dir(segment)
-    result, seconds = _run_preprocess(data_dir, out_dir, manifest, options, segment)
+    out_dir = out_dir or _default_out_dir(pre.segment)
+    size = image_size or config.image_size
+    result, seconds = _run_preprocess(data_dir, out_dir, manifest, pre, size, workers)
     with tracking.start_run("preprocess", experiment) as run:
         tracking.log_preprocess(result, seconds)
     if as_json:
@@ -381,12 +442,7 @@ def parse_overrides(args: list[str]) -> dict:
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
 )
 @preprocess_options(training=True)
-@click.option(
-    "--segment",
-    type=click.BOOL,
-    default=True,
-    help="true: train on segmented images (proposed arm); false: on raw images (baseline).",
-)
+@_segment_option("true: train on segmented images (proposed arm); false: on raw images (baseline).")
 @click.option(
     "--config",
     "config_path",
@@ -394,7 +450,12 @@ def parse_overrides(args: list[str]) -> dict:
     default=None,
     help="Experiment YAML (e.g. experiments/paper.yaml) [default: the paper's values in code].",
 )
-@click.option("--seed", type=int, default=None, help="Training seed (overrides the config's).")
+@click.option(
+    "--seed",
+    type=_OrConfig(click.IntRange(min=0)),
+    default=None,
+    help=f"Training seed [default: from --config, else {TrainConfig.seed}].",
+)
 @click.option(
     "--manifest",
     callback=_empty_is_none,
@@ -425,13 +486,13 @@ def train_command(
     data_dir,
     synthetic_per_class,
     synthetic_seed,
-    segment,
     config_path,
     seed,
     manifest,
     out_dir,
     resume,
     experiment,
+    workers,
     **options,
 ):
     """Train the paper's two-phase classifier on one arm, tracked in MLflow.
@@ -440,20 +501,15 @@ def train_command(
     what `mlflow run -P field=VALUE` passes. The dataset is preprocessed first (cached).
     """
     from . import workflow
-    from .config import load_config
     from .model import PretrainedWeightsError
 
     overrides = parse_overrides(ctx.args)
     if seed is not None:
         overrides["seed"] = seed
-    try:
-        config = load_config(config_path, overrides)
-    except ValueError as error:
-        raise _Failure(str(error)) from None
+    config, pre = _experiment(config_path, options, overrides)
     data_dir = _resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
-    out_dir = out_dir or _default_out_dir(segment)
-    options["image_size"] = config.image_size
-    result, seconds = _run_preprocess(data_dir, out_dir, manifest, options, segment)
+    out_dir = out_dir or _default_out_dir(pre.segment)
+    result, seconds = _run_preprocess(data_dir, out_dir, manifest, pre, config.image_size, workers)
     click.echo(_summary(result, seconds))
     try:
         workflow.run_training(
@@ -607,21 +663,22 @@ def study_options(function):
     return function
 
 
-def _plan_study(ctx, config_path, seeds):
-    """Check a study's input before any run starts: overrides, seeds, configs, project."""
+def _plan_study(ctx, config_path, seeds, options: dict):
+    """Check a study's input before any run starts: overrides, seeds, configs (one per seed),
+    preprocessing, project. Removes the preprocessing fields from ``options``."""
     from . import study
-    from .config import load_config
 
     overrides = parse_overrides(ctx.args)
     try:
         seed_list = study.parse_seeds(seeds)
-        configs = {
-            seed: load_config(config_path, {**overrides, "seed": seed}) for seed in seed_list
-        }
         project = study.find_project()
     except ValueError as error:
         raise _Failure(str(error)) from None
-    return overrides, seed_list, configs, project
+    given = {k: options.pop(k) for k in PREPROCESS_FIELDS if k in options}
+    configs = {}
+    for seed in seed_list:
+        configs[seed], pre = _experiment(config_path, dict(given), {**overrides, "seed": seed})
+    return overrides, seed_list, configs, project, pre
 
 
 def _compare(
@@ -646,13 +703,18 @@ def _compare(
     from . import study
     from .data import read_manifest, split_fingerprint
 
-    overrides, seed_list, configs, project = plan
+    overrides, seed_list, configs, project, pre = plan
     data_dir = _resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
-    options["image_size"] = configs[seed_list[0]].image_size
+    size, workers = configs[seed_list[0]].image_size, options["workers"]
     segmented_dir, raw_dir = Path(out_dir, "segmented"), Path(out_dir, "raw")
-    proposed, seconds = _run_preprocess(data_dir, segmented_dir, None, options, segment=True)
+    arms = {arm: replace(pre, segment=arm == "proposed") for arm in study.DEEP_ARMS}
+    proposed, seconds = _run_preprocess(
+        data_dir, segmented_dir, None, arms["proposed"], size, workers
+    )
     click.echo("split: " + _summary(proposed, seconds))
-    baseline, _ = _run_preprocess(data_dir, raw_dir, proposed.manifest, options, segment=False)
+    baseline, _ = _run_preprocess(
+        data_dir, raw_dir, proposed.manifest, arms["baseline"], size, workers
+    )
     rows = read_manifest(proposed.manifest)
     manifest_hash = split_fingerprint(rows)
     parent = mlflow.active_run()
@@ -672,15 +734,9 @@ def _compare(
         "data_dir": data_dir,
         "config": str(Path(config_path).resolve()) if config_path else "",
         "registered_model_name": registered_model_name,
-        **{
-            k: options[k]
-            for k in ("channel", "foreground", "kernel_size", "kernel_shape", "output")
-        },
-        "split_fractions": ",".join(str(f) for f in options["split_fractions"]),
-        "split_seed": options["split_seed"],
-        "group_by": options["group_by"],
-        "block_size": options["block_size"],
-        "near_duplicate_distance": options["near_duplicate_distance"],
+        # The resolved preprocessing, whatever set it (config, options): exactly what the
+        # parent preprocessed; each arm sets segment.
+        **{k: v for k, v in pre.to_dict().items() if k != "segment"},
         **overrides,
     }
     children: dict[str, dict[int, str]] = {}
@@ -743,7 +799,7 @@ def compare_command(ctx, data_dir, synthetic_per_class, synthetic_seed, experime
     Config fields can be overridden as --field VALUE for both arms."""
 
     study_args = _study_args(options)
-    plan = _plan_study(ctx, study_args["config_path"], study_args["seeds"])
+    plan = _plan_study(ctx, study_args["config_path"], study_args["seeds"], options)
     with tracking.start_run("compare", experiment) as parent, processes.children_stop_with_me():
         _compare(plan, data_dir, synthetic_per_class, synthetic_seed, options=options, **study_args)
     click.echo(f"parent run {parent.info.run_id}")
@@ -834,7 +890,7 @@ def main_command(
 
     study_args = _study_args(options)
     name = study_args["registered_model_name"]
-    plan = _plan_study(ctx, study_args["config_path"], study_args["seeds"])
+    plan = _plan_study(ctx, study_args["config_path"], study_args["seeds"], options)
     with tracking.start_run("main", experiment) as parent, processes.children_stop_with_me():
         children, table, tests, manifest = _compare(
             plan, data_dir, synthetic_per_class, synthetic_seed, options=options, **study_args

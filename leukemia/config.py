@@ -1,7 +1,10 @@
-"""Training configuration: dataclass defaults (the paper) -> experiment YAML -> overrides.
+"""Experiment configuration: dataclass defaults (the paper) -> experiment YAML -> overrides.
 
-One frozen ``TrainConfig`` comes out and is logged whole. Unknown keys are an error that lists
-the valid ones.
+An experiment YAML holds ``TrainConfig`` fields at the top level and, optionally, a
+``preprocess:`` mapping of ``PreprocessConfig`` fields. One frozen config of each comes out and
+is logged whole. Unknown keys are an error that lists the valid ones. These dataclasses are the
+only place a default is declared: the command-line options and the MLproject parameters leave
+a value unset ("") to take it from here (tests/test_config.py checks that they do).
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ from pathlib import Path
 
 import yaml
 
-from .segmentation import MAX_IMAGE_SIZE
+from . import images
+from .data import parse_fractions
+from .segmentation import MAX_IMAGE_SIZE, SegmentationParams
+
+_SEGMENTATION = SegmentationParams()  # the paper's operator, declared in segmentation.py
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -82,6 +89,62 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything preprocessing decides besides the image size (``TrainConfig.image_size``)."""
+
+    # Segmentation (paper: gray Otsu, cells as foreground, 5 x 5 ellipse closing, gray inside).
+    segment: bool = _SEGMENTATION.segment  # false: the baseline arm's resized RGB images
+    channel: str = _SEGMENTATION.channel  # gray | saturation | lab-a
+    foreground: str = _SEGMENTATION.foreground  # auto | dark | bright
+    kernel_size: int = _SEGMENTATION.kernel_size
+    kernel_shape: str = _SEGMENTATION.kernel_shape  # ellipse | rect | cross
+    output: str = _SEGMENTATION.output  # masked | mask
+    # Split (paper: 70/15/15; duplicates always kept in one split).
+    split_fractions: str = "0.7,0.15,0.15"
+    split_seed: int = 42
+    group_by: str = "image"  # image | index-block
+    block_size: int = 24
+    near_duplicate_distance: int = 4
+    # Input checks.
+    max_unreadable: float = 0.01
+    max_pixels: int = images.DEFAULT_MAX_PIXELS
+
+    def __post_init__(self):
+        self.segmentation(224)  # SegmentationParams checks its options
+        parse_fractions(self.split_fractions)
+        if self.group_by not in ("image", "index-block"):
+            raise ValueError(
+                f"unsupported group_by, got {self.group_by!r}; expected image or index-block"
+            )
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0 <= self.near_duplicate_distance <= 64:
+            raise ValueError(
+                f"near_duplicate_distance must be 0..64 bits, got {self.near_duplicate_distance}"
+            )
+        if not 0 <= self.max_unreadable <= 1:
+            raise ValueError(f"max_unreadable must be in [0, 1], got {self.max_unreadable}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.split_seed < 0:
+            raise ValueError(f"split_seed must be >= 0, got {self.split_seed}")
+
+    def segmentation(self, image_size: int) -> SegmentationParams:
+        return SegmentationParams(
+            image_size=image_size,
+            segment=self.segment,
+            channel=self.channel,
+            foreground=self.foreground,
+            kernel_size=self.kernel_size,
+            kernel_shape=self.kernel_shape,
+            output=self.output,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def _coerce(name: str, value, target_type):
     """Turn a YAML value or a ``-P key=value`` string into the field's type, or raise."""
     if target_type is bool:
@@ -107,31 +170,31 @@ def _coerce(name: str, value, target_type):
     raise ValueError(f"{name} must be {target_type.__name__}, got {value!r}")
 
 
-def load_config(
-    path: str | os.PathLike | None = None, overrides: dict | None = None
-) -> TrainConfig:
-    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``; validated."""
-    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+def _read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ValueError(
+            f"config file {str(path)!r} is not readable YAML{at}; expected a mapping of "
+            "field: value"
+        ) from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of field: value")
+    return loaded
+
+
+def _layered(cls, layers: list[tuple[str, dict]]):
+    """``cls`` from its defaults and each (source, mapping) layer in turn."""
+    types = {f.name: type(f.default) for f in fields(cls)}
     values: dict = {}
-    layers = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
-            where = getattr(error, "problem_mark", None)
-            at = f" at line {where.line + 1}" if where is not None else ""
-            raise ValueError(
-                f"config file {str(path)!r} is not readable YAML{at}; expected a mapping of "
-                "field: value"
-            ) from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping of field: value")
-        layers.append((str(path), loaded))
-    layers.append(("overrides", overrides or {}))
     for source, layer in layers:
+        if not isinstance(layer, dict):
+            raise ValueError(f"{source} must be a mapping of field: value")
         unknown = sorted(set(layer) - set(types))
         if unknown:
             raise ValueError(
@@ -139,4 +202,32 @@ def load_config(
             )
         for key, value in layer.items():
             values[key] = _coerce(key, value, types[key])
-    return TrainConfig(**values)
+    return cls(**values)
+
+
+def load_experiment(
+    path: str | os.PathLike | None = None,
+    overrides: dict | None = None,
+    preprocess_overrides: dict | None = None,
+) -> tuple[TrainConfig, PreprocessConfig]:
+    """Defaults, then the YAML file at ``path`` (if any), then the overrides; validated."""
+    loaded = _read_yaml(path) if path is not None else {}
+    train_layer = {k: v for k, v in loaded.items() if k != "preprocess"}
+    train = _layered(
+        TrainConfig, [(f"config file {str(path)!r}", train_layer), ("overrides", overrides or {})]
+    )
+    preprocess = _layered(
+        PreprocessConfig,
+        [
+            (f"the preprocess block of {str(path)!r}", loaded.get("preprocess") or {}),
+            ("preprocessing options", preprocess_overrides or {}),
+        ],
+    )
+    return train, preprocess
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: dict | None = None
+) -> TrainConfig:
+    """The training half of ``load_experiment``."""
+    return load_experiment(path, overrides)[0]

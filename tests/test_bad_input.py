@@ -73,7 +73,8 @@ def test_broken_and_looping_symlinks_are_listed_as_unreadable(dataset_copy, trac
         (["train", "--phase2_lr", "nan"], "phase2_lr must be a finite number > 0, got nan"),
         (["train", "--weight_decay", "nan"], "weight_decay must be a finite number >= 0"),
         (["train", "--weight_decay", "inf"], "weight_decay must be a finite number >= 0"),
-        (["train", "--seed", "-1"], "seed must be >= 0, got -1"),
+        (["train", "--seed", "-1"], "Invalid value for '--seed': -1 is not in the range x>=0"),
+        (["train", "--split-seed", "-1"], "'--split-seed': -1 is not in the range x>=0"),
         (["train", "--image_size", "5000"], "image_size must be at most 2048, got 5000"),
     ],
 )
