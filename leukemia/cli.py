@@ -5,17 +5,14 @@ from __future__ import annotations
 import errno
 import json
 import os
-import time
 from dataclasses import fields as dataclass_fields
-from dataclasses import replace
-from pathlib import Path
 
 import click
 
 from . import processes, synthetic, tracking
 from .config import PreprocessConfig, TrainConfig, load_experiment
 from .data import DatasetError
-from .preprocess import PreprocessResult, SplitParams, preprocess
+from .preprocess import SplitParams
 from .segmentation import (
     CHANNELS,
     FOREGROUNDS,
@@ -24,16 +21,11 @@ from .segmentation import (
     OUTPUTS,
     check_kernel_size,
 )
-
-SYNTHETIC = "synthetic"
-
-
-def cache_dir() -> Path:
-    """Where generated data lives: ``$LEUKEMIA_CACHE_DIR``, else ``~/.cache/leukemia``."""
-    base = os.environ.get("LEUKEMIA_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "leukemia"
-    )
-    return Path(base)
+from .steps import compare as compare_step
+from .steps import evaluate as evaluate_step
+from .steps import main as main_step
+from .steps import preprocess as preprocess_step
+from .steps import statistics
 
 
 def _odd_kernel(ctx, param, value):
@@ -158,7 +150,7 @@ def preprocess_options(function=None, *, training: bool = False):
     options = [
         click.option(
             "--data-dir",
-            default=SYNTHETIC,
+            default=preprocess_step.SYNTHETIC,
             help="Dataset folder (class folders, or one level above them), or "
             "'synthetic' for generated data.",
         ),
@@ -289,57 +281,12 @@ def _experiment(config_path, options: dict, training_overrides: dict | None = No
         raise _Failure(str(error)) from None
 
 
-def _resolve_data_dir(data_dir: str, per_class: int, seed: int) -> str:
-    if data_dir != SYNTHETIC:
-        return data_dir
-    target = cache_dir() / SYNTHETIC / f"per{per_class}-seed{seed}"
-    return str(synthetic.generate(target, per_class=per_class, seed=seed))
-
-
-def _run_preprocess(
-    data_dir,
-    out_dir,
-    manifest,
-    pre: PreprocessConfig,
-    image_size: int,
-    workers: int,
-    progress: bool = True,
-) -> tuple[PreprocessResult, float]:
-    split = SplitParams(
-        fractions=pre.split_fractions,
-        seed=pre.split_seed,
-        group_by=pre.group_by,
-        block_size=pre.block_size,
-        near_duplicate_distance=pre.near_duplicate_distance,
-    )
-    start = time.perf_counter()
+def _preprocess(*args) -> tuple:
+    """``steps.preprocess.run`` with its errors as one-line failures."""
     try:
-        result = preprocess(
-            data_dir,
-            out_dir,
-            seg=pre.segmentation(image_size),
-            split=split,
-            manifest=manifest,
-            max_unreadable=pre.max_unreadable,
-            max_pixels=pre.max_pixels,
-            workers=workers,
-            progress=progress,
-        )
+        return preprocess_step.run(*args)
     except (DatasetError, FileExistsError, ValueError) as error:
         raise _Failure(str(error)) from None
-    return result, time.perf_counter() - start
-
-
-def _summary(result: PreprocessResult, seconds: float) -> str:
-    counts = result.counts
-    state = "cached, reused" if result.cache_hit else f"{counts['images'] / seconds:.0f} images/s"
-    return (
-        f"{counts['images']} images ({counts['train_images']} train, "
-        f"{counts['val_images']} val, {counts['test_images']} test; "
-        f"{counts['unreadable']} unreadable, {counts['exact_duplicate_groups']} exact and "
-        f"{counts['near_duplicate_groups']} near-duplicate groups) -> {result.out_dir} "
-        f"[{state}]"
-    )
 
 
 def _empty_is_none(ctx, param, value):
@@ -392,32 +339,25 @@ def preprocess_command(
     if no_segment:
         options["segment"] = False
     config, pre = _experiment(config_path, options)
-    data_dir = _resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
-    out_dir = out_dir or _default_out_dir(pre.segment)
+    data_dir = preprocess_step.resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
+    out_dir = out_dir or preprocess_step.default_out_dir(pre.segment)
     size = image_size or config.image_size
-    result, seconds = _run_preprocess(data_dir, out_dir, manifest, pre, size, workers)
-    with tracking.start_run("preprocess", experiment) as run:
-        tracking.log_preprocess(result, seconds)
+    result, seconds = _preprocess(data_dir, out_dir, manifest, pre, size, workers)
+    run_id = preprocess_step.log(result, seconds, experiment)
     if as_json:
         click.echo(
             json.dumps(
                 {
                     "out_dir": str(result.out_dir),
-                    "run_id": run.info.run_id,
+                    "run_id": run_id,
                     "cache_hit": result.cache_hit,
                     "counts": result.counts,
                 }
             )
         )
     else:
-        click.echo(_summary(result, seconds))
-        click.echo(f"MLflow run {run.info.run_id}")
-
-
-def _default_out_dir(segment: bool) -> str:
-    """``processed/segmented`` or ``processed/raw``: one store per arm, holding one immutable
-    folder per option set (see ``leukemia.store``)."""
-    return os.path.join("processed", "segmented" if segment else "raw")
+        click.echo(preprocess_step.summary(result, seconds))
+        click.echo(f"MLflow run {run_id}")
 
 
 def parse_overrides(args: list[str]) -> dict:
@@ -500,23 +440,23 @@ def train_command(
     Any config field can be overridden as --field VALUE (e.g. --phase1_epochs 5), which is
     what `mlflow run -P field=VALUE` passes. The dataset is preprocessed first (cached).
     """
-    from . import workflow
     from .model import PretrainedWeightsError
+    from .steps import train as train_step
 
     overrides = parse_overrides(ctx.args)
     if seed is not None:
         overrides["seed"] = seed
     config, pre = _experiment(config_path, options, overrides)
-    data_dir = _resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
-    out_dir = out_dir or _default_out_dir(pre.segment)
-    result, seconds = _run_preprocess(data_dir, out_dir, manifest, pre, config.image_size, workers)
-    click.echo(_summary(result, seconds))
+    data_dir = preprocess_step.resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
+    out_dir = out_dir or preprocess_step.default_out_dir(pre.segment)
+    result, seconds = _preprocess(data_dir, out_dir, manifest, pre, config.image_size, workers)
+    click.echo(preprocess_step.summary(result, seconds))
     try:
-        workflow.run_training(
+        train_step.run_training(
             config,
             result.out_dir,
             segmentation=result.params["segmentation"],
-            work_root=cache_dir() / "runs",
+            work_root=preprocess_step.cache_dir() / "runs",
             experiment=experiment,
             resume=resume,
             register_as=registered_model_name or None,
@@ -590,8 +530,8 @@ def predict_command(image_files, model_uri, as_json):
     import mlflow
     import pandas as pd
 
-    from .evaluation import load_bundle
     from .serving import IMAGE_COLUMN, encode_image_file
+    from .steps.evaluate import load_bundle
 
     missing = [f for f in image_files if not os.path.isfile(f)]
     if missing:
@@ -663,129 +603,6 @@ def study_options(function):
     return function
 
 
-def _plan_study(ctx, config_path, seeds, options: dict):
-    """Check a study's input before any run starts: overrides, seeds, configs (one per seed),
-    preprocessing, project. Removes the preprocessing fields from ``options``."""
-    from . import study
-
-    overrides = parse_overrides(ctx.args)
-    try:
-        seed_list = study.parse_seeds(seeds)
-        project = study.find_project()
-    except ValueError as error:
-        raise _Failure(str(error)) from None
-    given = {k: options.pop(k) for k in PREPROCESS_FIELDS if k in options}
-    configs = {}
-    for seed in seed_list:
-        configs[seed], pre = _experiment(config_path, dict(given), {**overrides, "seed": seed})
-    return overrides, seed_list, configs, project, pre
-
-
-def _compare(
-    plan,
-    data_dir,
-    synthetic_per_class,
-    synthetic_seed,
-    config_path,
-    seeds,
-    out_dir,
-    env_manager,
-    shortcuts,
-    registered_model_name,
-    options,
-    echo_table=True,
-):
-    """Both arms x seeds as `mlflow run -e train` children of the active run, + shortcuts.
-
-    ``plan``: what ``_plan_study`` checked before the run started (``seeds`` is in it)."""
-    import mlflow
-
-    from . import study
-    from .data import read_manifest, split_fingerprint
-
-    overrides, seed_list, configs, project, pre = plan
-    data_dir = _resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
-    size, workers = configs[seed_list[0]].image_size, options["workers"]
-    segmented_dir, raw_dir = Path(out_dir, "segmented"), Path(out_dir, "raw")
-    arms = {arm: replace(pre, segment=arm == "proposed") for arm in study.DEEP_ARMS}
-    proposed, seconds = _run_preprocess(
-        data_dir, segmented_dir, None, arms["proposed"], size, workers
-    )
-    click.echo("split: " + _summary(proposed, seconds))
-    baseline, _ = _run_preprocess(
-        data_dir, raw_dir, proposed.manifest, arms["baseline"], size, workers
-    )
-    rows = read_manifest(proposed.manifest)
-    manifest_hash = split_fingerprint(rows)
-    parent = mlflow.active_run()
-    experiment_id = parent.info.experiment_id
-    mlflow.set_tags({"step": "compare"})
-    mlflow.log_params(
-        {
-            "compare.seeds": ",".join(map(str, seed_list)),
-            "compare.config": config_path or "(code defaults: the paper)",
-            "compare.env_manager": env_manager,
-            "data.manifest_hash": manifest_hash,
-            **tracking.preprocess_params(proposed.params["segmentation"]),
-            **{f"compare.override.{k}": v for k, v in overrides.items()},
-        }
-    )
-    shared = {
-        "data_dir": data_dir,
-        "config": str(Path(config_path).resolve()) if config_path else "",
-        "registered_model_name": registered_model_name,
-        # The resolved preprocessing, whatever set it (config, options): exactly what the
-        # parent preprocessed; each arm sets segment.
-        **{k: v for k, v in pre.to_dict().items() if k != "segment"},
-        **overrides,
-    }
-    children: dict[str, dict[int, str]] = {}
-    reused = []
-    for seed in seed_list:
-        for arm, folder, manifest, made in (
-            ("baseline", raw_dir, proposed.manifest, baseline),
-            ("proposed", segmented_dir, "", proposed),
-        ):
-            found = study._reusable_run(
-                experiment_id, arm, configs[seed], manifest_hash, made.params["segmentation"]
-            )
-            if found is not None:
-                click.echo(f"{arm} seed {seed}: reusing finished run {found.info.run_id}")
-                reused.append(found.info.run_id)
-                run = found
-            else:
-                click.echo(f"{arm} seed {seed}: mlflow run -e train ...")
-                parameters = {
-                    **shared,
-                    "segment": str(arm == "proposed").lower(),
-                    "seed": seed,
-                    "out_dir": str(Path(folder).resolve()),
-                    "manifest": str(Path(manifest).resolve()) if manifest else "",
-                }
-                try:
-                    run = study.run_train_child(
-                        project, experiment_id, parent.info.run_id, parameters, env_manager
-                    )
-                except mlflow.exceptions.ExecutionException as error:
-                    raise _Failure(f"the {arm} arm (seed {seed}) failed: {error}") from None
-            children.setdefault(arm, {})[seed] = run.info.run_id
-    if reused:
-        mlflow.set_tag("compare.reused_runs", ",".join(reused))
-    if shortcuts:
-        for arm, kind, source in study.SHORTCUT_ARMS:
-            folder = proposed.out_dir if source == "proposed" else baseline.out_dir
-            run_id = study.run_shortcut_arm(arm, kind, folder, parent.info.run_id)
-            children[arm] = dict.fromkeys(seed_list, run_id)
-    try:
-        table, tests = study.summarise(children)
-    except ValueError as error:
-        raise _Failure(str(error)) from None
-    study.log_summary(table, tests)
-    if echo_table:
-        click.echo(study.format_table(table, tests))
-    return children, table, tests, proposed.manifest
-
-
 @main.command(
     "compare", context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
 )
@@ -799,10 +616,31 @@ def compare_command(ctx, data_dir, synthetic_per_class, synthetic_seed, experime
     Config fields can be overridden as --field VALUE for both arms."""
 
     study_args = _study_args(options)
-    plan = _plan_study(ctx, study_args["config_path"], study_args["seeds"], options)
+    plan, data_dir = _plan(ctx, study_args, options, data_dir, synthetic_per_class, synthetic_seed)
     with tracking.start_run("compare", experiment) as parent, processes.children_stop_with_me():
-        _compare(plan, data_dir, synthetic_per_class, synthetic_seed, options=options, **study_args)
+        try:
+            comparison = compare_step.compare(plan, data_dir, echo=click.echo, **study_args)
+        except (DatasetError, FileExistsError, ValueError) as error:
+            raise _Failure(str(error)) from None
+        click.echo(statistics.format_table(comparison.table, comparison.tests))
     click.echo(f"parent run {parent.info.run_id}")
+
+
+def _plan(ctx, study_args: dict, options: dict, data_dir, per_class: int, seed: int):
+    """The checked study plan and the dataset folder; the preprocessing fields of ``options``
+    and ``seeds`` leave their dicts, ``config_path`` and ``workers`` join ``study_args``."""
+    given = {k: options.pop(k) for k in PREPROCESS_FIELDS if k in options}
+    study_args["workers"] = options["workers"]
+    try:
+        plan = compare_step.plan(
+            study_args["config_path"],
+            study_args.pop("seeds"),
+            parse_overrides(ctx.args),
+            {k: v for k, v in given.items() if v is not None},
+        )
+    except ValueError as error:
+        raise _Failure(str(error)) from None
+    return plan, preprocess_step.resolve_data_dir(data_dir, per_class, seed)
 
 
 @main.command("evaluate")
@@ -836,13 +674,11 @@ def evaluate_command(
 ):
     """Score a model on a split: report, confusion matrix, ROC-AUC, calibration, bootstrap
     intervals, robustness table and Grad-CAM, logged as one MLflow run."""
-    from . import evaluation
-    from .data import DatasetError
 
-    if data_dir == SYNTHETIC:
+    if data_dir == preprocess_step.SYNTHETIC:
         raise _Failure("--data-dir names the raw images of the manifest; omit it for synthetic")
     try:
-        result = evaluation.run_evaluation(
+        result = evaluate_step.run(
             model_uri,
             manifest,
             dataset_root=data_dir,
@@ -886,44 +722,20 @@ def main_command(
 
     With no options: the built-in synthetic data; `--config experiments/demo.yaml` makes it a
     few minutes on a CPU, `--config experiments/paper.yaml --data-dir DATASET` is the paper."""
-    from . import evaluation, registry, study
-
     study_args = _study_args(options)
     name = study_args["registered_model_name"]
-    plan = _plan_study(ctx, study_args["config_path"], study_args["seeds"], options)
+    plan, data_dir = _plan(ctx, study_args, options, data_dir, synthetic_per_class, synthetic_seed)
     with tracking.start_run("main", experiment) as parent, processes.children_stop_with_me():
-        children, table, tests, manifest = _compare(
-            plan, data_dir, synthetic_per_class, synthetic_seed, options=options, **study_args
-        )
-        best = max(study.DEEP_ARMS, key=lambda arm: table[arm][f"{metric}_mean"])
-        best_run = study.registered_version(children[best].values(), metric)
-        mlflow_client = tracking.mlflow.tracking.MlflowClient()
-        tracking.mlflow.set_tags({"step": "main", "best_deep_arm": best})
         try:
-            decision = registry.decide_and_promote(
-                name, best_run, metric=metric, min_delta=min_delta
+            result = main_step.run_study(
+                plan, data_dir, metric=metric, min_delta=min_delta, echo=click.echo, **study_args
             )
-            click.echo(
-                f"promotion: version {decision.candidate} ({best} arm) "
-                f"{'is now @champion' if decision.promote else 'not promoted'}: {decision.reason}"
-            )
-        except ValueError as error:
-            click.echo(f"promotion skipped: {error}")
-        try:
-            mlflow_client.get_model_version_by_alias(name, registry.CHAMPION)
-        except tracking.mlflow.exceptions.MlflowException:
-            champion_uri = None
-        else:
-            champion_uri = f"models:/{name}@{registry.CHAMPION}"
-        if champion_uri:
-            try:
-                result = evaluation.run_evaluation(
-                    champion_uri, manifest, bootstrap=1000, nested=True
-                )
-            except ValueError as error:
-                click.echo(f"evaluation of the champion skipped: {error}")
-            else:
-                _echo_evaluation(result, "test (champion)")
+        except (DatasetError, FileExistsError, ValueError) as error:
+            raise _Failure(str(error)) from None
+        comparison = result.comparison
+        click.echo(statistics.format_table(comparison.table, comparison.tests))
+        if result.evaluation is not None:
+            _echo_evaluation(result.evaluation, "test (champion)")
     uri = tracking.mlflow.get_tracking_uri()
     click.echo(
         f"\nDone. Parent run {parent.info.run_id} holds the comparison (comparison.png, "

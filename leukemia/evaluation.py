@@ -1,56 +1,33 @@
-"""The ``evaluate`` step: a logged classifier on a manifest's raw images, clean and perturbed.
+"""Evaluation maths: a logged classifier on a manifest's raw images, clean and perturbed.
 
-A model comes from a training run (``classifier/``, the served pyfunc, or ``checkpoint/``), the
-registry, or a local folder: the same two files, ``weights.safetensors`` and ``model.json``
-(see ``model_files``; nothing else in a model folder is read, so nothing in it runs). Raw images
-go through the model's own preprocessing, loaded by ``serving.LeukemiaModel.from_folder``, so
-they are scored exactly as the served model scores them. Perturbations (``PERTURBATIONS``)
-apply to the raw image, before that preprocessing.
-
-``run_evaluation`` logs one run (tags ``step=evaluate``, ``model_uri``, ``split``) with:
-
-- metrics ``{split}_accuracy``, ``{split}_f1_macro``, ... named as in training runs, and
-  ``{split}_accuracy_ci_low``/``_high``, ``{split}_f1_macro_ci_low``/``_high`` (95 % bootstrap);
-- metrics ``robust_<perturbation>_accuracy`` and ``robust_<perturbation>_f1_macro``;
-- artifacts under ``evaluation/``: what ``tracking.log_evaluation`` writes for the clean images
-  (confusion matrix, classification report, reliability diagram, ``predictions.csv``),
-  ``robustness.json`` and ``robustness.csv`` (one row per condition: accuracy, f1_macro,
-  roc_auc_macro, ece, accuracy_drop vs clean) and ``gradcam.png``.
+A model is its two data files, ``weights.safetensors`` and ``model.json`` (``model_files``;
+nothing else in a model folder is read, so nothing in it runs), loaded by
+``serving.LeukemiaModel.from_folder`` so that raw images are scored exactly as the served model
+scores them. Perturbations (``PERTURBATIONS``) apply to the raw image, before that
+preprocessing. No MLflow here: ``steps.evaluate`` finds the model (``registry.resolve``) and
+logs the run.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-import mlflow
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from mlflow.exceptions import MlflowException
 from tqdm.auto import tqdm
 
-from . import images, metrics, model_files, serving, tracking
-from .data import CLASSES, SPLITS, read_manifest, split_fingerprint
+from . import images, metrics, serving
+from .data import SPLITS, read_manifest
 from .model import Classifier
-from .model_files import SPEC_FILE, WEIGHTS_FILE
 from .segmentation import SegmentationParams, preprocess_image
 from .serving import LeukemiaModel
-
-EXPECTED_SOURCE = (
-    "runs:/<run_id>[/<model name>], models:/<name>@<alias>, models:/<name>/<version>, or a "
-    f"folder holding {WEIGHTS_FILE} and {SPEC_FILE}"
-)
-DEFAULT_RUN_MODEL = "classifier"  # what runs:/<run_id> means: the served pyfunc of a train run
-_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(.*)$")
-
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -77,47 +54,8 @@ class Bundle:
         return self.segmentation.image_size
 
 
-def load_bundle(source: str) -> Bundle:
-    """Load a model from a URI (``runs:/``, ``models:/``) or a local folder or file.
-
-    ``runs:/<run_id>`` means ``runs:/<run_id>/classifier``; ``runs:/<run_id>/checkpoint`` works
-    too. A local source is a folder holding the two files, a pyfunc model folder (they are in its
-    ``data/model/``), or one of the files. Anything else raises ``ValueError``.
-    """
-    source = str(source)
-    match = _URI.match(source)
-    if match:
-        uri = _normalise_uri(source, *match.groups())
-        with tempfile.TemporaryDirectory(prefix="leukemia-evaluate-") as scratch:
-            try:
-                local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch)
-            except MlflowException as error:
-                raise ValueError(
-                    f"cannot load model {source!r}: {_one_line(error.message)}; expected "
-                    f"{EXPECTED_SOURCE}"
-                ) from None
-            return _bundle_from_folder(model_files.find_folder(local, source), uri)
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise ValueError(
-            f"model source {source!r} is neither a model URI nor an existing path; expected "
-            f"{EXPECTED_SOURCE}"
-        )
-    return _bundle_from_folder(model_files.find_folder(path, source), str(path.resolve()))
-
-
-def _normalise_uri(source: str, scheme: str, rest: str) -> str:
-    if scheme not in ("runs", "models"):
-        raise ValueError(f"unsupported model URI {source!r}; expected {EXPECTED_SOURCE}")
-    rest = rest.strip("/")
-    if not rest:
-        raise ValueError(f"model URI {source!r} names no run or model; expected {EXPECTED_SOURCE}")
-    if scheme == "runs" and "/" not in rest:
-        return f"runs:/{rest}/{DEFAULT_RUN_MODEL}"
-    return f"{scheme}:/{rest}"
-
-
-def _bundle_from_folder(folder: Path, source: str) -> Bundle:
+def bundle_from_folder(folder: Path, source: str) -> Bundle:
+    """The model in ``folder`` (``model_files``: its two data files only) as a Bundle."""
     served = LeukemiaModel.from_folder(folder, source)
     return Bundle(
         classifier=served.model,
@@ -256,7 +194,7 @@ def predict_rgb(bundle: Bundle, rgbs: Sequence[np.ndarray], batch_size: int = 32
 # A manifest's raw images
 
 
-def _dataset_root(manifest_path: Path, dataset_root) -> Path:
+def resolve_dataset_root(manifest_path: Path, dataset_root) -> Path:
     """``dataset_root``, else the one ``params.json`` next to the manifest names."""
     if dataset_root is None:
         params = manifest_path.parent / "params.json"
@@ -328,7 +266,7 @@ def evaluate_manifest(
     rows = [r for r in read_manifest(manifest_path) if r["split"] == split]
     if not rows:
         raise ValueError(f"manifest {str(manifest_path)!r} lists no {split!r} images")
-    root = _dataset_root(manifest_path, dataset_root)
+    root = resolve_dataset_root(manifest_path, dataset_root)
     unknown = sorted({r["class"] for r in rows} - set(bundle.classes))
     if unknown:
         raise ValueError(f"manifest classes {unknown} are not among the model's {bundle.classes}")
@@ -469,7 +407,7 @@ def gradcam_figure(bundle: Bundle, samples: Sequence[tuple[np.ndarray, int]]) ->
     return fig
 
 
-def _gradcam_samples(manifest_path: Path, root: Path, split: str, bundle: Bundle, per_class: int):
+def gradcam_samples(manifest_path: Path, root: Path, split: str, bundle: Bundle, per_class: int):
     """The first ``per_class`` raw images of each class in the split, in manifest order."""
     rows = [r for r in read_manifest(manifest_path) if r["split"] == split]
     samples = []
@@ -477,139 +415,3 @@ def _gradcam_samples(manifest_path: Path, root: Path, split: str, bundle: Bundle
         for row in [r for r in rows if r["class"] == name][:per_class]:
             samples.append((_read_raw(root, row, int(bundle.config["max_pixels"])), label))
     return samples
-
-
-# ---------------------------------------------------------------------------------------------
-# The tracked step
-
-
-def _registered_version(source: str) -> str | None:
-    """``name/version`` a ``models:/name@alias`` or ``models:/name/version`` URI names."""
-    if not source.startswith("models:/"):
-        return None
-    name, _, rest = source[len("models:/") :].partition("@")
-    client = mlflow.tracking.MlflowClient()
-    try:
-        if rest:
-            return f"{name}/{client.get_model_version_by_alias(name, rest).version}"
-        name, _, number = name.partition("/")
-        return f"{name}/{number}" if number else None
-    except mlflow.exceptions.MlflowException:
-        return None
-
-
-def run_evaluation(
-    source: str,
-    manifest_path,
-    *,
-    dataset_root=None,
-    split: str = "test",
-    robustness: bool = True,
-    gradcam_per_class: int = 2,
-    bootstrap: int = 1000,
-    experiment: str | None = None,
-    seed: int = 0,
-    batch_size: int = 32,
-    nested: bool = False,
-) -> dict:
-    """Evaluate ``source`` on the ``split`` of a manifest in one MLflow run (see the module);
-    ``nested``: as a child of the active run (the ``main`` study).
-
-    Everything is computed before the run starts, so a bad model, manifest or dataset never
-    leaves a failed run behind. ``bootstrap`` resamples (0: no intervals); ``robustness``:
-    every perturbation, else clean only. Returns ``run_id``, ``n_images``, ``accuracy``,
-    ``f1_macro``, ``accuracy_ci`` and ``f1_macro_ci`` (``(low, high)`` or None) and
-    ``robustness`` (the table's rows).
-    """
-    if bootstrap < 0 or gradcam_per_class < 0:
-        raise ValueError(
-            f"bootstrap and gradcam_per_class must be >= 0, got {bootstrap}, {gradcam_per_class}"
-        )
-    bundle = load_bundle(source)
-    if tuple(bundle.classes) != CLASSES:
-        raise ValueError(f"model classes {bundle.classes} differ from the dataset's {CLASSES}")
-    manifest_path = Path(manifest_path)
-    root = _dataset_root(manifest_path, dataset_root)
-    conditions = tuple(PERTURBATIONS) if robustness else ("clean",)
-    results = evaluate_manifest(bundle, manifest_path, root, split, conditions, seed, batch_size)
-    clean_result = results["clean"]
-    labels, probabilities = clean_result["labels"], clean_result["probabilities"]
-    intervals = {}
-    if bootstrap:
-        predictions = probabilities.argmax(axis=1)
-        for metric in metrics.BOOTSTRAP_METRICS:
-            intervals[metric] = metrics.bootstrap_ci(
-                labels, predictions, metric, n_resamples=bootstrap, seed=seed
-            )
-    table = robustness_table(results)
-    samples = _gradcam_samples(manifest_path, root, split, bundle, gradcam_per_class)
-    figure = gradcam_figure(bundle, samples) if samples else None
-
-    tags = {"step": "evaluate", "model_uri": bundle.source, "split": split}
-    version = _registered_version(source)
-    if version:
-        tags["model_version"] = version  # what an alias pointed to at evaluation time
-    with tracking.start_run("evaluate", experiment, nested=nested, tags=tags) as run:
-        # Prefixed keys: `mlflow run` logs its own -P parameters under the plain names.
-        mlflow.log_params(
-            {
-                "evaluate.model": bundle.config["model"],
-                "evaluate.image_size": bundle.image_size,
-                "evaluate.manifest": str(manifest_path.resolve()),
-                "evaluate.dataset_root": str(root.resolve()),
-                "evaluate.images": len(labels),
-                "evaluate.perturbations": ",".join(conditions),
-                "evaluate.bootstrap": bootstrap,
-                "evaluate.seed": seed,
-                # The key training runs use: equal values mean the same split of the same files.
-                "data.manifest_hash": split_fingerprint(read_manifest(manifest_path)),
-            }
-        )
-        report = tracking.log_evaluation(
-            {
-                "labels": labels,
-                "probabilities": probabilities,
-            },
-            prefix=f"{split}_",
-            paths=clean_result["paths"],
-            artifact_dir="evaluation",
-        )
-        mlflow.log_metrics(
-            {
-                f"{split}_{metric}_ci_{side}": interval[side]
-                for metric, interval in intervals.items()
-                for side in ("low", "high")
-            }
-        )
-        if robustness:
-            mlflow.log_metrics(
-                {
-                    f"robust_{row['condition']}_{metric}": row[metric]
-                    for row in table
-                    if row["condition"] != "clean"
-                    for metric in ("accuracy", "f1_macro")
-                }
-            )
-            mlflow.log_dict({"conditions": table}, "evaluation/robustness.json")
-            mlflow.log_text(_csv(table), "evaluation/robustness.csv")
-        if figure is not None:
-            mlflow.log_figure(figure, "evaluation/gradcam.png")
-    return {
-        "run_id": run.info.run_id,
-        "n_images": len(labels),
-        "accuracy": report["accuracy"],
-        "f1_macro": report["f1_macro"],
-        **{
-            f"{metric}_ci": (intervals[metric]["low"], intervals[metric]["high"])
-            if metric in intervals
-            else None
-            for metric in metrics.BOOTSTRAP_METRICS
-        },
-        "robustness": table,
-    }
-
-
-def _csv(table: list[dict]) -> str:
-    import pandas as pd
-
-    return pd.DataFrame(table).to_csv(index=False)

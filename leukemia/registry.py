@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
-DEFAULT_NAME = "leukemia-classifier"
+DEFAULT_NAME = "leukemia-classifier"  # the registered model every command uses by default
 CHAMPION, CHALLENGER = "champion", "challenger"
 RECALL_PREFIX = "test_recall_"
 LOCK_SUFFIX = ".promotion-lock"
@@ -255,3 +257,63 @@ def decide_and_promote(
     with promotion_lock(name):
         decision = decide(name, candidate, metric, min_delta, recall_tolerance, force)
         return promote(decision)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model sources
+
+RUN_MODEL = "classifier"  # what runs:/<run_id> means: the served pyfunc of a train run
+EXPECTED_SOURCE = (
+    "runs:/<run_id>[/<model name>], models:/<name>@<alias>, models:/<name>/<version>, or a "
+    "folder holding weights.safetensors and model.json"
+)
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(.*)$")
+
+
+def resolve(source: str, scratch: str | os.PathLike) -> tuple[Path, str]:
+    """A model source as a local folder (a URI is downloaded into ``scratch``) and its
+    normalised name (``runs:/<id>`` means ``runs:/<id>/classifier``; a path, absolute).
+    Raises ``ValueError`` naming what was expected. Evaluate, predict and main use it."""
+    source = str(source)
+    match = _URI.match(source)
+    if match:
+        scheme, rest = match.groups()
+        if scheme not in ("runs", "models"):
+            raise ValueError(f"unsupported model URI {source!r}; expected {EXPECTED_SOURCE}")
+        rest = rest.strip("/")
+        if not rest:
+            raise ValueError(
+                f"model URI {source!r} names no run or model; expected {EXPECTED_SOURCE}"
+            )
+        single = scheme == "runs" and "/" not in rest
+        uri = f"runs:/{rest}/{RUN_MODEL}" if single else f"{scheme}:/{rest}"
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(scratch))
+        except MlflowException as error:
+            message = " ".join(str(error.message).split()).rstrip(".")
+            raise ValueError(
+                f"cannot load model {source!r}: {message}; expected {EXPECTED_SOURCE}"
+            ) from None
+        return Path(local), uri
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ValueError(
+            f"model source {source!r} is neither a model URI nor an existing path; expected "
+            f"{EXPECTED_SOURCE}"
+        )
+    return path, str(path.resolve())
+
+
+def alias_version(source: str) -> str | None:
+    """``name/version`` that a ``models:/name@alias`` or ``models:/name/version`` URI names."""
+    if not source.startswith("models:/"):
+        return None
+    name, _, rest = source[len("models:/") :].partition("@")
+    client = MlflowClient()
+    try:
+        if rest:
+            return f"{name}/{client.get_model_version_by_alias(name, rest).version}"
+        name, _, number = name.partition("/")
+        return f"{name}/{number}" if number else None
+    except MlflowException:
+        return None

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 
 from . import processes
+from .arms import deep_arm
 
 DEFAULT_EXPERIMENT = "leukemia"
 PREPROCESS_ARTIFACTS = ("manifest.csv", "audit.json", "params.json", "preview.png")
@@ -198,7 +199,7 @@ def log_preprocess(result, seconds: float | None) -> None:
     mlflow.set_tags(
         {
             "step": "preprocess",
-            "arm": "proposed" if seg["segment"] else "baseline",
+            "arm": deep_arm(seg["segment"]),
             "cache_hit": str(result.cache_hit).lower(),
             **{f"preprocess.{k}": v for k, v in seg.items()},
         }

@@ -26,6 +26,7 @@ from leukemia.evaluation import PERTURBATIONS
 from leukemia.model import create_classifier
 from leukemia.model_files import ModelSpec
 from leukemia.segmentation import SegmentationParams, preprocess_image
+from leukemia.steps import evaluate as evaluate_step
 
 SEG = SegmentationParams(image_size=64)
 PROB_COLUMNS = [f"prob_{name}" for name in CLASSES]
@@ -76,7 +77,7 @@ def classifier():
 @pytest.fixture(scope="module")
 def bundle(classifier, tmp_path_factory):
     folder = _write_model_folder(tmp_path_factory.mktemp("model") / "checkpoint", classifier)
-    return evaluation.load_bundle(str(folder))
+    return evaluate_step.load_bundle(str(folder))
 
 
 def _smears(sizes=(64, 80, 48, 96)) -> list[np.ndarray]:
@@ -135,7 +136,7 @@ def test_load_bundle_from_run_and_registry_uris_predicts_as_the_served_model(
         local_pyfunc: str(Path(local_pyfunc).resolve()),  # weights in its artifacts/
     }
     for source, normalised in sources.items():
-        bundle = evaluation.load_bundle(source)
+        bundle = evaluate_step.load_bundle(source)
         assert bundle.source == normalised
         assert not bundle.classifier.training and _same_weights(bundle, classifier)
         assert bundle.config["segmentation"]["image_size"] == 64 and bundle.image_size == 64
@@ -154,7 +155,7 @@ def test_load_bundle_from_run_and_registry_uris_predicts_as_the_served_model(
     }
     for source, reason in failures.items():
         with pytest.raises(ValueError) as caught:
-            evaluation.load_bundle(source)
+            evaluate_step.load_bundle(source)
         message = str(caught.value)
         assert "\n" not in message and source in message and "expected runs:/" in message
         assert reason in message
@@ -163,7 +164,7 @@ def test_load_bundle_from_run_and_registry_uris_predicts_as_the_served_model(
 def test_load_bundle_from_local_files_and_what_it_refuses(classifier, tmp_path):
     folder = _write_model_folder(tmp_path / "checkpoint", classifier)
     for source in (folder, folder / "weights.safetensors"):  # a folder or one of its files
-        bundle = evaluation.load_bundle(str(source))
+        bundle = evaluate_step.load_bundle(str(source))
         assert bundle.source == str(source.resolve()) and _same_weights(bundle, classifier)
         assert bundle.config["classes"] == list(CLASSES)
         rgbs = _smears((72, 64))
@@ -174,19 +175,19 @@ def test_load_bundle_from_local_files_and_what_it_refuses(classifier, tmp_path):
         )
 
     with pytest.raises(ValueError, match="neither a model URI nor an existing path"):
-        evaluation.load_bundle(str(tmp_path / "absent"))
+        evaluate_step.load_bundle(str(tmp_path / "absent"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no weights.safetensors"):
-        evaluation.load_bundle(str(tmp_path / "empty"))
+        evaluate_step.load_bundle(str(tmp_path / "empty"))
     config = json.loads((folder / "model.json").read_text())
     del config["mean"]
     (folder / "model.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"lacks the keys \['mean'\]"):
-        evaluation.load_bundle(str(folder))
+        evaluate_step.load_bundle(str(folder))
     other = create_classifier("test_efficientnet", num_classes=3, dropout=0.2, pretrained="none")
     folder = _write_model_folder(tmp_path / "mismatch", other)  # model.json says 4 classes
     with pytest.raises(ValueError, match="does not fit a test_efficientnet with 4 classes"):
-        evaluation.load_bundle(str(folder))
+        evaluate_step.load_bundle(str(folder))
 
 
 def test_predict_rgb_rejects_what_is_not_an_rgb_image(bundle):
@@ -367,10 +368,10 @@ def test_run_evaluation_logs_one_finished_run(tracking_uri, tmp_path, monkeypatc
 
     # A bad source fails before any run starts.
     with pytest.raises(ValueError, match="not found"):
-        evaluation.run_evaluation(f"runs:/{'0' * 32}", manifest, experiment="evaluate-test")
+        evaluate_step.run(f"runs:/{'0' * 32}", manifest, experiment="evaluate-test")
     assert mlflow.get_experiment_by_name("evaluate-test") is None
 
-    result = evaluation.run_evaluation(
+    result = evaluate_step.run(
         source, manifest, bootstrap=200, gradcam_per_class=1, experiment="evaluate-test"
     )
     client = MlflowClient()
@@ -388,7 +389,7 @@ def test_run_evaluation_logs_one_finished_run(tracking_uri, tmp_path, monkeypatc
 
     rows = [r for r in read_manifest(manifest) if r["split"] == "test"]
     root = Path(json.loads((small_processed / "params.json").read_text())["dataset_root"])
-    bundle = evaluation.load_bundle(source)
+    bundle = evaluate_step.load_bundle(source)
     probabilities = evaluation.predict_rgb(
         bundle, [images.read_image(root / r["path"]) for r in rows]
     )
@@ -427,9 +428,7 @@ def test_run_evaluation_logs_one_finished_run(tracking_uri, tmp_path, monkeypatc
     assert predictions["path"].tolist() == [r["path"] for r in rows]
 
     # Clean only, no intervals, no figure: none of their metrics or artifacts.
-    plain = evaluation.run_evaluation(
-        source, manifest, robustness=False, bootstrap=0, gradcam_per_class=0
-    )
+    plain = evaluate_step.run(source, manifest, robustness=False, bootstrap=0, gradcam_per_class=0)
     assert plain["accuracy_ci"] is None and [r["condition"] for r in plain["robustness"]] == [
         "clean"
     ]

@@ -18,12 +18,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from leukemia import evaluation, images, model_files, serving, synthetic
+from leukemia import images, model_files, serving, synthetic
 from leukemia.cli import main
 from leukemia.data import CLASSES
 from leukemia.model import create_classifier
 from leukemia.model_files import ModelFileError, ModelSpec
 from leukemia.segmentation import SegmentationParams
+from leukemia.steps import evaluate as evaluate_step
 
 from .conftest import forget_experiment
 
@@ -113,7 +114,7 @@ def test_the_logged_model_holds_only_data_files(logged):
 def _three_paths(folder: Path, image: Path) -> dict[str, str]:
     """What evaluate, predict and serve make of a model folder."""
     return {
-        "evaluate": _attempt(lambda: evaluation.load_bundle(str(folder))),
+        "evaluate": _attempt(lambda: evaluate_step.load_bundle(str(folder))),
         "predict": _attempt(
             lambda: _ok(
                 CliRunner().invoke(main, ["predict", str(image), "--model-uri", str(folder)])
@@ -164,7 +165,7 @@ def test_code_planted_beside_an_old_format_model_is_ignored(logged, tmp_path):
         shutil.copy(original / "data" / "model" / name, folder / "artifacts" / name)
     (folder / "served_model.py").write_text(_payloads(marker)["python"].decode())
     (folder / "python_model.pkl").write_bytes(_payloads(marker)["pickle"])
-    bundle = evaluation.load_bundle(str(folder))
+    bundle = evaluate_step.load_bundle(str(folder))
     assert bundle.served.predict(_request()).shape == (2, 5)
     image = tmp_path / "cell.png"
     image.write_bytes(base64.b64decode(_request(1)["image"][0]))

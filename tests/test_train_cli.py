@@ -16,8 +16,8 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from leukemia import evaluation
 from leukemia.cli import main
+from leukemia.steps import evaluate as evaluate_step
 
 from .conftest import REPO, mlflow_run_env
 
@@ -92,7 +92,7 @@ def test_a_train_run_leaves_everything_in_mlflow(tracking_uri, tmp_path, monkeyp
     assert "checkpoint/weights.safetensors" in names
     assert not [n for n in names if n.endswith((".pkl", ".pth", ".pt", ".py"))], names
     assert not [n for n in names if n.startswith("model/")], "no pickled mlflow.pytorch copy"
-    model = evaluation.load_bundle(f"runs:/{run_id}").classifier
+    model = evaluate_step.load_bundle(f"runs:/{run_id}").classifier
     with torch.inference_mode():
         assert model(torch.zeros(3, 3, 64, 64)).shape == (3, 4)
     predictions = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/predictions.csv")
@@ -235,8 +235,8 @@ def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
         assert logged == history(reference.info.run_id, key), key
     for key in ("test_loss", "test_accuracy", "phase1_test_f1_macro", "phase2_best_epoch"):
         assert finished.data.metrics[key] == reference.data.metrics[key], key
-    model = evaluation.load_bundle(f"runs:/{run_id}").classifier
-    same = evaluation.load_bundle(f"runs:/{reference.info.run_id}").classifier
+    model = evaluate_step.load_bundle(f"runs:/{run_id}").classifier
+    same = evaluate_step.load_bundle(f"runs:/{reference.info.run_id}").classifier
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype("float32"))
     with torch.inference_mode():
         assert torch.equal(model(x), same(x))

@@ -23,19 +23,16 @@ from pathlib import Path
 
 import mlflow
 
-from . import engine, registry, serving, tracking
-from . import train as training
-from .config import TrainConfig
-from .data import read_manifest
-from .model_files import ModelSpec
+from .. import engine, registry, serving, tracking
+from .. import train as training
+from ..arms import deep_arm
+from ..config import TrainConfig
+from ..data import read_manifest
+from ..model_files import ModelSpec
 
 
 class ResumeError(ValueError):
     """The run to resume does not exist, is finished, or was made with other settings."""
-
-
-def arm_name(segmentation: dict) -> str:
-    return "proposed" if segmentation.get("segment") else "baseline"
 
 
 def check_resumable(run_id: str, params: dict) -> None:
@@ -114,7 +111,7 @@ def run_training(
     if resume:
         check_resumable(resume, params)
         _check_saved_state(resume, Path(work_root) / resume, echo)
-    arm = arm_name(segmentation)
+    arm = deep_arm(segmentation["segment"])
     tags = {
         "step": "train",
         "arm": arm,

@@ -1,0 +1,273 @@
+"""The ``compare`` step: the comparison the paper made with one run each, done as one
+reproducible experiment.
+
+Under one parent run, the baseline (raw images) and proposed (segmented) arms train for every
+seed as ``mlflow run -e train`` child runs on one identical manifest, plus the shortcut arms
+(``arms``). A finished child with the same arm, config, preprocessing, seed, manifest and code
+version is reused rather than retrained, as mlflow's multistep example does. The parent's
+artifacts are ``statistics``'s.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from .. import shortcut, tracking
+from ..arms import DEEP_ARMS, SHORTCUT_ARMS, by_name, deep_arm
+from ..config import PreprocessConfig, TrainConfig, load_experiment
+from ..data import read_manifest, split_fingerprint
+from . import preprocess as preprocess_step
+from . import statistics
+
+
+class StudyError(ValueError):
+    """The study cannot go on: bad input, or a child run failed."""
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"1,2,3"`` -> ``[1, 2, 3]``; empty, malformed or repeated seeds are an error."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        seeds = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(
+            f"seeds must be comma-separated integers like 1,2,3; got {text!r}"
+        ) from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must not repeat, got {text!r}")
+    return seeds
+
+
+def find_project(start: str | os.PathLike | None = None) -> Path:
+    """The folder holding ``MLproject``: the working directory (under ``mlflow run``), else the
+    checkout the package was installed from."""
+    for candidate in (Path(start or os.getcwd()), Path(__file__).resolve().parents[2]):
+        if (candidate / "MLproject").is_file():
+            return candidate
+    raise ValueError(
+        "compare launches `mlflow run -e train` children and needs the project checkout "
+        "(a folder with MLproject); run it from there"
+    )
+
+
+def reusable_run(
+    experiment_id: str, arm: str, config: TrainConfig, manifest_hash: str, segmentation: dict
+):
+    """A FINISHED train run of ``arm`` with the same config, preprocessing, manifest and code,
+    or None."""
+    commit = tracking.git_commit(Path(__file__).parent) or "unknown"
+    if commit.endswith("+dirty"):
+        return None  # uncommitted code: nothing proves an old run used it
+    query = (
+        f"tags.step = 'train' and tags.arm = '{arm}' and attributes.status = 'FINISHED' "
+        f"and params.`data.manifest_hash` = '{manifest_hash}' "
+        f"and params.`runtime.git_commit` = '{commit}'"
+    )
+    wanted = {f"config.{k}": str(v) for k, v in config.to_dict().items()}
+    wanted.update({k: str(v) for k, v in tracking.preprocess_params(segmentation).items()})
+    for run in MlflowClient().search_runs([experiment_id], query, order_by=["start_time DESC"]):
+        if all(run.data.params.get(k) == v for k, v in wanted.items()):
+            return run
+    return None
+
+
+def run_train_child(
+    project: Path,
+    experiment_id: str,
+    parent_id: str,
+    parameters: dict,
+    env_manager: str,
+):
+    """``mlflow run <project> -e train`` as a child of ``parent_id``; returns the finished run."""
+    if env_manager == "local":
+        # The child's `leukemia` command must be this interpreter's, even when its virtual
+        # environment was not activated (mlflow runs the entry point through the shell).
+        bin_dir = str(Path(sys.executable).parent)
+        if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    submitted = mlflow.projects.run(
+        str(project),
+        entry_point="train",
+        parameters={k: str(v) for k, v in parameters.items()},
+        env_manager=env_manager,  # a child does not inherit the parent's --env-manager
+        experiment_id=experiment_id,
+        synchronous=True,
+    )
+    client = MlflowClient()
+    client.set_tag(submitted.run_id, "mlflow.parentRunId", parent_id)
+    return client.get_run(submitted.run_id)
+
+
+def run_shortcut_arm(arm: str, kind: str, processed_dir, parent_id: str) -> str:
+    """Fit one shortcut arm and log it as a child run like a deep arm; returns its run id."""
+    import mlflow.sklearn
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", shortcut.ShortcutWarning)
+        result = shortcut.fit_shortcut(processed_dir, kind=kind)
+    tags = {"step": "train", "arm": arm, "mlflow.parentRunId": parent_id}
+    with mlflow.start_run(run_name=arm, nested=True, tags=tags) as run:
+        mlflow.log_params(
+            {
+                "shortcut.kind": kind,
+                "shortcut.C": result.C,
+                "shortcut.features": len(result.feature_names),
+                "data.processed_dir": str(Path(processed_dir).resolve()),
+                "data.manifest_hash": split_fingerprint(
+                    read_manifest(Path(processed_dir, "manifest.csv"))
+                ),
+            }
+        )
+        mlflow.log_dict(
+            {
+                "val_accuracy_by_C": {str(k): v for k, v in result.val_accuracy_by_C.items()},
+                "dropped_features": result.dropped_features,
+                "warnings": [str(w.message) for w in caught],
+            },
+            "shortcut.json",
+        )
+        tracking.log_evaluation(
+            # No loss given: the metrics' own mean -log p(true class), as evaluate logs it.
+            {"labels": result.test_labels, "probabilities": result.test_probabilities},
+            prefix="test_",
+            paths=result.test_paths,
+            artifact_dir="evaluation",
+        )
+        mlflow.log_metric("fit_seconds", result.seconds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.sklearn.log_model(result.pipeline, name="model")
+        return run.info.run_id
+
+
+@dataclass
+class Plan:
+    """A study's input, checked before any run starts."""
+
+    seeds: list[int]
+    configs: dict[int, TrainConfig]  # one per seed
+    preprocess: PreprocessConfig
+    overrides: dict  # config fields given on the command line, passed to every child
+    project: Path
+
+
+def plan(config_path, seeds: str, overrides: dict, preprocess_overrides: dict) -> Plan:
+    """Check seeds, configs, preprocessing and the project; raise ``ValueError`` if wrong."""
+    seed_list = parse_seeds(seeds)
+    project = find_project()
+    configs = {}
+    for seed in seed_list:
+        configs[seed], pre = load_experiment(
+            config_path, {**overrides, "seed": seed}, preprocess_overrides
+        )
+    return Plan(seed_list, configs, pre, overrides, project)
+
+
+@dataclass
+class Comparison:
+    children: dict[str, dict[int, str]]  # arm -> seed -> run id
+    table: dict
+    tests: dict
+    manifest: Path  # the manifest both arms trained and were tested on
+
+
+def compare(
+    study: Plan,
+    data_dir: str,
+    *,
+    config_path,
+    out_dir,
+    env_manager: str,
+    shortcuts: bool,
+    registered_model_name: str,
+    workers: int = 0,
+    echo=print,
+) -> Comparison:
+    """Both deep arms x seeds as ``mlflow run -e train`` children of the active run, the
+    shortcut arms, and the statistics (``statistics``)."""
+    image_size = study.configs[study.seeds[0]].image_size
+    roots = {
+        arm: Path(out_dir, "segmented" if by_name(arm).segment else "raw") for arm in DEEP_ARMS
+    }
+    made = {}
+    manifest = None
+    for arm in ("proposed", "baseline"):  # the proposed arm makes the split; baseline reuses it
+        pre = replace(study.preprocess, segment=by_name(arm).segment)
+        made[arm], seconds = preprocess_step.run(
+            data_dir, roots[arm], manifest, pre, image_size, workers
+        )
+        manifest = made["proposed"].manifest
+        if arm == "proposed":
+            echo("split: " + preprocess_step.summary(made[arm], seconds))
+    manifest_hash = split_fingerprint(read_manifest(manifest))
+    parent = mlflow.active_run()
+    experiment_id = parent.info.experiment_id
+    mlflow.set_tags({"step": "compare"})
+    mlflow.log_params(
+        {
+            "compare.seeds": ",".join(map(str, study.seeds)),
+            "compare.config": config_path or "(code defaults: the paper)",
+            "compare.env_manager": env_manager,
+            "data.manifest_hash": manifest_hash,
+            **tracking.preprocess_params(made["proposed"].params["segmentation"]),
+            **{f"compare.override.{k}": v for k, v in study.overrides.items()},
+        }
+    )
+    shared = {
+        "data_dir": data_dir,
+        "config": str(Path(config_path).resolve()) if config_path else "",
+        "registered_model_name": registered_model_name,
+        # The resolved preprocessing, whatever set it (config, options): exactly what the
+        # parent preprocessed; each arm sets segment.
+        **{k: v for k, v in study.preprocess.to_dict().items() if k != "segment"},
+        **study.overrides,
+    }
+    children: dict[str, dict[int, str]] = {}
+    reused = []
+    for seed in study.seeds:
+        for arm in DEEP_ARMS:
+            result = made[arm]
+            found = reusable_run(
+                experiment_id,
+                arm,
+                study.configs[seed],
+                manifest_hash,
+                result.params["segmentation"],
+            )
+            if found is not None:
+                echo(f"{arm} seed {seed}: reusing finished run {found.info.run_id}")
+                reused.append(found.info.run_id)
+                run = found
+            else:
+                echo(f"{arm} seed {seed}: mlflow run -e train ...")
+                parameters = {
+                    **shared,
+                    "segment": str(by_name(arm).segment).lower(),
+                    "seed": seed,
+                    "out_dir": str(roots[arm].resolve()),
+                    "manifest": "" if arm == "proposed" else str(manifest.resolve()),
+                }
+                try:
+                    run = run_train_child(
+                        study.project, experiment_id, parent.info.run_id, parameters, env_manager
+                    )
+                except mlflow.exceptions.ExecutionException as error:
+                    raise StudyError(f"the {arm} arm (seed {seed}) failed: {error}") from None
+            children.setdefault(arm, {})[seed] = run.info.run_id
+    if reused:
+        mlflow.set_tag("compare.reused_runs", ",".join(reused))
+    if shortcuts:
+        for arm in SHORTCUT_ARMS:
+            folder = made[deep_arm(arm.segment)].out_dir
+            run_id = run_shortcut_arm(arm.name, arm.features, folder, parent.info.run_id)
+            children[arm.name] = dict.fromkeys(study.seeds, run_id)
+    table, tests = statistics.summarise(children)
+    statistics.log_summary(table, tests)
+    return Comparison(children, table, tests, manifest)

@@ -1,0 +1,151 @@
+"""The ``evaluate`` step: a logged classifier on a manifest's raw images, clean and perturbed,
+as one MLflow run (tags ``step=evaluate``, ``model_uri``, ``split``, ``model_version`` when an
+alias named it), with:
+
+- metrics ``{split}_accuracy``, ``{split}_f1_macro``, ... named as in training runs, and
+  ``{split}_accuracy_ci_low``/``_high``, ``{split}_f1_macro_ci_low``/``_high`` (95 % bootstrap);
+- metrics ``robust_<perturbation>_accuracy`` and ``robust_<perturbation>_f1_macro``;
+- artifacts under ``evaluation/``: what ``tracking.log_evaluation`` writes for the clean images
+  (confusion matrix, classification report, reliability diagram, ``predictions.csv``),
+  ``robustness.json`` and ``robustness.csv`` (one row per condition: accuracy, f1_macro,
+  roc_auc_macro, ece, accuracy_drop vs clean) and ``gradcam.png``.
+
+The maths (loading, perturbations, robustness, Grad-CAM) is ``leukemia.evaluation``'s.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from .. import evaluation, metrics, model_files, registry, tracking
+from ..data import CLASSES, read_manifest, split_fingerprint
+from ..evaluation import Bundle
+
+
+def load_bundle(source: str) -> Bundle:
+    """A model from a URI (``runs:/``, ``models:/``) or a local folder or file
+    (``registry.resolve``): only its two data files are read (``model_files``)."""
+    with tempfile.TemporaryDirectory(prefix="leukemia-evaluate-") as scratch:
+        local, name = registry.resolve(source, scratch)
+        return evaluation.bundle_from_folder(model_files.find_folder(local, source), name)
+
+
+def run(
+    source: str,
+    manifest_path,
+    *,
+    dataset_root=None,
+    split: str = "test",
+    robustness: bool = True,
+    gradcam_per_class: int = 2,
+    bootstrap: int = 1000,
+    experiment: str | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    nested: bool = False,
+) -> dict:
+    """Evaluate ``source`` on the ``split`` of a manifest in one MLflow run (see the module);
+    ``nested``: as a child of the active run (the ``main`` study).
+
+    Everything is computed before the run starts, so a bad model, manifest or dataset never
+    leaves a failed run behind. ``bootstrap`` resamples (0: no intervals); ``robustness``:
+    every perturbation, else clean only. Returns ``run_id``, ``n_images``, ``accuracy``,
+    ``f1_macro``, ``accuracy_ci`` and ``f1_macro_ci`` (``(low, high)`` or None) and
+    ``robustness`` (the table's rows).
+    """
+    if bootstrap < 0 or gradcam_per_class < 0:
+        raise ValueError(
+            f"bootstrap and gradcam_per_class must be >= 0, got {bootstrap}, {gradcam_per_class}"
+        )
+    bundle = load_bundle(source)
+    if tuple(bundle.classes) != CLASSES:
+        raise ValueError(f"model classes {bundle.classes} differ from the dataset's {CLASSES}")
+    manifest_path = Path(manifest_path)
+    root = evaluation.resolve_dataset_root(manifest_path, dataset_root)
+    conditions = tuple(evaluation.PERTURBATIONS) if robustness else ("clean",)
+    results = evaluation.evaluate_manifest(
+        bundle, manifest_path, root, split, conditions, seed, batch_size
+    )
+    clean_result = results["clean"]
+    labels, probabilities = clean_result["labels"], clean_result["probabilities"]
+    intervals = {}
+    if bootstrap:
+        predictions = probabilities.argmax(axis=1)
+        for metric in metrics.BOOTSTRAP_METRICS:
+            intervals[metric] = metrics.bootstrap_ci(
+                labels, predictions, metric, n_resamples=bootstrap, seed=seed
+            )
+    table = evaluation.robustness_table(results)
+    samples = evaluation.gradcam_samples(manifest_path, root, split, bundle, gradcam_per_class)
+    figure = evaluation.gradcam_figure(bundle, samples) if samples else None
+
+    tags = {"step": "evaluate", "model_uri": bundle.source, "split": split}
+    version = registry.alias_version(source)
+    if version:
+        tags["model_version"] = version  # what an alias pointed to at evaluation time
+    with tracking.start_run("evaluate", experiment, nested=nested, tags=tags) as run:
+        # Prefixed keys: `mlflow run` logs its own -P parameters under the plain names.
+        mlflow.log_params(
+            {
+                "evaluate.model": bundle.config["model"],
+                "evaluate.image_size": bundle.image_size,
+                "evaluate.manifest": str(manifest_path.resolve()),
+                "evaluate.dataset_root": str(root.resolve()),
+                "evaluate.images": len(labels),
+                "evaluate.perturbations": ",".join(conditions),
+                "evaluate.bootstrap": bootstrap,
+                "evaluate.seed": seed,
+                # The key training runs use: equal values mean the same split of the same files.
+                "data.manifest_hash": split_fingerprint(read_manifest(manifest_path)),
+            }
+        )
+        report = tracking.log_evaluation(
+            {
+                "labels": labels,
+                "probabilities": probabilities,
+            },
+            prefix=f"{split}_",
+            paths=clean_result["paths"],
+            artifact_dir="evaluation",
+        )
+        mlflow.log_metrics(
+            {
+                f"{split}_{metric}_ci_{side}": interval[side]
+                for metric, interval in intervals.items()
+                for side in ("low", "high")
+            }
+        )
+        if robustness:
+            mlflow.log_metrics(
+                {
+                    f"robust_{row['condition']}_{metric}": row[metric]
+                    for row in table
+                    if row["condition"] != "clean"
+                    for metric in ("accuracy", "f1_macro")
+                }
+            )
+            mlflow.log_dict({"conditions": table}, "evaluation/robustness.json")
+            mlflow.log_text(_csv(table), "evaluation/robustness.csv")
+        if figure is not None:
+            mlflow.log_figure(figure, "evaluation/gradcam.png")
+    return {
+        "run_id": run.info.run_id,
+        "n_images": len(labels),
+        "accuracy": report["accuracy"],
+        "f1_macro": report["f1_macro"],
+        **{
+            f"{metric}_ci": (intervals[metric]["low"], intervals[metric]["high"])
+            if metric in intervals
+            else None
+            for metric in metrics.BOOTSTRAP_METRICS
+        },
+        "robustness": table,
+    }
+
+
+def _csv(table: list[dict]) -> str:
+    return pd.DataFrame(table).to_csv(index=False)

@@ -1,0 +1,94 @@
+"""The ``preprocess`` step: resolve the dataset, preprocess it into its cached folder, log it.
+
+``run`` is what every command that trains calls first (preprocess, train, compare, main); the
+``preprocess`` command also logs the result as a run of its own (``log``): the output folder's
+files as artifacts, the options as params, the counts as metrics, the manifest as the run's
+dataset input (see ``tracking.log_preprocess``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from .. import synthetic, tracking
+from ..config import PreprocessConfig
+from ..preprocess import PreprocessResult, SplitParams, preprocess
+
+SYNTHETIC = "synthetic"  # --data-dir value: the generated demo data
+
+
+def cache_dir() -> Path:
+    """Where generated data and training state live: ``$LEUKEMIA_CACHE_DIR``, else
+    ``~/.cache/leukemia``."""
+    base = os.environ.get("LEUKEMIA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "leukemia"
+    )
+    return Path(base)
+
+
+def resolve_data_dir(data_dir: str, per_class: int, seed: int) -> str:
+    """``data_dir``, or for ``synthetic`` the generated dataset (cached by its options)."""
+    if data_dir != SYNTHETIC:
+        return data_dir
+    target = cache_dir() / SYNTHETIC / f"per{per_class}-seed{seed}"
+    return str(synthetic.generate(target, per_class=per_class, seed=seed))
+
+
+def default_out_dir(segment: bool) -> str:
+    """``processed/segmented`` or ``processed/raw``: one store per arm, holding one immutable
+    folder per option set (see ``leukemia.store``)."""
+    return os.path.join("processed", "segmented" if segment else "raw")
+
+
+def run(
+    data_dir,
+    out_dir,
+    manifest,
+    pre: PreprocessConfig,
+    image_size: int,
+    workers: int = 0,
+    progress: bool = True,
+) -> tuple[PreprocessResult, float]:
+    """Preprocess ``data_dir`` with ``pre`` at ``image_size``; returns the result and seconds.
+    Raises ``DatasetError``, ``FileExistsError`` or ``ValueError`` for bad input."""
+    split = SplitParams(
+        fractions=pre.split_fractions,
+        seed=pre.split_seed,
+        group_by=pre.group_by,
+        block_size=pre.block_size,
+        near_duplicate_distance=pre.near_duplicate_distance,
+    )
+    start = time.perf_counter()
+    result = preprocess(
+        data_dir,
+        out_dir,
+        seg=pre.segmentation(image_size),
+        split=split,
+        manifest=manifest,
+        max_unreadable=pre.max_unreadable,
+        max_pixels=pre.max_pixels,
+        workers=workers,
+        progress=progress,
+    )
+    return result, time.perf_counter() - start
+
+
+def log(result: PreprocessResult, seconds: float, experiment: str | None) -> str:
+    """Log ``result`` as a ``preprocess`` run; returns its id."""
+    with tracking.start_run("preprocess", experiment) as run:
+        tracking.log_preprocess(result, seconds)
+    return run.info.run_id
+
+
+def summary(result: PreprocessResult, seconds: float) -> str:
+    counts = result.counts
+    state = "cached, reused" if result.cache_hit else f"{counts['images'] / seconds:.0f} images/s"
+    return (
+        f"{counts['images']} images ({counts['train_images']} train, "
+        f"{counts['val_images']} val, {counts['test_images']} test; "
+        f"{counts['unreadable']} unreadable, {counts['exact_duplicate_groups']} exact and "
+        f"{counts['near_duplicate_groups']} near-duplicate groups) -> {result.out_dir} "
+        f"[{state}]"
+    )

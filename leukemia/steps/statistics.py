@@ -1,0 +1,153 @@
+"""The comparison's numbers, from what the child runs logged: a table per arm, paired
+statistics per seed, the parent run's artifacts and headline metrics.
+
+The parent logs:
+
+- ``comparison.json`` / ``comparison.csv``: per arm and seed, test accuracy and F1 (macro,
+  weighted); per arm, mean and sd;
+- ``statistics.json``: each deep arm's preprocessing; per seed, the exact McNemar test of
+  proposed vs baseline and of each deep arm vs the best shortcut arm, and a paired bootstrap
+  interval for the accuracy difference;
+- ``comparison.png``: test accuracy per arm, a point per seed, mean +/- sd.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics as stats
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from .. import metrics
+from ..arms import DEEP_ARMS
+
+HEADLINE = ("test_accuracy", "test_f1_macro", "test_f1_weighted")
+
+
+def _predictions(run_id: str) -> pd.DataFrame:
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/predictions.csv")
+    return pd.read_csv(io.StringIO(text)).set_index("path").sort_index()
+
+
+def summarise(children: dict[str, dict[int, str]]) -> tuple[dict, dict]:
+    """Per-arm table and per-seed statistics from finished child runs.
+
+    ``children``: arm -> seed -> run id (shortcut arms have one seed key, reused for all).
+    """
+    client = MlflowClient()
+    table = {}
+    for arm, by_seed in children.items():
+        rows = {seed: client.get_run(run_id).data.metrics for seed, run_id in by_seed.items()}
+        table[arm] = {
+            "per_seed": {str(s): {k: m.get(k) for k in HEADLINE} for s, m in rows.items()},
+            **{f"{key}_mean": stats.fmean(m[key] for m in rows.values()) for key in HEADLINE},
+            **{
+                f"{key}_sd": stats.stdev([m[key] for m in rows.values()]) if len(rows) > 1 else 0.0
+                for key in HEADLINE
+            },
+        }
+    shortcuts = [arm for arm in children if arm.startswith("shortcut")]
+    best_shortcut = max(shortcuts, key=lambda a: table[a]["test_accuracy_mean"], default=None)
+    seeds = sorted(children["proposed"])
+    # What each deep arm's model saw, as its runs logged it: the statistics name it.
+    preprocessing = {
+        arm: {
+            k.removeprefix("preprocess."): v
+            for k, v in client.get_run(children[arm][seeds[0]]).data.params.items()
+            if k.startswith("preprocess.")
+        }
+        for arm in DEEP_ARMS
+    }
+    tests = {"best_shortcut": best_shortcut, "preprocessing": preprocessing, "per_seed": {}}
+    for seed in seeds:
+        proposed = _predictions(children["proposed"][seed])
+        baseline = _predictions(children["baseline"][seed])
+        if not proposed.index.equals(baseline.index):
+            raise ValueError("the two arms were tested on different images; cannot pair them")
+        labels = proposed["label"].to_numpy()
+        entry = {
+            "proposed_vs_baseline": metrics.mcnemar_exact(
+                proposed["predicted"].to_numpy() == labels,
+                baseline["predicted"].to_numpy() == labels,
+            ),
+            "accuracy_difference": metrics.paired_bootstrap_difference(
+                labels,
+                proposed["predicted"].to_numpy(),
+                baseline["predicted"].to_numpy(),
+                seed=seed,
+            ),
+        }
+        if best_shortcut is not None:
+            short = _predictions(next(iter(children[best_shortcut].values())))
+            short = short.loc[proposed.index]
+            for arm, frame in (("proposed", proposed), ("baseline", baseline)):
+                entry[f"{arm}_vs_{best_shortcut}"] = metrics.mcnemar_exact(
+                    frame["predicted"].to_numpy() == labels,
+                    short["predicted"].to_numpy() == labels,
+                )
+        tests["per_seed"][str(seed)] = entry
+    return table, tests
+
+
+def log_summary(table: dict, tests: dict) -> None:
+    """The parent run's table, statistics, figure and headline metrics."""
+    rows = [
+        {"arm": arm, "seed": seed, **values}
+        for arm, entry in table.items()
+        for seed, values in entry["per_seed"].items()
+    ]
+    mlflow.log_text(pd.DataFrame(rows).to_csv(index=False), "comparison.csv")
+    mlflow.log_dict(table, "comparison.json")
+    mlflow.log_dict(tests, "statistics.json")
+    figure_table = {
+        arm: [v["test_accuracy"] for v in entry["per_seed"].values()]
+        for arm, entry in table.items()
+    }
+    mlflow.log_figure(metrics.comparison_figure(figure_table, "test_accuracy"), "comparison.png")
+    headline = {}
+    for arm, entry in table.items():
+        key = metrics.slug(arm)
+        for metric in HEADLINE:
+            headline[f"{key}_{metric}_mean"] = entry[f"{metric}_mean"]
+            headline[f"{key}_{metric}_sd"] = entry[f"{metric}_sd"]
+    for seed, entry in tests["per_seed"].items():
+        headline[f"mcnemar_p_proposed_vs_baseline_seed{seed}"] = entry["proposed_vs_baseline"][
+            "p_value"
+        ]
+        difference = entry["accuracy_difference"]
+        headline[f"accuracy_difference_seed{seed}"] = difference["difference"]
+        headline[f"accuracy_difference_low_seed{seed}"] = difference["low"]
+        headline[f"accuracy_difference_high_seed{seed}"] = difference["high"]
+    mlflow.log_metrics(headline)
+
+
+def format_table(table: dict, tests: dict) -> str:
+    """A plain-text version of the parent's table, for the terminal."""
+    lines = [f"{'arm':<26}{'accuracy':>18}{'F1 macro':>18}"]
+    for arm, entry in table.items():
+        lines.append(
+            f"{arm:<26}{entry['test_accuracy_mean']:>10.4f} ± {entry['test_accuracy_sd']:.4f}"
+            f"{entry['test_f1_macro_mean']:>10.4f} ± {entry['test_f1_macro_sd']:.4f}"
+        )
+    for seed, entry in tests["per_seed"].items():
+        test = entry["proposed_vs_baseline"]
+        difference = entry["accuracy_difference"]
+        lines.append(
+            f"seed {seed}: proposed - baseline accuracy {difference['difference']:+.4f} "
+            f"[{difference['low']:+.4f}, {difference['high']:+.4f}], McNemar p = "
+            f"{test['p_value']:.4g} ({test['only_a']} vs {test['only_b']} discordant)"
+        )
+    return "\n".join(lines)
+
+
+def registered_version(run_ids, metric: str = "test_f1_macro") -> str | None:
+    """The registered version (number) of the best of ``run_ids`` by ``metric``."""
+    client = MlflowClient()
+    runs = [client.get_run(run_id) for run_id in run_ids]
+    runs = [r for r in runs if "registered_version" in r.data.tags]
+    if not runs:
+        return None
+    best = max(runs, key=lambda r: r.data.metrics.get(metric, float("-inf")))
+    return best.data.tags["registered_version"].rsplit("/", 1)[1]
