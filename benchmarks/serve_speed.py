@@ -7,7 +7,7 @@ Served: ``mlflow.pyfunc.load_model(...).predict`` on a DataFrame of ``--batch`` 
 base64 and PNG decoding, the segmentation, normalisation, the forward pass and the softmax.
 Bare: the ``Classifier`` alone on the same images already preprocessed into a normalised float
 tensor of the same batch size, in one forward pass, and in the served model's chunks (on a CPU
-those are smaller, see ``leukemia.serving.CPU_BATCH_PIXELS``), which isolates the cost of
+those are smaller, see ``leukemia.inference.CPU_BATCH_PIXELS``), which isolates the cost of
 decoding and preprocessing. The three are timed in turn, ``--repeats`` times each; the
 figures are medians. The target is served / bare >= 0.9 for efficientnet_b4 at 224 x 224. Also
 the median latency of a one-image request through the pyfunc. Weights are random (``pretrained

@@ -2,7 +2,7 @@
 
 A model is its two data files, ``weights.safetensors`` and ``model.json`` (``model_files``;
 nothing else in a model folder is read, so nothing in it runs), loaded by
-``serving.LeukemiaModel.from_folder`` so that raw images are scored exactly as the served model
+``inference.LeukemiaModel.from_folder`` so that raw images are scored exactly as the served model
 scores them. Perturbations (``PERTURBATIONS``) apply to the raw image, before that
 preprocessing. No MLflow here: ``steps.evaluate`` finds the model (``registry.resolve``) and
 logs the run.
@@ -20,14 +20,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from . import images, metrics, serving
+from . import images, inference, metrics
 from .data import SPLITS, read_manifest
+from .inference import LeukemiaModel
 from .model import Classifier
 from .segmentation import SegmentationParams, preprocess_image
-from .serving import LeukemiaModel
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -164,14 +163,14 @@ def model_input(bundle: Bundle, rgb: np.ndarray) -> np.ndarray:
 
 def _tensor(bundle: Bundle, inputs: Sequence[np.ndarray]) -> torch.Tensor:
     """N x S x S x 3 uint8 model inputs -> the normalised N x 3 x S x S batch on the device."""
-    return serving.model_batch(np.stack(inputs), bundle.transform, bundle.device)
+    return inference.model_batch(np.stack(inputs), bundle.transform, bundle.device)
 
 
 def _probabilities(bundle: Bundle, inputs: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
     """Model inputs -> (n, C) float64 probabilities, computed as the served model does."""
     if len(inputs) == 0:
         return np.zeros((0, len(bundle.classes)))
-    return serving.probabilities(
+    return inference.probabilities(
         bundle.classifier, bundle.transform, bundle.device, np.stack(inputs), batch_size
     )
 
@@ -214,7 +213,7 @@ def resolve_dataset_root(manifest_path: Path, dataset_root) -> Path:
     return root
 
 
-def _read_raw(root: Path, row: dict, max_pixels: int) -> np.ndarray:
+def read_raw(root: Path, row: dict, max_pixels: int) -> np.ndarray:
     path = root / row["path"]
     data = path.read_bytes()
     # The manifest's hash pins the test set: a replaced file would change what is measured.
@@ -284,7 +283,7 @@ def evaluate_manifest(
     with _pool() as pool:
         for start in tqdm(starts, desc=f"evaluate {split}", unit="batch", leave=False):
             chunk = rows[start : start + batch_size]
-            raws = list(pool.map(lambda row: _read_raw(root, row, max_pixels), chunk))
+            raws = list(pool.map(lambda row: read_raw(root, row, max_pixels), chunk))
             for name in names:
                 jobs = [(name, start + i, rgb) for i, rgb in enumerate(raws)]
                 inputs = list(pool.map(lambda job: _perturbed_input(bundle, seed, *job), jobs))
@@ -315,103 +314,3 @@ def robustness_table(results: dict[str, dict]) -> list[dict]:
     for row in rows:
         row["accuracy_drop"] = None if clean_accuracy is None else clean_accuracy - row["accuracy"]
     return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# Grad-CAM
-
-
-def _head(classifier: Classifier, features: torch.Tensor) -> torch.Tensor:
-    # The backbone's own pooling (global average for the EfficientNets): the logits are the
-    # model's by construction, whichever pooling a timm backbone uses.
-    return classifier.head(classifier.dropout(classifier.backbone.forward_head(features)))
-
-
-def features_and_logits(classifier: Classifier, x: torch.Tensor):
-    """``Classifier.forward`` split at the last feature map: ``(A, logits)`` with
-    A = backbone.forward_features(x) of shape (B, C, h, w) and logits = head(pool(A))."""
-    features = classifier.backbone.forward_features(x)
-    return features, _head(classifier, features)
-
-
-def _grad_cam(bundle: Bundle, rgb: np.ndarray, target: int | None):
-    """(cam S x S in [0, 1], the S x S x 3 model input, probabilities (C,))."""
-    image = model_input(bundle, rgb)
-    classifier = bundle.classifier
-    with torch.inference_mode(False), torch.enable_grad():
-        x = _tensor(bundle, [image])
-        with torch.no_grad():  # only dlogit/dA is needed: no graph through the backbone
-            features = classifier.backbone.forward_features(x)
-        if features.ndim != 4:
-            raise ValueError(
-                f"Grad-CAM needs a convolutional backbone whose forward_features gives "
-                f"(B, C, h, w); {bundle.config['model']} gives shape {tuple(features.shape)}"
-            )
-        features = features.detach().requires_grad_(True)
-        logits = _head(classifier, features)
-        classes = logits.shape[1]
-        target = int(logits.argmax()) if target is None else int(target)
-        if not 0 <= target < classes:
-            raise ValueError(f"target must be a class index in [0, {classes}), got {target}")
-        (gradient,) = torch.autograd.grad(logits[0, target], features)
-    weights = gradient.mean(dim=(2, 3), keepdim=True)  # alpha_c = mean over h, w of dy/dA_c
-    cam = torch.relu((weights * features.detach()).sum(dim=1))[0].float().cpu().numpy()
-    size = bundle.image_size
-    cam = cv2.resize(cam, (size, size), interpolation=cv2.INTER_LINEAR)
-    top = float(cam.max())
-    cam = np.clip(cam / top, 0.0, 1.0) if top > 0 else np.zeros_like(cam)
-    probabilities = torch.softmax(logits.detach().double(), dim=1)[0].cpu().numpy()
-    return cam, image, probabilities
-
-
-def grad_cam(bundle: Bundle, rgb: np.ndarray, target: int | None = None) -> np.ndarray:
-    """Grad-CAM (Selvaraju et al. 2017) of class ``target`` (default: the predicted one).
-
-    With A (C, h, w) the backbone's last feature map and y the target logit:
-    alpha_c = mean_ij dy/dA_cij, cam = ReLU(sum_c alpha_c A_c), bilinearly upsampled to the
-    model input size S and divided by its maximum. Returns S x S float32 in [0, 1] (all zeros
-    when no location supports the class).
-    """
-    return _grad_cam(bundle, rgb, target)[0]
-
-
-def gradcam_figure(bundle: Bundle, samples: Sequence[tuple[np.ndarray, int]]) -> Figure:
-    """One row per true class: for each ``(raw rgb, label)`` of it, the model input and the
-    Grad-CAM of the predicted class over it, titled with true and predicted class."""
-    if not samples:
-        raise ValueError("samples must hold at least one (rgb, label) pair, got none")
-    by_class: dict[int, list[np.ndarray]] = {}
-    for rgb, label in samples:
-        by_class.setdefault(int(label), []).append(rgb)
-    classes = bundle.classes
-    n_rows, n_cols = len(by_class), 2 * max(len(v) for v in by_class.values())
-    fig = Figure(figsize=(1.9 * n_cols, 2.2 * n_rows + 0.4), layout="constrained")
-    axes = fig.subplots(n_rows, n_cols, squeeze=False)
-    for row, label in enumerate(sorted(by_class)):
-        for k, rgb in enumerate(by_class[label]):
-            cam, image, probabilities = _grad_cam(bundle, rgb, None)
-            predicted = int(probabilities.argmax())
-            left, right = axes[row, 2 * k], axes[row, 2 * k + 1]
-            left.imshow(image)
-            left.set_title(f"true: {classes[label]}", fontsize=8)
-            right.imshow(image)
-            right.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            right.set_title(
-                f"pred: {classes[predicted]} ({probabilities[predicted]:.2f})",
-                fontsize=8,
-                color="black" if predicted == label else "red",
-            )
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.suptitle("Model input and Grad-CAM of the predicted class (red: wrong)", fontsize=10)
-    return fig
-
-
-def gradcam_samples(manifest_path: Path, root: Path, split: str, bundle: Bundle, per_class: int):
-    """The first ``per_class`` raw images of each class in the split, in manifest order."""
-    rows = [r for r in read_manifest(manifest_path) if r["split"] == split]
-    samples = []
-    for label, name in enumerate(bundle.classes):
-        for row in [r for r in rows if r["class"] == name][:per_class]:
-            samples.append((_read_raw(root, row, int(bundle.config["max_pixels"])), label))
-    return samples

@@ -325,7 +325,7 @@ def log_evaluation(result: dict, prefix: str, paths=None, artifact_dir: str | No
     import numpy as np
     import pandas as pd
 
-    from . import metrics
+    from . import figures, metrics
     from .data import CLASSES
 
     labels = np.asarray(result["labels"])
@@ -344,12 +344,12 @@ def log_evaluation(result: dict, prefix: str, paths=None, artifact_dir: str | No
         },
         f"{artifact_dir}/confusion_matrix.json",
     )
-    figure = metrics.confusion_figure(
+    figure = figures.confusion_figure(
         report["confusion_matrix"], normalized=report["confusion_matrix_normalized"]
     )
     mlflow.log_figure(figure, f"{artifact_dir}/confusion_matrix.png")
     mlflow.log_figure(
-        metrics.reliability_figure(labels, probabilities), f"{artifact_dir}/reliability.png"
+        figures.reliability_figure(labels, probabilities), f"{artifact_dir}/reliability.png"
     )
     table = pd.DataFrame(
         {
@@ -364,10 +364,10 @@ def log_evaluation(result: dict, prefix: str, paths=None, artifact_dir: str | No
 
 
 def log_curves(history: list[dict], phase2_start_epoch: int | None) -> None:
-    from . import metrics
+    from . import figures
 
     if history:
-        mlflow.log_figure(metrics.curves_figure(history, phase2_start_epoch), "curves.png")
+        mlflow.log_figure(figures.curves_figure(history, phase2_start_epoch), "curves.png")
         mlflow.log_dict({"epochs": history}, "history.json")
 
 

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from safetensors.torch import save_file
 
-from leukemia import evaluation, images, serving, synthetic, tracking
+from leukemia import evaluation, gradcam, images, serving, synthetic, tracking
 from leukemia.data import CLASSES, read_manifest
 from leukemia.datasets import build_transform
 from leukemia.evaluation import PERTURBATIONS
@@ -309,7 +309,7 @@ def test_grad_cam_is_the_class_activation_map_at_the_input_size(bundle):
         torch.from_numpy(evaluation.model_input(bundle, rgb)).permute(2, 0, 1)[None]
     ).to(bundle.device)
     with torch.inference_mode():
-        features, logits = evaluation.features_and_logits(bundle.classifier, x)
+        features, logits = gradcam.features_and_logits(bundle.classifier, x)
         torch.testing.assert_close(logits, bundle.classifier(x), atol=1e-5, rtol=0)
     assert features.ndim == 4
     # With global average pooling and a linear head, dy_t/dA_cij = W_tc / (h w): Grad-CAM is
@@ -317,7 +317,7 @@ def test_grad_cam_is_the_class_activation_map_at_the_input_size(bundle):
     weight = bundle.classifier.head.weight.detach().cpu().numpy()
     maps = features[0].cpu().numpy()
     for target in range(4):
-        cam = evaluation.grad_cam(bundle, rgb, target)
+        cam = gradcam.grad_cam(bundle, rgb, target)
         assert cam.shape == (64, 64) and cam.min() >= 0 and cam.max() <= 1
         reference = np.maximum(np.tensordot(weight[target], maps, axes=1), 0)
         reference = cv2.resize(reference.astype(np.float32), (64, 64))
@@ -328,21 +328,21 @@ def test_grad_cam_is_the_class_activation_map_at_the_input_size(bundle):
             assert not cam.any()
     predicted = int(logits.argmax())
     np.testing.assert_array_equal(
-        evaluation.grad_cam(bundle, rgb), evaluation.grad_cam(bundle, rgb, predicted)
+        gradcam.grad_cam(bundle, rgb), gradcam.grad_cam(bundle, rgb, predicted)
     )
     with pytest.raises(ValueError, match=r"target must be a class index in \[0, 4\), got 4"):
-        evaluation.grad_cam(bundle, rgb, 4)
+        gradcam.grad_cam(bundle, rgb, 4)
 
 
 def test_gradcam_figure_has_a_row_per_class(bundle):
     samples = [(rgb, i % 4) for i, rgb in enumerate(_smears((64, 72, 80, 64, 56, 64, 64, 64)))]
-    fig = evaluation.gradcam_figure(bundle, samples)
+    fig = gradcam.gradcam_figure(bundle, samples)
     assert isinstance(fig, Figure) and len(fig.axes) == 4 * 4
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[0] == "true: Benign" and titles[1].startswith("pred: ")
     fig.savefig(io.BytesIO(), format="png")
     with pytest.raises(ValueError, match="at least one"):
-        evaluation.gradcam_figure(bundle, [])
+        gradcam.gradcam_figure(bundle, [])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from matplotlib.figure import Figure
 from sklearn.metrics import f1_score, roc_auc_score
 
-from leukemia import metrics
+from leukemia import figures, metrics
 from leukemia.data import CLASSES
 
 ABC = ("a", "b", "c")
@@ -260,37 +260,37 @@ def test_figures_build_and_save(tmp_path):
     labels = np.arange(40) % 4
     probabilities = confident(noisy_predictions(labels, 0.75, 4), 4, top=0.7)
     result = metrics.classification_metrics(labels, probabilities)
-    figures = {
-        "curves": (metrics.curves_figure(history(6), phase2_start_epoch=3), 2),
-        "curves_one_phase": (metrics.curves_figure(history(2), None), 2),
+    built = {
+        "curves": (figures.curves_figure(history(6), phase2_start_epoch=3), 2),
+        "curves_one_phase": (figures.curves_figure(history(2), None), 2),
         "confusion": (
-            metrics.confusion_figure(
+            figures.confusion_figure(
                 result["confusion_matrix"], normalized=result["confusion_matrix_normalized"]
             ),
             1,
         ),
-        "confusion_counts": (metrics.confusion_figure(result["confusion_matrix"]), 1),
-        "reliability": (metrics.reliability_figure(labels, probabilities), 1),
+        "confusion_counts": (figures.confusion_figure(result["confusion_matrix"]), 1),
+        "reliability": (figures.reliability_figure(labels, probabilities), 1),
         "comparison": (
-            metrics.comparison_figure({"paper": [0.9, 0.92, 0.91], "ours": [0.95]}, "accuracy"),
+            figures.comparison_figure({"paper": [0.9, 0.92, 0.91], "ours": [0.95]}, "accuracy"),
             1,
         ),
     }
-    for name, (figure, n_axes) in figures.items():
+    for name, (figure, n_axes) in built.items():
         assert isinstance(figure, Figure)
         assert len(figure.axes) == n_axes, name
         figure.savefig(tmp_path / f"{name}.png")
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
-    curves = figures["curves"][0]
+    curves = built["curves"][0]
     assert all("fine-tuning starts" in ax.get_legend_handles_labels()[1] for ax in curves.axes)
     ece = f"{result['ece']:.4f}"
-    assert ece in figures["reliability"][0].axes[0].get_title()
+    assert ece in built["reliability"][0].axes[0].get_title()
 
 
 def test_figure_inputs_are_validated():
     with pytest.raises(ValueError, match="missing"):
-        metrics.curves_figure([{"epoch": 0}], None)
+        figures.curves_figure([{"epoch": 0}], None)
     with pytest.raises(ValueError, match="shape"):
-        metrics.confusion_figure([[1, 0], [0, 1]])
+        figures.confusion_figure([[1, 0], [0, 1]])
     with pytest.raises(ValueError, match="non-empty"):
-        metrics.comparison_figure({"arm": []}, "accuracy")
+        figures.comparison_figure({"arm": []}, "accuracy")

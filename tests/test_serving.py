@@ -24,7 +24,7 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
-from leukemia import model_files, serving, synthetic
+from leukemia import inference, model_files, serving, synthetic
 from leukemia.data import CLASSES
 from leukemia.datasets import build_transform
 from leukemia.model import create_classifier
@@ -220,10 +220,10 @@ def test_other_input_types_are_client_errors(served):
 
 def test_decode_base64_accepts_lines_and_rejects_the_rest():
     data = bytes(range(256)) * 4
-    assert serving.decode_base64(base64.encodebytes(data), 0) == data
-    assert serving.decode_base64(_b64(data), 0) == data
-    with pytest.raises(MlflowException, match="row 7 .* got float"):
-        serving.decode_base64(float("nan"), 7)
+    assert inference.decode_base64(base64.encodebytes(data), 0) == data
+    assert inference.decode_base64(_b64(data), 0) == data
+    with pytest.raises(inference.InvalidRequest, match="row 7 .* got float"):
+        inference.decode_base64(float("nan"), 7)
 
 
 def test_log_served_model_writes_a_registered_self_describing_model(
@@ -370,9 +370,9 @@ def _stop(server: subprocess.Popen) -> None:
 
 def test_per_request_limits_refuse_before_decoding(served, monkeypatch):
     raw = served[1].get_raw_model()
-    monkeypatch.setenv(serving.MAX_ROWS_ENV, "3")
-    monkeypatch.setenv(serving.MAX_PIXELS_ENV, str(2 * 64 * 64))
-    limited = serving.LeukemiaModel(raw.model, raw.spec, raw.device)
+    monkeypatch.setenv(inference.MAX_ROWS_ENV, "3")
+    monkeypatch.setenv(inference.MAX_PIXELS_ENV, str(2 * 64 * 64))
+    limited = serving.ServedModel(raw.model, raw.spec, raw.device)
     small = _b64(_png(_smear(0, 64)))
     assert len(limited.predict(pd.DataFrame({"image": [small, small]}))) == 2
     with pytest.raises(MlflowException, match=r"at most 3 images per request .* got 4") as caught:
@@ -388,6 +388,6 @@ def test_per_request_limits_refuse_before_decoding(served, monkeypatch):
     header[29:33] = zlib.crc32(bytes(header[12:29])).to_bytes(4, "big")
     with pytest.raises(MlflowException, match="pixels per request"):
         limited.predict(pd.DataFrame({"image": [_b64(bytes(header))]}))
-    monkeypatch.setenv(serving.MAX_ROWS_ENV, "many")
+    monkeypatch.setenv(inference.MAX_ROWS_ENV, "many")
     with pytest.raises(ValueError, match="LEUKEMIA_SERVE_MAX_ROWS must be a positive integer"):
-        serving.LeukemiaModel(raw.model, raw.spec, raw.device)
+        serving.ServedModel(raw.model, raw.spec, raw.device)

@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from .. import evaluation, metrics, model_files, registry, tracking
+from .. import evaluation, gradcam, metrics, model_files, registry, tracking
 from ..data import CLASSES, read_manifest, split_fingerprint
 from ..evaluation import Bundle
 
@@ -80,8 +80,8 @@ def run(
                 labels, predictions, metric, n_resamples=bootstrap, seed=seed
             )
     table = evaluation.robustness_table(results)
-    samples = evaluation.gradcam_samples(manifest_path, root, split, bundle, gradcam_per_class)
-    figure = evaluation.gradcam_figure(bundle, samples) if samples else None
+    samples = gradcam.gradcam_samples(manifest_path, root, split, bundle, gradcam_per_class)
+    figure = gradcam.gradcam_figure(bundle, samples) if samples else None
 
     tags = {"step": "evaluate", "model_uri": bundle.source, "split": split}
     version = registry.alias_version(source)

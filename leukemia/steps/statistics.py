@@ -20,7 +20,7 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from .. import metrics
+from .. import figures, metrics
 from ..arms import DEEP_ARMS
 
 HEADLINE = ("test_accuracy", "test_f1_macro", "test_f1_weighted")
@@ -105,7 +105,7 @@ def log_summary(table: dict, tests: dict) -> None:
         arm: [v["test_accuracy"] for v in entry["per_seed"].values()]
         for arm, entry in table.items()
     }
-    mlflow.log_figure(metrics.comparison_figure(figure_table, "test_accuracy"), "comparison.png")
+    mlflow.log_figure(figures.comparison_figure(figure_table, "test_accuracy"), "comparison.png")
     headline = {}
     for arm, entry in table.items():
         key = metrics.slug(arm)

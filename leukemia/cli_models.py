@@ -1,0 +1,167 @@
+"""The model commands: ``evaluate``, ``promote`` and ``predict`` (registered on the ``leukemia``
+group in ``cli``)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from . import options as cli_options
+from .data import DatasetError
+from .options import Failure as _Failure
+from .steps import evaluate as evaluate_step
+from .steps import preprocess as preprocess_step
+
+
+@click.command("promote")
+@click.option("--name", default="leukemia-classifier", help="Registered model name.")
+@click.option(
+    "--version",
+    "candidate",
+    callback=cli_options.empty_is_none,
+    default=None,
+    help="Candidate version number or alias [default: @challenger].",
+)
+@click.option("--metric", default="test_f1_macro", help="Test metric the candidate must beat.")
+@click.option(
+    "--min-delta",
+    type=float,
+    default=0.0,
+    help="How much better than the champion the candidate must be (>= 0).",
+)
+@click.option(
+    "--recall-tolerance",
+    type=float,
+    default=0.05,
+    help="Largest drop in any class's recall that still allows promotion.",
+)
+@click.option("--force", is_flag=True, help="Decide even when the test manifests differ.")
+@click.option("--dry-run", is_flag=True, help="Print the decision; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON.")
+def promote_command(name, candidate, metric, min_delta, recall_tolerance, force, dry_run, as_json):
+    """Move the @champion alias to a better candidate (the first version always wins)."""
+    from . import registry
+
+    try:
+        decision = registry.decide_and_promote(
+            name, candidate, metric, min_delta, recall_tolerance, force, dry_run=dry_run
+        )
+    except ValueError as error:
+        raise _Failure(str(error)) from None
+    if as_json:
+        click.echo(json.dumps({**decision.as_dict(), "dry_run": dry_run}))
+        return
+    prefix = "dry run, nothing changed: " if dry_run else ""
+    verb = "would become" if dry_run else "is now"
+    if decision.promote:
+        click.echo(
+            f"{prefix}{name} version {decision.candidate} {verb} @champion: {decision.reason}"
+        )
+    else:
+        click.echo(
+            f"{prefix}{name} version {decision.candidate} not promoted, @champion stays "
+            f"{decision.champion}: {decision.reason}"
+        )
+
+
+@click.command("predict")
+@click.argument("image_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--model-uri",
+    default="models:/leukemia-classifier@champion",
+    help="A served model: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/classifier.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
+def predict_command(image_files, model_uri, as_json):
+    """Classify image files with a registered or logged model (its own preprocessing)."""
+    import pandas as pd
+
+    from .inference import IMAGE_COLUMN, InvalidRequest, encode_image_file
+    from .steps.evaluate import load_bundle
+
+    missing = [f for f in image_files if not os.path.isfile(f)]
+    if missing:
+        raise _Failure(f"image file(s) not found: {missing[:3]}")
+    try:  # the model's two data files only: nothing that came with the model runs
+        model = load_bundle(model_uri).served
+    except ValueError as error:
+        raise _Failure(str(error)) from None
+    frame = pd.DataFrame({IMAGE_COLUMN: [encode_image_file(f) for f in image_files]})
+    try:
+        output = model.predict(frame)
+    except InvalidRequest as error:
+        raise _Failure(str(error)) from None
+    for path, row in zip(image_files, output.to_dict("records")):
+        probabilities = {k[len("prob_") :]: round(v, 6) for k, v in row.items() if k != "label"}
+        if as_json:
+            click.echo(json.dumps({"image": path, "label": row["label"], **probabilities}))
+        else:
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in probabilities.items())
+            click.echo(f"{path}: {row['label']} ({shown})")
+
+
+@click.command("evaluate")
+@click.option(
+    "--model-uri",
+    default="models:/leukemia-classifier@champion",
+    help="runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint folder.",
+)
+@click.option(
+    "--manifest",
+    default=os.path.join("processed", "segmented", "latest", "manifest.csv"),
+    help="A manifest.csv written by preprocess/train (its split says which images to use).",
+)
+@click.option(
+    "--data-dir",
+    callback=cli_options.empty_is_none,
+    default=None,
+    help="Where the manifest's raw images are [default: the dataset it was made from].",
+)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test")
+@click.option(
+    "--robustness/--no-robustness",
+    default=True,
+    help="Also score darkened, brightened, noisy, blurred and JPEG-30 test images.",
+)
+@click.option("--gradcam-per-class", type=click.IntRange(min=0), default=2)
+@click.option("--bootstrap", type=click.IntRange(min=0), default=1000, help="Resamples (0: none).")
+@click.option("--experiment", default=None, help="MLflow experiment.")
+def evaluate_command(
+    model_uri, manifest, data_dir, split, robustness, gradcam_per_class, bootstrap, experiment
+):
+    """Score a model on a split: report, confusion matrix, ROC-AUC, calibration, bootstrap
+    intervals, robustness table and Grad-CAM, logged as one MLflow run."""
+
+    if data_dir == preprocess_step.SYNTHETIC:
+        raise _Failure("--data-dir names the raw images of the manifest; omit it for synthetic")
+    try:
+        result = evaluate_step.run(
+            model_uri,
+            manifest,
+            dataset_root=data_dir,
+            split=split,
+            robustness=robustness,
+            gradcam_per_class=gradcam_per_class,
+            bootstrap=bootstrap,
+            experiment=experiment,
+        )
+    except (ValueError, DatasetError) as error:
+        raise _Failure(str(error)) from None
+    echo_evaluation(result, split)
+
+
+def echo_evaluation(result: dict, split: str) -> None:
+    low, high = result["accuracy_ci"] or (float("nan"), float("nan"))
+    click.echo(
+        f"{split}: {result['n_images']} images, accuracy {result['accuracy']:.4f} "
+        f"[{low:.4f}, {high:.4f}], F1 macro {result['f1_macro']:.4f}"
+    )
+    for row in result.get("robustness") or []:
+        if row.get("condition") != "clean":
+            click.echo(
+                f"  {row['condition']:<9} accuracy {row['accuracy']:.4f} "
+                f"(drop {row.get('accuracy_drop', float('nan')):+.4f})"
+            )
+    click.echo(f"MLflow run {result['run_id']}")
