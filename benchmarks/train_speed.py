@@ -43,7 +43,7 @@ from leukemia.data import CLASSES
 from leukemia.datasets import BatchTransform, ManifestDataset, class_weights
 from leukemia.preprocess import preprocess
 from leukemia.segmentation import SegmentationParams
-from leukemia.train import build_classifier, normalisation, phases, resolve_device
+from leukemia.train import build_classifier, normalisation, phases, resolve_device, set_trainable
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "all"
 TARGET_RATIO = 0.90
@@ -269,10 +269,7 @@ def main() -> None:
 
         rows = []
         for phase in phases(config):
-            if phase.unfreeze_last is None:
-                m.freeze_backbone(classifier)
-            else:
-                m.unfreeze_last(classifier, phase.unfreeze_last)
+            set_trainable(classifier, phase)
             model_only = random_rate(classifier, batch, loss_fn, config, precision, **timing)
             loaded = loader_rate(classifier, loader, augment, loss_fn, config, precision, **timing)
             rows.append(

@@ -94,7 +94,7 @@ def predict_command(image_files, model_uri, as_json):
     except InvalidRequest as error:
         raise _Failure(str(error)) from None
     for path, row in zip(image_files, output.to_dict("records")):
-        probabilities = {k[len("prob_") :]: round(v, 6) for k, v in row.items() if k != "label"}
+        probabilities = {k: round(v, 6) for k, v in row.items() if k != "label"}
         if as_json:
             click.echo(json.dumps({"image": path, "label": row["label"], **probabilities}))
         else:

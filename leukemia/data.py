@@ -49,6 +49,17 @@ _FOLDER_ALIASES = {
 _PREFERRED_PARENTS = ("original",)
 
 
+def slug(name: str) -> str:
+    """A name as a key part: 'Early Pre-B' -> 'early_pre_b' (metric, param and column names)."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def prob_column(class_name: str) -> str:
+    """The probability column of a class, one naming everywhere: the served model's output,
+    ``predictions.csv`` and ``predict --json`` ('Early Pre-B' -> 'prob_early_pre_b')."""
+    return f"prob_{slug(class_name)}"
+
+
 class DatasetError(ValueError):
     """The data directory or manifest is not what the pipeline expects."""
 

@@ -6,8 +6,8 @@ evaluation scores with the same code.
 image files, or an N x H x W x 3 or H x W x 3 uint8 RGB array. Each image goes through
 ``segmentation.preprocess_image`` with the model's parameters and the evaluation transform
 (``datasets.build_transform(False, mean, std)``), exactly as in training. It returns a DataFrame
-with ``label`` and one ``prob_<class>`` column per class, rows in input order. A malformed or
-oversized request raises ``InvalidRequest`` with a one-line message.
+with ``label`` and one ``prob_<class slug>`` column per class (``data.prob_column``), rows in
+input order. A malformed or oversized request raises ``InvalidRequest`` with a one-line message.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from . import images, model_files
+from .data import prob_column
 from .datasets import build_transform
 from .model import Classifier
 from .model_files import ModelSpec
@@ -52,10 +53,6 @@ class InvalidRequest(ValueError):
 
 def _invalid(message: str) -> InvalidRequest:
     return InvalidRequest(message)
-
-
-def prob_column(class_name: str) -> str:
-    return f"prob_{class_name}"
 
 
 def encode_image_file(path: str | os.PathLike) -> str:

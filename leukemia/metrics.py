@@ -22,7 +22,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from .data import CLASSES
+from .data import CLASSES, slug
 
 BOOTSTRAP_METRICS = ("accuracy", "f1_macro")
 ECE_BINS = 15
@@ -82,11 +82,6 @@ def _check_bootstrap(n_resamples: int, confidence: float) -> None:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-
-
-def slug(name: str) -> str:
-    """A name as a metric/param key part: 'Early Pre-B' -> 'early_pre_b'."""
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 # ---------------------------------------------------------------------------------------------

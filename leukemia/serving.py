@@ -34,8 +34,8 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, DataType, Schema
 
 from . import images, model_files
-from .data import CLASSES
-from .inference import IMAGE_COLUMN, InvalidRequest, LeukemiaModel, prob_column
+from .data import CLASSES, prob_column
+from .inference import IMAGE_COLUMN, InvalidRequest, LeukemiaModel
 from .model import Classifier
 from .model_files import ModelSpec
 

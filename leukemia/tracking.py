@@ -326,7 +326,7 @@ def log_evaluation(result: dict, prefix: str, paths=None, artifact_dir: str | No
     import pandas as pd
 
     from . import figures, metrics
-    from .data import CLASSES
+    from .data import CLASSES, prob_column
 
     labels = np.asarray(result["labels"])
     probabilities = np.asarray(result["probabilities"], dtype=np.float64)
@@ -356,7 +356,7 @@ def log_evaluation(result: dict, prefix: str, paths=None, artifact_dir: str | No
             "path": list(paths) if paths is not None else range(len(labels)),
             "label": labels,
             "predicted": probabilities.argmax(1),
-            **{f"prob_{metrics.slug(name)}": probabilities[:, c] for c, name in enumerate(CLASSES)},
+            **{prob_column(name): probabilities[:, c] for c, name in enumerate(CLASSES)},
         }
     )
     mlflow.log_text(table.to_csv(index=False), f"{artifact_dir}/predictions.csv")

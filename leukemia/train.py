@@ -58,11 +58,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _configure(classifier: m.Classifier, phase: Phase, config: TrainConfig):
+def set_trainable(classifier: m.Classifier, phase: Phase) -> None:
+    """Freeze what ``phase`` does not train: the whole backbone in phase 1, all but its last
+    ``unfreeze_last`` Keras-counted layers in phase 2 (the benchmark uses it too)."""
     if phase.unfreeze_last is None:
         m.freeze_backbone(classifier)
     else:
         m.unfreeze_last(classifier, phase.unfreeze_last)
+
+
+def _configure(classifier: m.Classifier, phase: Phase, config: TrainConfig):
+    set_trainable(classifier, phase)
     # A fresh AdamW over the trainable parameters only, per phase (as Keras recompiles).
     return torch.optim.AdamW(
         m.trainable_parameters(classifier), lr=phase.lr, weight_decay=config.weight_decay
@@ -205,6 +211,17 @@ def train(
         "summary": {},
     }
     state_path = work_dir / STATE_FILE
+
+    def save(**fields):
+        # The torchvision reference's checkpoint: model, optimizer, epoch (in ``state``) and
+        # the config it was made with; plus every RNG, so a resume repeats the same numbers.
+        rng = _rng_state(generator, augment_generator)
+        weights = classifier.state_dict()
+        _save_atomically(
+            {**state, "model": weights, "rng": rng, "config": config.to_dict(), **fields},
+            state_path,
+        )
+
     saved = load_state(work_dir) if resume else None
     if saved is not None:
         classifier.load_state_dict(saved["model"])
@@ -263,16 +280,7 @@ def train(
             # Report first, then save: a kill in between repeats this epoch's (identical)
             # record on resume rather than losing it.
             on_epoch(record)
-            _save_atomically(
-                {
-                    **state,
-                    "model": classifier.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "rng": _rng_state(generator, augment_generator),
-                    "phase_index": phase_index,
-                },
-                state_path,
-            )
+            save(optimizer=optimizer.state_dict(), phase_index=phase_index)
         classifier.load_state_dict(state["best_model"])
         summary[f"{phase.name}_best_epoch"] = state["best_epoch"]
         on_phase_end(
@@ -286,15 +294,7 @@ def train(
         state.update(
             phase_index=phase_index + 1, epoch_in_phase=0, bad_epochs=0, best_val_loss=float("inf")
         )
-        _save_atomically(
-            {
-                **state,
-                "model": classifier.state_dict(),
-                "optimizer": {},
-                "rng": _rng_state(generator, augment_generator),
-            },
-            state_path,
-        )
+        save(optimizer={})
     return {
         "model": classifier,
         "history": state["history"],

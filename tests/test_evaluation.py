@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from safetensors.torch import save_file
 
 from leukemia import evaluation, gradcam, images, serving, synthetic, tracking
-from leukemia.data import CLASSES, read_manifest
+from leukemia.data import CLASSES, prob_column, read_manifest
 from leukemia.datasets import build_transform
 from leukemia.evaluation import PERTURBATIONS
 from leukemia.model import create_classifier
@@ -29,7 +29,7 @@ from leukemia.segmentation import SegmentationParams, preprocess_image
 from leukemia.steps import evaluate as evaluate_step
 
 SEG = SegmentationParams(image_size=64)
-PROB_COLUMNS = [f"prob_{name}" for name in CLASSES]
+PROB_COLUMNS = [prob_column(name) for name in CLASSES]
 REGISTERED = "leukemia-classifier"
 # The bundle runs on CUDA when there is one; TF32 convolutions there differ from the CPU
 # reference (and between batch compositions) in the fourth decimal, on the CPU in the ninth.

@@ -35,7 +35,7 @@ from .conftest import forget_experiment
 
 SEG = SegmentationParams(image_size=64)
 MAX_PIXELS = 100 * 100  # small, so that an oversized image is cheap to make
-PROB_COLUMNS = [f"prob_{name}" for name in CLASSES]
+PROB_COLUMNS = ["prob_benign", "prob_early_pre_b", "prob_pre_b", "prob_pro_b"]
 # Where the served model runs; the reference runs there too (cuDNN's TF32 convolutions differ
 # from the CPU's by more than the tolerance).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -220,6 +220,7 @@ def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
     assert killed.info.status == "RUNNING"  # what a kill leaves behind
     state = torch.load(states / run_id / "state.pt", weights_only=True)
     assert state["global_epoch"] < 4, "the run finished before it could be killed"
+    assert state["config"]["phase2_epochs"] == 3  # the state records the config it was made with
 
     resumed = invoke(*TINY, "--phase2_epochs", "3", "--resume", run_id)
     assert resumed.exit_code == 0, resumed.output
