@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from . import images
-from .data import parse_fractions
+from .preprocess import SplitParams
 from .segmentation import MAX_IMAGE_SIZE, SegmentationParams
 
 _SEGMENTATION = SegmentationParams()  # the paper's operator, declared in segmentation.py
@@ -111,24 +111,24 @@ class PreprocessConfig:
     max_pixels: int = images.DEFAULT_MAX_PIXELS
 
     def __post_init__(self):
-        self.segmentation(224)  # SegmentationParams checks its options
-        parse_fractions(self.split_fractions)
-        if self.group_by not in ("image", "index-block"):
-            raise ValueError(
-                f"unsupported group_by, got {self.group_by!r}; expected image or index-block"
-            )
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if not 0 <= self.near_duplicate_distance <= 64:
-            raise ValueError(
-                f"near_duplicate_distance must be 0..64 bits, got {self.near_duplicate_distance}"
-            )
+        # The libraries' own checks, in one place each.
+        self.segmentation(224)
+        self.split()
         if not 0 <= self.max_unreadable <= 1:
             raise ValueError(f"max_unreadable must be in [0, 1], got {self.max_unreadable}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
         if self.split_seed < 0:
             raise ValueError(f"split_seed must be >= 0, got {self.split_seed}")
+
+    def split(self) -> SplitParams:
+        return SplitParams(
+            fractions=self.split_fractions,
+            seed=self.split_seed,
+            group_by=self.group_by,
+            block_size=self.block_size,
+            near_duplicate_distance=self.near_duplicate_distance,
+        )
 
     def segmentation(self, image_size: int) -> SegmentationParams:
         return SegmentationParams(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import synthetic, tracking
 from ..config import PreprocessConfig
-from ..preprocess import PreprocessResult, SplitParams, preprocess
+from ..preprocess import PreprocessResult, preprocess
 
 SYNTHETIC = "synthetic"  # --data-dir value: the generated demo data
 
@@ -53,19 +53,12 @@ def run(
 ) -> tuple[PreprocessResult, float]:
     """Preprocess ``data_dir`` with ``pre`` at ``image_size``; returns the result and seconds.
     Raises ``DatasetError``, ``FileExistsError`` or ``ValueError`` for bad input."""
-    split = SplitParams(
-        fractions=pre.split_fractions,
-        seed=pre.split_seed,
-        group_by=pre.group_by,
-        block_size=pre.block_size,
-        near_duplicate_distance=pre.near_duplicate_distance,
-    )
     start = time.perf_counter()
     result = preprocess(
         data_dir,
         out_dir,
         seg=pre.segmentation(image_size),
-        split=split,
+        split=pre.split(),
         manifest=manifest,
         max_unreadable=pre.max_unreadable,
         max_pixels=pre.max_pixels,
