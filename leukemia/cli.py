@@ -12,6 +12,7 @@ from . import options as cli_options
 from .config import TrainConfig, load_experiment
 from .data import DatasetError
 from .options import Failure as _Failure
+from .registry import DEFAULT_NAME
 from .steps import compare as compare_step
 from .steps import main as main_step
 from .steps import preprocess as preprocess_step
@@ -204,7 +205,7 @@ def preprocess_command(
 )
 @click.option(
     "--registered-model-name",
-    default="leukemia-classifier",
+    default=DEFAULT_NAME,
     help="Register the trained model as a new version of this name ('' to skip).",
 )
 @click.pass_context

@@ -11,12 +11,13 @@ import click
 from . import options as cli_options
 from .data import DatasetError
 from .options import Failure as _Failure
+from .registry import CHAMPION, DEFAULT_NAME
 from .steps import evaluate as evaluate_step
 from .steps import preprocess as preprocess_step
 
 
 @click.command("promote")
-@click.option("--name", default="leukemia-classifier", help="Registered model name.")
+@click.option("--name", default=DEFAULT_NAME, help="Registered model name.")
 @click.option(
     "--version",
     "candidate",
@@ -70,7 +71,7 @@ def promote_command(name, candidate, metric, min_delta, recall_tolerance, force,
 @click.argument("image_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option(
     "--model-uri",
-    default="models:/leukemia-classifier@champion",
+    default=f"models:/{DEFAULT_NAME}@{CHAMPION}",
     help="A served model: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/classifier.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
@@ -105,7 +106,7 @@ def predict_command(image_files, model_uri, as_json):
 @click.command("evaluate")
 @click.option(
     "--model-uri",
-    default="models:/leukemia-classifier@champion",
+    default=f"models:/{DEFAULT_NAME}@{CHAMPION}",
     help="runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint folder.",
 )
 @click.option(

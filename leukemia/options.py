@@ -10,6 +10,7 @@ import click
 
 from .config import PreprocessConfig, TrainConfig
 from .preprocess import SplitParams
+from .registry import DEFAULT_NAME
 from .segmentation import (
     CHANNELS,
     FOREGROUNDS,
@@ -267,7 +268,7 @@ def study_options(function):
         ),
         click.option(
             "--registered-model-name",
-            default="leukemia-classifier",
+            default=DEFAULT_NAME,
             help="Each trained arm registers a version of this model.",
         ),
     ]

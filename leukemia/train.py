@@ -159,18 +159,21 @@ def train(
     on_phase_end: Callable[[Phase, m.Classifier, dict, dict], None] = lambda *a: None,
     resume: bool = False,
     classifier: m.Classifier | None = None,
+    device: torch.device | None = None,
+    precision: engine.Precision | None = None,
 ) -> dict:
     """Train on ``processed_dir`` (a preprocess output); state lives in ``work_dir``.
 
     ``on_epoch`` receives each epoch's record (global ``epoch``, phase, train/val metrics, lr);
     ``on_phase_end`` the phase, the model with its best weights restored, the summary so far,
-    and that model's test-split evaluation. ``classifier`` (from ``build_classifier``) saves
-    building it twice. Returns the trained model, history, summary, device and precision.
+    and that model's test-split evaluation. ``classifier`` (from ``build_classifier``), ``device``
+    and ``precision``, when the caller has resolved them, are not resolved again. Returns the
+    trained model, history, summary, device and precision.
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
-    precision = engine.resolve_precision(config.precision, device)
+    device = device or resolve_device(config.device)
+    precision = precision or engine.resolve_precision(config.precision, device)
     as_served = engine.Precision("fp32", device.type)
     seed_everything(config.seed)
     classifier = (classifier or build_classifier(config)).to(device)

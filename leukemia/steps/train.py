@@ -136,6 +136,7 @@ def run_training(
                 Path(work_root) / run_id,
                 resume=bool(resume),
                 register_as=register_as,
+                runtime=(device, precision),
             )
             final = mlflow.get_run(run_id).data.metrics
             echo(
@@ -161,7 +162,16 @@ def run_training(
 
 
 def _train_and_log(
-    config, processed_dir, rows, classifier, segmentation, params, work_dir, resume, register_as
+    config,
+    processed_dir,
+    rows,
+    classifier,
+    segmentation,
+    params,
+    work_dir,
+    resume,
+    register_as,
+    runtime,
 ):
     run_id = mlflow.active_run().info.run_id
     tracking.log_params_once(params)
@@ -198,6 +208,8 @@ def _train_and_log(
         on_phase_end=on_phase_end,
         resume=resume,
         classifier=classifier,
+        device=runtime[0],
+        precision=runtime[1],
     )
     summary, model = result["summary"], result["model"]
     tracking.log_curves(result["history"], summary.get("phase2_start_epoch"))
