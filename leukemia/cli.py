@@ -353,5 +353,6 @@ for _command in (
     cli_models.evaluate_command,
     cli_models.promote_command,
     cli_models.predict_command,
+    cli_models.serve_command,
 ):
     main.add_command(_command)

@@ -8,6 +8,7 @@ import os
 
 import click
 
+from . import guard
 from . import options as cli_options
 from .data import DatasetError
 from .options import Failure as _Failure
@@ -166,3 +167,41 @@ def echo_evaluation(result: dict, split: str) -> None:
                 f"(drop {row.get('accuracy_drop', float('nan')):+.4f})"
             )
     click.echo(f"MLflow run {result['run_id']}")
+
+
+@click.command("serve")
+@click.option(
+    "-m",
+    "--model-uri",
+    default=f"models:/{DEFAULT_NAME}@{CHAMPION}",
+    help="The model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/classifier, a folder.",
+)
+@click.option("--host", default="127.0.0.1", help="Address to listen on.")
+@click.option("-p", "--port", type=click.IntRange(1, 65535), default=5001, help="Port.")
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=1),
+    default=guard.MAX_BODY_BYTES,
+    help="Larger request bodies get HTTP 400 before they are parsed.",
+)
+@click.option(
+    "--max-depth",
+    type=click.IntRange(min=4),
+    default=guard.MAX_DEPTH,
+    help="JSON nested deeper gets HTTP 400 before it is parsed.",
+)
+def serve_command(model_uri, host, port, max_body_bytes, max_depth):
+    """Serve a model as `mlflow models serve --env-manager local` does (same app, same
+    /invocations and /ping), behind a guard that answers oversized or deeply nested requests
+    with HTTP 400 instead of MLflow's 500."""
+    import mlflow
+    import uvicorn
+    from mlflow.pyfunc import scoring_server
+
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except (mlflow.exceptions.MlflowException, OSError, ValueError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise _Failure(f"cannot load model {model_uri!r}: {first}") from None
+    app = guard.RequestGuard(scoring_server.init(model), max_body_bytes, max_depth)
+    uvicorn.run(app, host=host, port=port)
