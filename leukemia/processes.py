@@ -71,7 +71,7 @@ def children_stop_with_me():
             os.environ[PARENT_ENV] = previous
 
 
-def stop_when_parent_dies(interval: float = 1.0, grace: float = 60.0) -> None:
+def stop_when_parent_dies(interval: float = 1.0, grace: float = 20.0) -> None:
     """When ``PARENT_ENV`` names a process, interrupt this one (KeyboardInterrupt: a training
     run ends KILLED with its resume command) once that process is gone; exit if it lingers."""
     parent = os.environ.get(PARENT_ENV)

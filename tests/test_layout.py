@@ -18,6 +18,7 @@ PURE = (
     "evaluation",
     "figures",
     "gradcam",
+    "guard",
     "images",
     "inference",
     "metrics",
