@@ -50,6 +50,8 @@ def start_run(
             mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
         opened = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
     with opened as run:
+        if run_id and KILLED_TAG in run.data.tags:  # resumed: that reason no longer holds
+            mlflow.tracking.MlflowClient().delete_tag(run_id, KILLED_TAG)
         try:
             yield run
         except Exception as error:

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from leukemia import processes, tracking
 
-from .conftest import REPO, mlflow_run_env
+from .conftest import REPO, forget_experiment, mlflow_run_env
 
 
 def test_tokens_tell_a_gone_process_from_a_live_one():
@@ -60,6 +60,12 @@ def test_stale_running_runs_are_marked_killed_with_the_way_on(tracking_uri):
         "same command again" in client.get_run(ids["gone-compare"]).data.tags[tracking.KILLED_TAG]
     )
     assert client.get_run(run.info.run_id).data.tags[tracking.PROCESS_TAG] == processes.token()
+    # Resuming the killed run clears the reason it was ended for.
+    forget_experiment()  # a new command: no experiment chosen yet
+    with tracking.start_run("train", run_id=ids["gone-train"]):
+        pass
+    resumed = client.get_run(ids["gone-train"])
+    assert tracking.KILLED_TAG not in resumed.data.tags and resumed.info.status == "FINISHED"
 
 
 @pytest.mark.slow
