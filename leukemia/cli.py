@@ -75,14 +75,17 @@ def synth_command(out, per_class, seed, size):
     click.echo(f"{4 * per_class} synthetic images in {path}")
 
 
+def _preprocess_overrides(options: dict) -> dict:
+    """Take the ``PreprocessConfig`` fields out of ``options``; the ones given (not None)."""
+    given = {k: options.pop(k) for k in cli_options.PREPROCESS_FIELDS if k in options}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _experiment(config_path, options: dict, training_overrides: dict | None = None):
     """(TrainConfig, PreprocessConfig) from the YAML and the options given; removes the
     ``PreprocessConfig`` fields from ``options``."""
-    given = {k: options.pop(k) for k in cli_options.PREPROCESS_FIELDS if k in options}
     try:
-        return load_experiment(
-            config_path, training_overrides, {k: v for k, v in given.items() if v is not None}
-        )
+        return load_experiment(config_path, training_overrides, _preprocess_overrides(options))
     except ValueError as error:
         raise _Failure(str(error)) from None
 
@@ -281,14 +284,14 @@ def compare_command(ctx, data_dir, synthetic_per_class, synthetic_seed, experime
 def _plan(ctx, study_args: dict, options: dict, data_dir, per_class: int, seed: int):
     """The checked study plan and the dataset folder; the preprocessing fields of ``options``
     and ``seeds`` leave their dicts, ``config_path`` and ``workers`` join ``study_args``."""
-    given = {k: options.pop(k) for k in cli_options.PREPROCESS_FIELDS if k in options}
+    preprocess_overrides = _preprocess_overrides(options)
     study_args["workers"] = options["workers"]
     try:
         plan = compare_step.plan(
             study_args["config_path"],
             study_args.pop("seeds"),
             cli_options.parse_overrides(ctx.args),
-            {k: v for k, v in given.items() if v is not None},
+            preprocess_overrides,
         )
     except ValueError as error:
         raise _Failure(str(error)) from None

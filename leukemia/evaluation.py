@@ -67,11 +67,6 @@ def bundle_from_folder(folder: Path, source: str) -> Bundle:
     )
 
 
-def _one_line(text: str) -> str:
-    """A message as one line without its final full stop, to go inside a sentence."""
-    return " ".join(str(text).split()).rstrip(".")
-
-
 # ---------------------------------------------------------------------------------------------
 # Perturbations: H x W x 3 uint8 RGB in, the same shape out, before the model's preprocessing
 

@@ -106,6 +106,16 @@ def check_image_size(backbone: nn.Module, image_size: int) -> None:
         )
 
 
+def error_summary(error: BaseException, first_sentence: bool = False) -> str:
+    """An exception's message on one line without its final full stop, to go inside a
+    sentence; ``first_sentence``: only its first sentence, at most 200 characters (torch and
+    safetensors explain at length)."""
+    text = " ".join(str(error).split())
+    if first_sentence:
+        text = text.split(". ")[0][:200]
+    return text.rstrip(".") or type(error).__name__
+
+
 def read_state_dict(path: str | os.PathLike, what: str) -> dict:
     """A state dict from a ``.safetensors`` file, else a ``torch.save`` file read with
     ``weights_only`` (tensors and plain containers: no code). ValueError names the file."""
@@ -118,9 +128,9 @@ def read_state_dict(path: str | os.PathLike, what: str) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - corrupt files fail in many ways; all are refused
-        detail = " ".join(str(error).split()).split(". ")[0][:200] or type(error).__name__
         raise ValueError(
-            f"{what} {str(path)!r} is not a readable state dict ({detail}); expected a "
+            f"{what} {str(path)!r} is not a readable state dict "
+            f"({error_summary(error, first_sentence=True)}); expected a "
             ".safetensors or torch.save file of tensors"
         ) from None
     if not isinstance(state, dict):

@@ -26,7 +26,7 @@ import torch
 
 from . import images
 from .data import CLASSES
-from .model import Classifier, check_model_name, create_classifier
+from .model import Classifier, check_model_name, create_classifier, error_summary
 from .segmentation import SegmentationParams
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -196,11 +196,11 @@ def read_spec(folder: str | os.PathLike, source: str | None = None) -> ModelSpec
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise ModelFileError(f"{where} is not readable JSON ({_first_line(error)})") from None
+        raise ModelFileError(f"{where} is not readable JSON ({error_summary(error)})") from None
     try:
         return ModelSpec.from_json(values)
     except (TypeError, ValueError) as error:
-        raise ModelFileError(f"{where}: {_first_line(error)}") from None
+        raise ModelFileError(f"{where}: {error_summary(error)}") from None
 
 
 def load(
@@ -220,18 +220,13 @@ def load(
     except (SafetensorError, OSError, ValueError) as error:
         raise ModelFileError(
             f"{WEIGHTS_FILE} of {source!r} is not a readable safetensors file "
-            f"({_first_line(error)})"
+            f"({error_summary(error)})"
         ) from None
     try:
         classifier.load_state_dict(state)
     except RuntimeError as error:  # missing, unexpected or misshapen tensors
         raise ModelFileError(
             f"{WEIGHTS_FILE} of {source!r} does not fit a {spec.model} with "
-            f"{spec.num_classes} classes: {_first_line(error)[:300]}"
+            f"{spec.num_classes} classes: {error_summary(error)[:300]}"
         ) from None
     return classifier.to(device).eval(), spec
-
-
-def _first_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()).rstrip(".")
-    return text or type(error).__name__

@@ -116,10 +116,10 @@ def load_state(work_dir) -> dict | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a damaged file fails in many ways
-        detail = " ".join(str(error).split()).split(". ")[0][:200] or type(error).__name__
         raise ValueError(
-            f"the saved training state {str(path)!r} is damaged ({detail}); this run cannot be "
-            "resumed: start a new run"
+            f"the saved training state {str(path)!r} is damaged "
+            f"({m.error_summary(error, first_sentence=True)}); this run cannot be resumed: start a "
+            "new run"
         ) from None
 
 
