@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 
 import click
 
@@ -52,6 +53,8 @@ _FILE_SYSTEM_ERRORS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, er
 @click.version_option(package_name="leukemia")
 def main():
     """Reproducible acute lymphoblastic leukemia classification, tracked in MLflow."""
+    # Downloads here are a model's few files: MLflow's bars would only clutter the output.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     processes.stop_when_parent_dies()  # a child of compare/main ends with it
     tracking.watch_tracking_server(lambda line: click.echo(line, err=True))
 
@@ -103,23 +106,13 @@ def _preprocess(*args) -> tuple:
 @cli_options.segment_option(
     "true: the paper's segmented images (proposed arm); false: the baseline arm."
 )
-@click.option(
-    "--no-segment",
-    is_flag=True,
-    help="Same as --segment false: write the resized RGB images (baseline arm).",
-)
-@click.option(
-    "--config",
-    "config_path",
-    callback=cli_options.empty_is_none,
-    default=None,
-    help="Experiment YAML whose preprocess block (and image_size) to use.",
-)
+@cli_options.config_path_option("whose preprocess block (and image_size) to use")
 @click.option(
     "--out-dir",
     callback=cli_options.empty_is_none,
     default=None,
-    help="Output folder [default: processed/segmented or processed/raw].",
+    help="Output store: one immutable folder per option set, `latest` the newest "
+    "[default: processed].",
 )
 @click.option(
     "--manifest",
@@ -132,7 +125,6 @@ def preprocess_command(
     data_dir,
     synthetic_per_class,
     synthetic_seed,
-    no_segment,
     config_path,
     out_dir,
     manifest,
@@ -143,11 +135,9 @@ def preprocess_command(
     **options,
 ):
     """Audit, split and segment a dataset; log it to MLflow. Cached by input and options."""
-    if no_segment:
-        options["segment"] = False
     config, pre = _experiment(config_path, options)
     data_dir = preprocess_step.resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
-    out_dir = out_dir or preprocess_step.default_out_dir(pre.segment)
+    out_dir = out_dir or preprocess_step.DEFAULT_OUT_DIR
     size = image_size or config.image_size
     result, seconds = _preprocess(data_dir, out_dir, manifest, pre, size, workers)
     run_id = preprocess_step.log(result, seconds, experiment)
@@ -167,21 +157,18 @@ def preprocess_command(
         click.echo(f"MLflow run {run_id}")
 
 
-@main.command(
-    "train",
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-)
+_OVERRIDABLE = {
+    "context_settings": {"ignore_unknown_options": True, "allow_extra_args": True},
+    "epilog": cli_options.config_fields_help(),
+}
+
+
+@main.command("train", **_OVERRIDABLE)
 @cli_options.preprocess_options(training=True)
 @cli_options.segment_option(
     "true: train on segmented images (proposed arm); false: on raw images (baseline)."
 )
-@click.option(
-    "--config",
-    "config_path",
-    callback=cli_options.empty_is_none,
-    default=None,
-    help="Experiment YAML (e.g. experiments/paper.yaml) [default: the paper's values in code].",
-)
+@cli_options.config_path_option("of the training and preprocessing settings")
 @click.option(
     "--seed",
     type=cli_options.OrConfig(click.IntRange(min=0)),
@@ -198,7 +185,7 @@ def preprocess_command(
     "--out-dir",
     callback=cli_options.empty_is_none,
     default=None,
-    help="Preprocessed images go here [default: processed/segmented or processed/raw].",
+    help="Preprocessed images go here, one folder per option set [default: processed].",
 )
 @click.option(
     "--resume",
@@ -239,8 +226,9 @@ def train_command(
     if seed is not None:
         overrides["seed"] = seed
     config, pre = _experiment(config_path, options, overrides)
+    origin = {"config": config_path, "data_dir": data_dir}
     data_dir = preprocess_step.resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
-    out_dir = out_dir or preprocess_step.default_out_dir(pre.segment)
+    out_dir = out_dir or preprocess_step.DEFAULT_OUT_DIR
     result, seconds = _preprocess(data_dir, out_dir, manifest, pre, config.image_size, workers)
     click.echo(preprocess_step.summary(result, seconds))
     try:
@@ -252,15 +240,14 @@ def train_command(
             experiment=experiment,
             resume=resume,
             register_as=registered_model_name or None,
+            origin=origin,
             echo=click.echo,
         )
     except (ValueError, PretrainedWeightsError) as error:
         raise _Failure(str(error)) from None
 
 
-@main.command(
-    "compare", context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
-)
+@main.command("compare", **_OVERRIDABLE)
 @cli_options.preprocess_options(training=True)
 @cli_options.study_options
 @click.pass_context
@@ -278,7 +265,23 @@ def compare_command(ctx, data_dir, synthetic_per_class, synthetic_seed, experime
         except (DatasetError, FileExistsError, ValueError) as error:
             raise _Failure(str(error)) from None
         click.echo(statistics.format_table(comparison.table, comparison.tests))
-    click.echo(f"parent run {parent.info.run_id}")
+    _echo_links(parent, comparison)
+
+
+def _echo_links(parent, comparison) -> None:
+    """Where the answer is in the MLflow UI (`mlflow ui`'s default address)."""
+    from . import ui
+    from .arms import DEEP_ARMS
+
+    experiment = parent.info.experiment_id
+    deep = [run for arm in DEEP_ARMS for run in comparison.children[arm].values()]
+    click.echo(
+        f"\nparent run {parent.info.run_id}; in the MLflow UI (mlflow ui --backend-store-uri "
+        f"{tracking.mlflow.get_tracking_uri()}):\n"
+        f"  the answer (description):  {ui.run_url(experiment, parent.info.run_id)}\n"
+        f"  the deep arms compared:    {ui.compare_url(experiment, deep)}\n"
+        f"  charts and images:         {ui.chart_url(experiment, parent.info.run_id)}"
+    )
 
 
 def _plan(ctx, study_args: dict, options: dict, data_dir, per_class: int, seed: int):
@@ -298,7 +301,7 @@ def _plan(ctx, study_args: dict, options: dict, data_dir, per_class: int, seed: 
     return plan, preprocess_step.resolve_data_dir(data_dir, per_class, seed)
 
 
-@main.command("main", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command("main", **_OVERRIDABLE)
 @cli_options.preprocess_options(training=True)
 @cli_options.study_options
 @click.option("--metric", default="test_f1_macro", help="Promotion metric.")
@@ -326,21 +329,16 @@ def main_command(
         click.echo(statistics.format_table(comparison.table, comparison.tests))
         if result.evaluation is not None:
             cli_models.echo_evaluation(result.evaluation, "test (champion)")
-    uri = tracking.mlflow.get_tracking_uri()
+    _echo_links(parent, result.comparison)
     click.echo(
-        f"\nDone. Parent run {parent.info.run_id} holds the comparison (comparison.png, "
-        f"statistics.json).\nLook: mlflow ui --backend-store-uri {uri}\n"
-        f"Serve: mlflow models serve -m models:/{name}@champion --env-manager local -p 5001"
+        f"Serve the champion: leukemia serve -m models:/{name}@champion -p 5001\n"
+        f"List the versions:  leukemia models --name {name}"
     )
 
 
 def _study_args(options: dict) -> dict:
     """Take the study options out of ``options`` (the rest are preprocessing options)."""
-    study_args = {k: options.pop(k) for k in _STUDY_KEYS}
-    enabled = options.pop("shortcuts_enabled")
-    if enabled is not None:
-        study_args["shortcuts"] = enabled
-    return study_args
+    return {k: options.pop(k) for k in _STUDY_KEYS}
 
 
 _STUDY_KEYS = (
@@ -355,6 +353,7 @@ _STUDY_KEYS = (
 for _command in (
     cli_models.evaluate_command,
     cli_models.promote_command,
+    cli_models.models_command,
     cli_models.predict_command,
     cli_models.serve_command,
 ):

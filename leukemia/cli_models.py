@@ -18,14 +18,10 @@ from .steps import preprocess as preprocess_step
 
 
 @click.command("promote")
-@click.option("--name", default=DEFAULT_NAME, help="Registered model name.")
-@click.option(
-    "--version",
-    "candidate",
-    callback=cli_options.empty_is_none,
-    default=None,
-    help="Candidate version number or alias [default: @challenger].",
+@click.argument(
+    "candidate", metavar="[VERSION]", required=False, callback=cli_options.empty_is_none
 )
+@click.option("--name", default=DEFAULT_NAME, help="Registered model name.")
 @click.option("--metric", default="test_f1_macro", help="Test metric the candidate must beat.")
 @click.option(
     "--min-delta",
@@ -39,11 +35,18 @@ from .steps import preprocess as preprocess_step
     default=0.05,
     help="Largest drop in any class's recall that still allows promotion.",
 )
-@click.option("--force", is_flag=True, help="Decide even when the test manifests differ.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Promote even where a rule says no (other test manifest, not better by --min-delta, "
+    "a recall drop); the version records which rules were overridden.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the decision; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON.")
 def promote_command(name, candidate, metric, min_delta, recall_tolerance, force, dry_run, as_json):
-    """Move the @champion alias to a better candidate (the first version always wins)."""
+    """Move @champion to VERSION (a number or an alias; default @challenger) when it beats the
+    champion on the same test manifest without losing any class's recall. The first version
+    always wins; `leukemia models` lists the versions."""
     from . import registry
 
     try:
@@ -66,6 +69,52 @@ def promote_command(name, candidate, metric, min_delta, recall_tolerance, force,
             f"{prefix}{name} version {decision.candidate} not promoted, @champion stays "
             f"{decision.champion}: {decision.reason}"
         )
+
+
+@click.command("models")
+@click.option("--name", default=DEFAULT_NAME, help="Registered model name.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per version.")
+def models_command(name, as_json):
+    """List the versions of a registered model, newest first: aliases, arm, preprocessing,
+    test metrics, manifest hash, run and creation time."""
+    from . import registry
+
+    try:
+        rows = registry.list_versions(name)
+    except ValueError as error:
+        raise _Failure(str(error)) from None
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    header = (
+        "version",
+        "aliases",
+        "arm",
+        "preprocessing",
+        "accuracy",
+        "F1 macro",
+        "manifest",
+        "created",
+        "run",
+    )
+    lines = [header] + [
+        (
+            row["version"],
+            ",".join("@" + a for a in row["aliases"]) or "-",
+            row["arm"] or "-",
+            row["preprocessing"] or "-",
+            row["test_accuracy"] or "-",
+            row["test_f1_macro"] or "-",
+            (row["manifest_hash"] or "-")[:12],
+            row["created"],
+            row["run_id"],
+        )
+        for row in rows
+    ]
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    for line in lines:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip())
 
 
 @click.command("predict")
@@ -112,8 +161,10 @@ def predict_command(image_files, model_uri, as_json):
 )
 @click.option(
     "--manifest",
-    default=os.path.join("processed", "segmented", "latest", "manifest.csv"),
-    help="A manifest.csv written by preprocess/train (its split says which images to use).",
+    callback=cli_options.empty_is_none,
+    default=None,
+    help="A manifest.csv written by preprocess/train (its split says which images to use) "
+    "[default: the manifest the model trained on, recorded with its run].",
 )
 @click.option(
     "--data-dir",
@@ -155,10 +206,14 @@ def evaluate_command(
 
 
 def echo_evaluation(result: dict, split: str) -> None:
-    low, high = result["accuracy_ci"] or (float("nan"), float("nan"))
+    if result["accuracy_ci"]:
+        interval = "[{:.4f}, {:.4f}] (95% bootstrap)".format(*result["accuracy_ci"])
+    else:
+        interval = f"({result['no_interval']})"
+    click.echo(f"data: {result['manifest']}, {result['data']}")
     click.echo(
         f"{split}: {result['n_images']} images, accuracy {result['accuracy']:.4f} "
-        f"[{low:.4f}, {high:.4f}], F1 macro {result['f1_macro']:.4f}"
+        f"{interval}, F1 macro {result['f1_macro']:.4f}"
     )
     for row in result.get("robustness") or []:
         if row.get("condition") != "clean":

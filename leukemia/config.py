@@ -26,6 +26,13 @@ _SEGMENTATION = SegmentationParams()  # the paper's operator, declared in segmen
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
+# What every command and MLproject entry point runs when no --config is given: the demo, minutes
+# on a CPU with nothing to download. The dataclass defaults below are the paper's values, which
+# experiments/paper.yaml states with their sources.
+DEFAULT_CONFIG = "experiments/demo.yaml"
+PAPER_CONFIG = "experiments/paper.yaml"
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -170,10 +177,23 @@ def _coerce(name: str, value, target_type):
     raise ValueError(f"{name} must be {target_type.__name__}, got {value!r}")
 
 
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """``path`` as given; a relative one that the working directory lacks is looked up in the
+    checkout the package runs from, so ``experiments/demo.yaml`` works from any folder."""
+    given = Path(path)
+    if given.is_file() or given.is_absolute():
+        return given
+    in_checkout = _CHECKOUT / given
+    return in_checkout if in_checkout.is_file() else given
+
+
 def _read_yaml(path: str | os.PathLike) -> dict:
-    path = Path(path)
+    path = resolve_config_path(path)
     if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist")
+        raise ValueError(
+            f"config file {str(path)!r} does not exist; expected an experiment YAML such as "
+            f"{DEFAULT_CONFIG} or {PAPER_CONFIG}"
+        )
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:

@@ -98,7 +98,10 @@ def train_one_epoch(
     scaler = precision.scaler()
     set_train_mode(model, freeze_bn_stats)
     start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
-    bar = tqdm(loader, desc=description, unit="batch", leave=False, dynamic_ncols=True)
+    # disable=None: a bar on a terminal only; in a log (mlflow run, CI) the epoch lines suffice.
+    bar = tqdm(
+        loader, desc=description, unit="batch", leave=False, dynamic_ncols=True, disable=None
+    )
     for images, labels in bar:
         images, labels = _to_device(images, labels, device, precision, batch_transform)
         loss, hits = train_step(model, images, labels, loss_fn, optimizer, precision, scaler)

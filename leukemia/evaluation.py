@@ -276,7 +276,8 @@ def evaluate_manifest(
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
     starts = range(0, len(rows), batch_size)
     with _pool() as pool:
-        for start in tqdm(starts, desc=f"evaluate {split}", unit="batch", leave=False):
+        bar = tqdm(starts, desc=f"evaluate {split}", unit="batch", leave=False, disable=None)
+        for start in bar:
             chunk = rows[start : start + batch_size]
             raws = list(pool.map(lambda row: read_raw(root, row, max_pixels), chunk))
             for name in names:

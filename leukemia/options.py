@@ -8,7 +8,7 @@ from dataclasses import fields as dataclass_fields
 
 import click
 
-from .config import PreprocessConfig, TrainConfig
+from .config import DEFAULT_CONFIG, PAPER_CONFIG, PreprocessConfig, TrainConfig
 from .preprocess import SplitParams
 from .registry import DEFAULT_NAME
 from .segmentation import (
@@ -80,8 +80,8 @@ def config_option(*names: str, field: str, type: click.ParamType, help: str, **k
 def preprocess_options(function=None, *, training: bool = False):
     """The options shared by every command that preprocesses (preprocess, main, train).
 
-    ``training``: the image size comes from the training config, and the split's seed is
-    ``--split-seed`` (``--seed`` seeds training). Options of ``PreprocessConfig`` fields are
+    ``training``: the image size comes from the training config. The split's seed is
+    ``--split-seed`` everywhere (``--seed`` seeds training). Options of ``PreprocessConfig`` fields are
     unset by default: the experiment config (or its defaults) decides."""
     if function is None:
         return lambda f: preprocess_options(f, training=training)
@@ -149,7 +149,7 @@ def preprocess_options(function=None, *, training: bool = False):
             help="train,val,test fractions (sum to 1).",
         ),
         config_option(
-            "--split-seed" if training else "--seed",
+            "--split-seed",
             field="split_seed",
             type=click.IntRange(min=0),
             help="Seed of the split.",
@@ -211,6 +211,31 @@ def empty_is_none(ctx, param, value):
     return value or None
 
 
+def _default_config(ctx, param, value):
+    return value or DEFAULT_CONFIG
+
+
+def config_path_option(what: str):
+    """``--config``: the experiment YAML; unset or empty ('' from MLproject) is the demo."""
+    return click.option(
+        "--config",
+        "config_path",
+        callback=_default_config,
+        default=DEFAULT_CONFIG,
+        help=f"Experiment YAML {what}; {PAPER_CONFIG} is the paper's recipe.",
+    )
+
+
+def config_fields_help() -> str:
+    """The epilog of the commands that take ``--FIELD VALUE`` overrides: every ``TrainConfig``
+    field with its code default (the paper's value)."""
+    rows = [f"  --{f.name} {f.default!r}" for f in dataclass_fields(TrainConfig)]
+    return (
+        "Config fields (--FIELD VALUE, or -P FIELD=VALUE under mlflow run; they override "
+        "--config, whose values override these defaults, the paper's):\n\n\b\n" + "\n".join(rows)
+    )
+
+
 def parse_overrides(args: list[str]) -> dict:
     """``["--phase1_epochs", "2", "--batch-size=4"]`` -> ``{"phase1_epochs": "2", ...}``: the form
     ``mlflow run`` gives undeclared ``-P key=value`` parameters."""
@@ -231,13 +256,7 @@ def parse_overrides(args: list[str]) -> dict:
 def study_options(function):
     """Options of the commands that run the whole comparison (compare, main)."""
     options = [
-        click.option(
-            "--config",
-            "config_path",
-            callback=empty_is_none,
-            default=None,
-            help="Experiment YAML for both arms [default: the paper's values in code].",
-        ),
+        config_path_option("for every arm"),
         click.option(
             "--seeds",
             default="42",
@@ -247,7 +266,7 @@ def study_options(function):
             "--out-dir",
             type=click.Path(file_okay=False),
             default="processed",
-            help="Parent folder of the two arms' preprocessed images.",
+            help="Store of every arm's preprocessed images (one folder per option set).",
         ),
         click.option(
             "--env-manager",
@@ -256,15 +275,11 @@ def study_options(function):
             help="How the child `mlflow run -e train` runs get their environment.",
         ),
         click.option(
-            "--shortcuts/--no-shortcuts",
-            default=True,
-            help="Also fit the colour/brightness shortcut arms.",
-        ),
-        click.option(
-            "--shortcuts-enabled",
+            "--shortcuts",
             type=click.BOOL,
-            default=None,
-            help="Same as --shortcuts/--no-shortcuts, as true/false (for MLproject).",
+            default=True,
+            help="true: also fit the colour/brightness shortcut arms (the floor a deep arm "
+            "must beat); false: skip them.",
         ),
         click.option(
             "--registered-model-name",

@@ -51,6 +51,56 @@ def version_tags(run) -> dict[str, str]:
     return tags
 
 
+def list_versions(name: str = DEFAULT_NAME) -> list[dict]:
+    """Every version of ``name``, newest first, with what ``version_tags`` recorded."""
+    client = MlflowClient()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        raise ValueError(f"no registered model {name!r}; train a model first") from None
+    aliases: dict[str, list[str]] = {}
+    for alias, number in (model.aliases or {}).items():
+        aliases.setdefault(str(number), []).append(alias)
+    rows = []
+    for version in client.search_model_versions(f"name = '{name}'"):
+        tags = version.tags
+        seen = {
+            k.removeprefix("preprocess."): v for k, v in tags.items() if k.startswith("preprocess.")
+        }
+        rows.append(
+            {
+                "version": int(version.version),
+                "aliases": sorted(aliases.get(str(version.version), [])),
+                "arm": tags.get("arm", ""),
+                "preprocessing": _preprocessing_words(seen),
+                "test_accuracy": tags.get("test_accuracy", ""),
+                "test_f1_macro": tags.get("test_f1_macro", ""),
+                "manifest_hash": tags.get("manifest_hash", ""),
+                "run_id": version.run_id,
+                "created": time.strftime(
+                    "%Y-%m-%d %H:%M:%S", time.localtime(version.creation_timestamp / 1000)
+                ),
+                "promotion": tags.get("promotion.reason", ""),
+            }
+        )
+    return sorted(rows, key=lambda row: row["version"], reverse=True)
+
+
+def _preprocessing_words(seen: dict) -> str:
+    """``{"segment": "True", "channel": "gray", "kernel_size": "5", ...}`` -> "gray otsu,
+    ellipse 5, masked, 224px"; "raw 224px" for the baseline."""
+    size = f"{seen['image_size']}px" if "image_size" in seen else ""
+    if seen.get("segment") not in ("True", "true"):
+        return f"raw {size}".strip() if seen else ""
+    parts = [
+        f"{seen.get('channel', '?')} otsu",
+        f"{seen.get('kernel_shape', '?')} {seen.get('kernel_size', '?')}",
+        seen.get("output", "?"),
+        size,
+    ]
+    return ", ".join(p for p in parts if p)
+
+
 def register_run_model(run_id: str, model_uri: str, name: str = DEFAULT_NAME):
     """Register ``model_uri`` (logged by run ``run_id``) as a new version of ``name``, tagged
     with ``version_tags`` and aliased ``challenger``. Returns the ModelVersion."""
@@ -73,6 +123,7 @@ class Decision:
     champion_value: float | None
     promote: bool
     reason: str
+    forced: tuple[str, ...] = ()  # the rules --force overrode: manifest, delta, recall
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -148,11 +199,16 @@ def decide(
             False,
             "already champion",
         )
-    if new.tags.get("manifest_hash") != champion.tags.get("manifest_hash") and not force:
-        raise ValueError(
+    common = (name, str(new.version), str(champion.version), metric, value, old)
+    blocked = {}  # rule -> why it blocks the promotion
+    if new.tags.get("manifest_hash") != champion.tags.get("manifest_hash"):
+        blocked["manifest"] = (
             f"version {new.version} and champion {champion.version} were tested on different "
-            "manifests (manifest_hash differs); their metrics do not compare. Pass --force to "
-            "decide anyway"
+            "manifests (manifest_hash differs); their metrics do not compare"
+        )
+    if value - old < min_delta:
+        blocked["delta"] = (
+            f"{metric} {value:.4f} vs champion's {old:.4f}: not better by {min_delta}"
         )
     drops = {
         key[len(RECALL_PREFIX) :]: float(champion.tags[key]) - float(new.tags[key])
@@ -160,21 +216,21 @@ def decide(
         if key.startswith(RECALL_PREFIX) and key in new.tags
     }
     worst = max(drops.items(), key=lambda item: item[1], default=(None, 0.0))
-    if value - old < min_delta:
-        reason = f"{metric} {value:.4f} vs champion's {old:.4f}: not better by {min_delta}"
-        return Decision(
-            name, str(new.version), str(champion.version), metric, value, old, False, reason
-        )
     if worst[1] > recall_tolerance:
-        reason = (
+        blocked["recall"] = (
             f"{metric} {value:.4f} vs {old:.4f}, but recall of {worst[0]} drops by "
             f"{worst[1]:.4f} > {recall_tolerance}"
         )
-        return Decision(
-            name, str(new.version), str(champion.version), metric, value, old, False, reason
-        )
-    reason = f"{metric} {value:.4f} vs champion's {old:.4f} (>= +{min_delta}); recalls kept"
-    return Decision(name, str(new.version), str(champion.version), metric, value, old, True, reason)
+    if not blocked:
+        reason = f"{metric} {value:.4f} vs champion's {old:.4f} (>= +{min_delta}); recalls kept"
+        return Decision(*common, True, reason)
+    if force:
+        overridden = "; ".join(f"the {rule} rule ({why})" for rule, why in blocked.items())
+        reason = f"forced over {overridden}"
+        return Decision(*common, True, reason, forced=tuple(blocked))
+    if "manifest" in blocked:
+        raise ValueError(blocked["manifest"] + ". Pass --force to promote anyway")
+    return Decision(*common, False, next(iter(blocked.values())))
 
 
 def promote(decision: Decision, dry_run: bool = False) -> Decision:
@@ -187,6 +243,7 @@ def promote(decision: Decision, dry_run: bool = False) -> Decision:
         "promotion.reason": decision.reason,
         "promotion.metric": decision.metric,
         "promotion.compared_with": decision.champion or "",
+        "promotion.forced": ",".join(decision.forced) or "no",
         "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for key, value in record.items():
@@ -315,5 +372,21 @@ def alias_version(source: str) -> str | None:
             return f"{name}/{client.get_model_version_by_alias(name, rest).version}"
         name, _, number = name.partition("/")
         return f"{name}/{number}" if number else None
+    except MlflowException:
+        return None
+
+
+def source_run_id(source: str) -> str | None:
+    """The run that logged the model a ``runs:/`` or ``models:/`` URI names (None for a folder,
+    or a registry entry that no longer resolves)."""
+    source = str(source)
+    if source.startswith("runs:/"):
+        return source[len("runs:/") :].strip("/").split("/")[0] or None
+    named = alias_version(source)
+    if not named:
+        return None
+    name, _, number = named.rpartition("/")
+    try:
+        return MlflowClient().get_model_version(name, number).run_id
     except MlflowException:
         return None

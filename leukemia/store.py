@@ -1,6 +1,6 @@
 """Immutable output folders addressed by their cache key, inside one folder this program owns.
 
-Layout of an output root (``--out-dir``, e.g. ``processed/segmented``)::
+Layout of an output root (``--out-dir``, e.g. ``processed``)::
 
     .leukemia-store.json     marks the root as ours (written first, never by anyone else)
     <key[:16]>/              one complete output per cache key, never changed once published

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlflow
 
-from . import processes
+from . import processes, ui
 from .arms import deep_arm
 
 DEFAULT_EXPERIMENT = "leukemia"
@@ -50,6 +50,7 @@ def start_run(
             mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
         opened = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
     with opened as run:
+        ui.mark_experiment(run.info.experiment_id)
         if run_id and KILLED_TAG in run.data.tags:  # resumed: that reason no longer holds
             mlflow.tracking.MlflowClient().delete_tag(run_id, KILLED_TAG)
         try:
@@ -203,11 +204,16 @@ def log_preprocess(result, seconds: float | None) -> None:
             "step": "preprocess",
             "arm": deep_arm(seg["segment"]),
             "cache_hit": str(result.cache_hit).lower(),
+            # Paths: where, not what (the cache key and the dataset input say what).
+            "output_dir": str(out_dir.resolve()),
+            "dataset_root": str(params["dataset_root"]),
+            "source_manifest": str(params.get("source_manifest") or ""),
             **{f"preprocess.{k}": v for k, v in seg.items()},
         }
     )
-    logged = {k: v for k, v in params.items() if k not in ("counts", "written_by")}
-    mlflow.log_params(flatten({**logged, "output_dir": str(out_dir.resolve())}))
+    paths = ("counts", "written_by", "dataset_root", "source_manifest")
+    logged = {k: v for k, v in params.items() if k not in paths}
+    mlflow.log_params(flatten(logged))
     metrics = {k: float(v) for k, v in result.counts.items()}
     if seconds is not None and not result.cache_hit and seconds > 0:
         metrics.update(
@@ -246,9 +252,7 @@ def preprocess_params(segmentation: dict) -> dict:
     return {f"preprocess.{k}": v for k, v in seen.items()}
 
 
-def training_params(
-    config, rows, *, device: str, precision: str, processed_dir, segmentation: dict
-) -> dict:
+def training_params(config, rows, *, device: str, precision: str, segmentation: dict) -> dict:
     """Everything a training run is defined by, as flat MLflow params."""
     import timm
     import torch
@@ -259,7 +263,6 @@ def training_params(
     params = {f"config.{k}": v for k, v in config.to_dict().items()}
     params.update(preprocess_params(segmentation))
     params["data.manifest_hash"] = split_fingerprint(rows)
-    params["data.processed_dir"] = str(Path(processed_dir).resolve())
     for split, counts in class_counts(rows).items():
         for name, count in counts.items():
             params[f"data.{split}_{slug(name)}"] = count

@@ -151,6 +151,13 @@ def check_training_split(labels) -> None:
         )
 
 
+def confusion_counts(labels: torch.Tensor, probabilities: torch.Tensor) -> list[list[int]]:
+    """C x C counts, rows true class, columns the argmax prediction (C = probabilities.shape[1])."""
+    n_classes = probabilities.shape[1]
+    pairs = labels.long() * n_classes + probabilities.argmax(1)
+    return torch.bincount(pairs, minlength=n_classes * n_classes).view(n_classes, -1).tolist()
+
+
 def train(
     config: TrainConfig,
     processed_dir,
@@ -269,6 +276,7 @@ def train(
                 "lr": phase.lr,
                 "epoch_seconds": fit["seconds"],
                 "images_per_second": fit["images_per_second"],
+                "val_confusion": confusion_counts(val["labels"], val["probabilities"]),
             }
             state["history"].append(record)
             if val["loss"] < state["best_val_loss"]:

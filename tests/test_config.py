@@ -105,10 +105,9 @@ def test_cli_and_mlproject_leave_every_default_to_the_config():
         for field in fields:
             if field == "segment" and name in ("compare", "main"):
                 continue
-            key = "seed" if (name, field) == ("preprocess", "split_seed") else field
-            assert declared[key] == {"type": "string", "default": ""}, (name, key)
-            flag = "--seed" if key == "seed" else "--" + field.replace("_", "-")
-            assert f"{flag} {{{key}}}" in project[name]["command"], (name, flag)
+            assert declared[field] == {"type": "string", "default": ""}, (name, field)
+            flag = "--" + field.replace("_", "-")
+            assert f"{flag} {{{field}}}" in project[name]["command"], (name, flag)
     assert project["train"]["parameters"]["seed"] == {"type": "string", "default": ""}
 
 

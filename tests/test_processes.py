@@ -84,7 +84,8 @@ def test_killing_compare_stops_its_training_child(tmp_path):
         "30",
         "--patience",
         "30",
-        "--no-shortcuts",
+        "--shortcuts",
+        "false",
         "--experiment",
         "kill",
     ]

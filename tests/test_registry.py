@@ -99,8 +99,8 @@ def test_promotion_refuses_bad_input_and_changes_nothing(tracking_uri, tiny_mode
     result, _ = promote()
     assert result.exit_code == 1 and "different manifests" in result.output
     for args, message in (
-        (("--version", "17"), "has no version or alias '17'"),
-        (("--version", "nonexistent"), "has no version or alias 'nonexistent'"),
+        (("17",), "has no version or alias '17'"),
+        (("nonexistent",), "has no version or alias 'nonexistent'"),
         (("--min-delta", "-0.1"), "min_delta must be a number >= 0"),
         (("--metric", "test_bogus"), "has no metric 'test_bogus'"),
     ):
@@ -109,7 +109,24 @@ def test_promotion_refuses_bad_input_and_changes_nothing(tracking_uri, tiny_mode
     assert champion() == "1"
     assert "promotion.decision" not in MlflowClient().get_model_version(NAME, "2").tags
     result, decision = promote("--force")
+    assert decision["promote"] and champion() == "2" and decision["forced"] == ["manifest"]
+    assert MlflowClient().get_model_version(NAME, "2").tags["promotion.forced"] == "manifest"
+
+
+def test_force_overrides_every_rule_and_records_which(tracking_uri, tiny_model):
+    register(tiny_model, 0.80)
+    promote()
+    register(tiny_model, 0.70, recalls=(0.9, 0.5, 0.9, 0.9), manifest="m2")  # worse everywhere
+    result, decision = promote("2", "--min-delta", "0.01")
+    assert result.exit_code == 1 and "different manifests" in result.output
+    result, decision = promote("2", "--force", "--min-delta", "0.01")
     assert decision["promote"] and champion() == "2"
+    assert decision["forced"] == ["manifest", "delta", "recall"]
+    tags = MlflowClient().get_model_version(NAME, "2").tags
+    assert tags["promotion.forced"] == "manifest,delta,recall"
+    assert "forced over the manifest rule" in tags["promotion.reason"]
+    text = CliRunner().invoke(main, ["promote", "1", "--force"])  # back, in words
+    assert "version 1 is now @champion: forced over" in text.output and champion() == "1"
 
 
 _PROMOTER = """

@@ -50,13 +50,30 @@ def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_
     assert "is now @champion" in result.output and "mlflow ui --backend-store-uri" in result.output
     client = MlflowClient()
     runs = mlflow.search_runs(experiment_names=["study"], output_format="list")
-    (parent,) = [r for r in runs if r.info.run_name == "main"]
+    (parent,) = [r for r in runs if r.data.tags.get("step") == "main"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    # The MLflow UI: named runs, the answer in the parent's description, direct links.
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.info.run_name == "demo study, seeds 42"
+    note = parent.data.tags["mlflow.note.content"]
+    for row in ("| baseline |", "| proposed |", "| shortcut-rgb |", "| 42 |", "Shortcut floor"):
+        assert row in note, note
+    link = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/"
+    assert link + parent.info.run_id in result.output
+    assert "#/compare-runs?runs=" in result.output and "compareRunsMode=CHART" in result.output
     arms = sorted(r.data.tags["arm"] for r in children if r.data.tags.get("step") == "train")
     assert arms == sorted(
         ["baseline", "proposed", "shortcut-rgb", "shortcut-gray", "shortcut-gray-segmented"]
     )
     deep = [r for r in children if r.data.tags.get("arm") in ("baseline", "proposed")]
+    assert sorted(r.info.run_name for r in deep) == ["baseline seed 42", "proposed seed 42"]
+    # Only what means something differs between the arms' params (no paths: the compare
+    # view's default plot picks differing params).
+    baseline, proposed = sorted(deep, key=lambda r: r.data.tags["arm"])
+    keys = set(baseline.data.params) | set(proposed.data.params)
+    differ = {k for k in keys if baseline.data.params.get(k) != proposed.data.params.get(k)}
+    assert differ and all(k == "segment" or k.startswith("preprocess.") for k in differ), differ
     assert {r.data.params["data.manifest_hash"] for r in deep} == {
         parent.data.params["data.manifest_hash"]
     }
@@ -92,19 +109,48 @@ def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_
     answer = json.loads(predicted.output)
     assert answer["label"] in ("Benign", "Early Pre-B", "Pre-B", "Pro-B")
     assert abs(sum(v for k, v in answer.items() if k not in ("image", "label")) - 1) < 1e-4
+    served = ["label", "prob_benign", "prob_early_pre_b", "prob_pre_b", "prob_pro_b"]
+    assert list(answer) == ["image", *served]  # the served model's column names
+
+    # evaluate with no --manifest scores the champion on its own training data, and says so;
+    # another dataset's manifest is named as such; no interval is ever printed as NaN.
+    quick = ("--no-robustness", "--gradcam-per-class", "0")
+    own = invoke("evaluate", "--bootstrap", "0", *quick)
+    assert own.exit_code == 0, own.output
+    assert "the model's own training manifest" in own.output
+    assert "(no interval: --bootstrap 0)" in own.output and "nan" not in own.output.lower()
+    other = invoke("preprocess", "--synthetic-per-class", "8", "--synthetic-seed", "5", "--json")
+    other_manifest = Path(json.loads(other.output.splitlines()[-1])["out_dir"]) / "manifest.csv"
+    foreign = invoke("evaluate", "--manifest", other_manifest, "--bootstrap", "50", *quick)
+    assert foreign.exit_code == 0, foreign.output
+    assert "NOT the model's training data" in foreign.output and "95% bootstrap" in foreign.output
+    latest = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string="tags.step = 'evaluate'",
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    assert latest[0].data.tags["evaluate.data"].startswith("NOT the model's training data")
+
+    # The registry, as `leukemia models` lists it.
+    listed = invoke("models")
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert lines[0].split()[:4] == ["version", "aliases", "arm", "preprocessing"]
+    assert any("@champion" in line for line in lines[1:]) and len(lines) == 3
 
     # compare again: the finished children are reused, not retrained (clean checkouts only:
     # uncommitted code proves nothing about what an old run ran).
     if git_commit(REPO).endswith("+dirty"):
         pytest.skip("uncommitted changes: finished runs are (rightly) not reused")
-    again = invoke("compare", *TINY, "--experiment", "study", "--no-shortcuts")
+    again = invoke("compare", *TINY, "--experiment", "study", "--shortcuts", "false")
     assert again.exit_code == 0, again.output
     assert again.output.count("reusing finished run") == 2
 
     # Another kernel changes what the proposed arm sees: it trains anew; the baseline, which
     # sees the same resized RGB images, is reused; the statistics name kernel 9.
     kernel9 = invoke(
-        "compare", *TINY, "--experiment", "study", "--no-shortcuts", "--kernel-size", "9"
+        "compare", *TINY, "--experiment", "study", "--shortcuts", "false", "--kernel-size", "9"
     )
     assert kernel9.exit_code == 0, kernel9.output
     assert "baseline seed 42: reusing finished run" in kernel9.output
@@ -129,7 +175,7 @@ def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_
         (["compare", "--bogus", "3"], "unknown config key(s) ['bogus']"),
         (["evaluate", "--model-uri", "models:/leukemia-classifier@nope"], "cannot load model"),
         (["predict", "missing.png"], "image file(s) not found"),
-        (["promote", "--version", "3"], "no registered model 'leukemia-classifier'"),
+        (["promote", "3"], "no registered model 'leukemia-classifier'"),
     ],
 )
 def test_bad_study_input_is_a_clear_error(tracking_uri, tmp_path, monkeypatch, args, message):

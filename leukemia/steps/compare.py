@@ -2,10 +2,10 @@
 reproducible experiment.
 
 Under one parent run, the baseline (raw images) and proposed (segmented) arms train for every
-seed as ``mlflow run -e train`` child runs on one identical manifest, plus the shortcut arms
-(``arms``). A finished child with the same arm, config, preprocessing, seed, manifest and code
-version is reused rather than retrained, as mlflow's multistep example does. The parent's
-artifacts are ``statistics``'s.
+seed as ``mlflow run -e train`` child runs on one split (checked by manifest hash), plus the
+shortcut arms (``arms``). A finished child with the same arm, config, preprocessing, seed,
+manifest and code version is reused rather than retrained, as mlflow's multistep example does.
+The parent's artifacts are ``statistics``'s; its description (``ui.compare_note``) the answer.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from .. import shortcut, tracking
+from .. import shortcut, tracking, ui
 from ..arms import DEEP_ARMS, SHORTCUT_ARMS, by_name, deep_arm
-from ..config import PreprocessConfig, TrainConfig, load_experiment
+from ..config import PreprocessConfig, TrainConfig, load_experiment, resolve_config_path
 from ..data import read_manifest, split_fingerprint
 from . import preprocess as preprocess_step
 from . import statistics
@@ -112,14 +112,18 @@ def run_shortcut_arm(arm: str, kind: str, processed_dir, parent_id: str) -> str:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", shortcut.ShortcutWarning)
         result = shortcut.fit_shortcut(processed_dir, kind=kind)
-    tags = {"step": "train", "arm": arm, "mlflow.parentRunId": parent_id}
+    tags = {
+        "step": "train",
+        "arm": arm,
+        "mlflow.parentRunId": parent_id,
+        "data.processed_dir": str(Path(processed_dir).resolve()),
+    }
     with mlflow.start_run(run_name=arm, nested=True, tags=tags) as run:
         mlflow.log_params(
             {
                 "shortcut.kind": kind,
                 "shortcut.C": result.C,
                 "shortcut.features": len(result.feature_names),
-                "data.processed_dir": str(Path(processed_dir).resolve()),
                 "data.manifest_hash": split_fingerprint(
                     read_manifest(Path(processed_dir, "manifest.csv"))
                 ),
@@ -193,27 +197,29 @@ def compare(
     """Both deep arms x seeds as ``mlflow run -e train`` children of the active run, the
     shortcut arms, and the statistics (``statistics``)."""
     image_size = study.configs[study.seeds[0]].image_size
-    roots = {
-        arm: Path(out_dir, "segmented" if by_name(arm).segment else "raw") for arm in DEEP_ARMS
-    }
+    # Both arms split the same files with the same options: the same split, checked below.
+    # Every child gets the same data_dir, config and out_dir (and no manifest), so the only
+    # parameters that differ between them are the ones that mean something: segment and seed.
     made = {}
-    manifest = None
-    for arm in ("proposed", "baseline"):  # the proposed arm makes the split; baseline reuses it
+    for arm in ("proposed", "baseline"):
         pre = replace(study.preprocess, segment=by_name(arm).segment)
-        made[arm], seconds = preprocess_step.run(
-            data_dir, roots[arm], manifest, pre, image_size, workers
-        )
-        manifest = made["proposed"].manifest
+        made[arm], seconds = preprocess_step.run(data_dir, out_dir, None, pre, image_size, workers)
         if arm == "proposed":
             echo("split: " + preprocess_step.summary(made[arm], seconds))
+    manifest = made["proposed"].manifest
     manifest_hash = split_fingerprint(read_manifest(manifest))
+    if split_fingerprint(read_manifest(made["baseline"].manifest)) != manifest_hash:
+        raise StudyError(
+            "the baseline and proposed arms split the data differently; cannot pair them "
+            f"(manifests {manifest} and {made['baseline'].manifest})"
+        )
     parent = mlflow.active_run()
     experiment_id = parent.info.experiment_id
     mlflow.set_tags({"step": "compare"})
     mlflow.log_params(
         {
             "compare.seeds": ",".join(map(str, study.seeds)),
-            "compare.config": config_path or "(code defaults: the paper)",
+            "compare.config": config_path,
             "compare.env_manager": env_manager,
             "data.manifest_hash": manifest_hash,
             **tracking.preprocess_params(made["proposed"].params["segmentation"]),
@@ -222,12 +228,14 @@ def compare(
     )
     shared = {
         "data_dir": data_dir,
-        "config": str(Path(config_path).resolve()) if config_path else "",
+        "config": str(resolve_config_path(config_path).resolve()),
         "registered_model_name": registered_model_name,
         # The resolved preprocessing, whatever set it (config, options): exactly what the
         # parent preprocessed; each arm sets segment.
         **{k: v for k, v in study.preprocess.to_dict().items() if k != "segment"},
         **study.overrides,
+        "out_dir": str(Path(out_dir).resolve()),
+        "manifest": "",
     }
     children: dict[str, dict[int, str]] = {}
     reused = []
@@ -251,8 +259,6 @@ def compare(
                     **shared,
                     "segment": str(by_name(arm).segment).lower(),
                     "seed": seed,
-                    "out_dir": str(roots[arm].resolve()),
-                    "manifest": "" if arm == "proposed" else str(manifest.resolve()),
                 }
                 try:
                     run = run_train_child(
@@ -270,4 +276,11 @@ def compare(
             children[arm.name] = dict.fromkeys(study.seeds, run_id)
     table, tests = statistics.summarise(children)
     statistics.log_summary(table, tests)
+    what = f"config `{config_path}`, data `{data_dir}`, manifest {manifest_hash[:12]}"
+    seeds = ",".join(map(str, study.seeds))
+    ui.describe(
+        parent.info.run_id,
+        ui.compare_note(table, tests, study.seeds, what),
+        name=f"{Path(config_path).stem} study, seeds {seeds}",
+    )
     return Comparison(children, table, tests, manifest)

@@ -1,6 +1,7 @@
 """The ``evaluate`` step: a logged classifier on a manifest's raw images, clean and perturbed,
 as one MLflow run (tags ``step=evaluate``, ``model_uri``, ``split``, ``model_version`` when an
-alias named it), with:
+alias named it, ``evaluate.manifest``, ``evaluate.dataset_root``, and ``evaluate.data``: whether
+the manifest is the model's own training manifest, which is the default), with:
 
 - metrics ``{split}_accuracy``, ``{split}_f1_macro``, ... named as in training runs, and
   ``{split}_accuracy_ci_low``/``_high``, ``{split}_f1_macro_ci_low``/``_high`` (95 % bootstrap);
@@ -34,9 +35,62 @@ def load_bundle(source: str) -> Bundle:
         return evaluation.bundle_from_folder(model_files.find_folder(local, source), name)
 
 
+def training_data(source: str) -> dict:
+    """What the model behind ``source`` trained on, as its run recorded it: ``run_id``,
+    ``manifest`` (the preprocess folder's ``manifest.csv``) and ``manifest_hash``; ``{}`` for a
+    model folder, which records no run."""
+    run_id = registry.source_run_id(source)
+    if not run_id:
+        return {}
+    try:
+        run = mlflow.tracking.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return {}
+    folder = run.data.tags.get("data.processed_dir") or run.data.params.get("data.processed_dir")
+    return {
+        "run_id": run_id,
+        "manifest": Path(folder, "manifest.csv") if folder else None,
+        "manifest_hash": run.data.params.get("data.manifest_hash"),
+    }
+
+
+def choose_manifest(source: str, manifest_path) -> tuple[Path, str]:
+    """The manifest to score on and, in words, how it relates to the model's training data.
+
+    No ``manifest_path``: the model's own (recorded with its run); a manifest of other data is
+    allowed, and named as such."""
+    own = training_data(source)
+    if manifest_path is None:
+        recorded = own.get("manifest")
+        if recorded is None:
+            raise ValueError(
+                f"model {source!r} records no training manifest (a model folder, or a run "
+                "without one); pass --manifest PATH (a manifest.csv written by preprocess)"
+            )
+        if not recorded.is_file():
+            raise ValueError(
+                f"the manifest model {source!r} trained on, {str(recorded)!r}, is gone (another "
+                "machine, or a deleted folder); pass --manifest PATH, or preprocess the dataset "
+                "again with the same options"
+            )
+        return recorded, "the model's own training manifest"
+    manifest_path = Path(manifest_path)
+    if not manifest_path.is_file():
+        raise ValueError(f"manifest {str(manifest_path)!r} does not exist; expected a manifest.csv")
+    if not own.get("manifest_hash"):
+        return manifest_path, "a manifest the model records nothing about (no training run)"
+    given = split_fingerprint(read_manifest(manifest_path))
+    if given == own["manifest_hash"]:
+        return manifest_path, "the model's own training manifest"
+    return manifest_path, (
+        f"NOT the model's training data (manifest {given[:12]}, the model trained on "
+        f"{own['manifest_hash'][:12]} in run {own['run_id']})"
+    )
+
+
 def run(
     source: str,
-    manifest_path,
+    manifest_path=None,
     *,
     dataset_root=None,
     split: str = "test",
@@ -54,8 +108,9 @@ def run(
     Everything is computed before the run starts, so a bad model, manifest or dataset never
     leaves a failed run behind. ``bootstrap`` resamples (0: no intervals); ``robustness``:
     every perturbation, else clean only. Returns ``run_id``, ``n_images``, ``accuracy``,
-    ``f1_macro``, ``accuracy_ci`` and ``f1_macro_ci`` (``(low, high)`` or None) and
-    ``robustness`` (the table's rows).
+    ``f1_macro``, ``accuracy_ci`` and ``f1_macro_ci`` (``(low, high)``, or None with the reason
+    in ``no_interval``), ``robustness`` (the table's rows), ``manifest`` and ``data`` (how it
+    relates to the model's training data, in words).
     """
     if bootstrap < 0 or gradcam_per_class < 0:
         raise ValueError(
@@ -64,7 +119,7 @@ def run(
     bundle = load_bundle(source)
     if tuple(bundle.classes) != CLASSES:
         raise ValueError(f"model classes {bundle.classes} differ from the dataset's {CLASSES}")
-    manifest_path = Path(manifest_path)
+    manifest_path, relation = choose_manifest(source, manifest_path)
     root = evaluation.resolve_dataset_root(manifest_path, dataset_root)
     conditions = tuple(evaluation.PERTURBATIONS) if robustness else ("clean",)
     results = evaluation.evaluate_manifest(
@@ -73,7 +128,12 @@ def run(
     clean_result = results["clean"]
     labels, probabilities = clean_result["labels"], clean_result["probabilities"]
     intervals = {}
-    if bootstrap:
+    no_interval = None
+    if not bootstrap:
+        no_interval = "no interval: --bootstrap 0"
+    elif len(labels) < 2:
+        no_interval = f"no interval: {len(labels)} image(s) cannot be resampled"
+    else:
         predictions = probabilities.argmax(axis=1)
         for metric in metrics.BOOTSTRAP_METRICS:
             intervals[metric] = metrics.bootstrap_ci(
@@ -83,7 +143,14 @@ def run(
     samples = gradcam.gradcam_samples(manifest_path, root, split, bundle, gradcam_per_class)
     figure = gradcam.gradcam_figure(bundle, samples) if samples else None
 
-    tags = {"step": "evaluate", "model_uri": bundle.source, "split": split}
+    tags = {
+        "step": "evaluate",
+        "model_uri": bundle.source,
+        "split": split,
+        "evaluate.data": relation,
+        "evaluate.manifest": str(manifest_path.resolve()),
+        "evaluate.dataset_root": str(root.resolve()),
+    }
     version = registry.alias_version(source)
     if version:
         tags["model_version"] = version  # what an alias pointed to at evaluation time
@@ -93,8 +160,6 @@ def run(
             {
                 "evaluate.model": bundle.config["model"],
                 "evaluate.image_size": bundle.image_size,
-                "evaluate.manifest": str(manifest_path.resolve()),
-                "evaluate.dataset_root": str(root.resolve()),
                 "evaluate.images": len(labels),
                 "evaluate.perturbations": ",".join(conditions),
                 "evaluate.bootstrap": bootstrap,
@@ -144,6 +209,9 @@ def run(
             for metric in metrics.BOOTSTRAP_METRICS
         },
         "robustness": table,
+        "manifest": str(manifest_path),
+        "data": relation,
+        "no_interval": no_interval,
     }
 
 

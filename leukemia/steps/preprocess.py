@@ -36,10 +36,7 @@ def resolve_data_dir(data_dir: str, per_class: int, seed: int) -> str:
     return str(synthetic.generate(target, per_class=per_class, seed=seed))
 
 
-def default_out_dir(segment: bool) -> str:
-    """``processed/segmented`` or ``processed/raw``: one store per arm, holding one immutable
-    folder per option set (see ``leukemia.store``)."""
-    return os.path.join("processed", "segmented" if segment else "raw")
+DEFAULT_OUT_DIR = "processed"  # one store for every arm: an immutable folder per option set
 
 
 def run(

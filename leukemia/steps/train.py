@@ -23,7 +23,7 @@ from pathlib import Path
 
 import mlflow
 
-from .. import engine, registry, serving, tracking
+from .. import engine, figures, registry, serving, tracking, ui
 from .. import train as training
 from ..arms import deep_arm
 from ..config import TrainConfig
@@ -91,9 +91,13 @@ def run_training(
     experiment: str | None = None,
     resume: str | None = None,
     register_as: str | None = None,
+    origin: dict | None = None,
     echo=print,
 ) -> str:
-    """Train ``config`` on a preprocess output folder in a tracked run; returns the run id."""
+    """Train ``config`` on a preprocess output folder in a tracked run; returns the run id.
+
+    ``origin`` (``config``: the YAML's path, ``data_dir``: the dataset as given) goes into the
+    run's description and tags: where the settings and images came from."""
     processed_dir = Path(processed_dir)
     rows = read_manifest(processed_dir / "manifest.csv")
     classifier = training.build_classifier(config)
@@ -105,18 +109,27 @@ def run_training(
         rows,
         device=str(device),
         precision=precision.name,
-        processed_dir=processed_dir,
         segmentation=segmentation,
     )
     if resume:
         check_resumable(resume, params)
         _check_saved_state(resume, Path(work_root) / resume, echo)
     arm = deep_arm(segmentation["segment"])
+    origin = {
+        **(origin or {}),
+        "manifest_hash": params["data.manifest_hash"],
+        "preprocessing": ", ".join(f"{k} {v}" for k, v in segmentation.items()),
+    }
     tags = {
         "step": "train",
         "arm": arm,
         **{f"preprocess.{k}": str(v) for k, v in segmentation.items()},
+        # Paths that differ between machines without changing what the model sees: tags.
+        "data.processed_dir": str(processed_dir.resolve()),
+        "data.source": str(origin.get("data_dir", "")),
+        "config.file": str(origin.get("config", "")),
     }
+    name = f"{arm} seed {config.seed}"
     launched_by = os.environ.get("MLFLOW_RUN_ID") if resume else None
     run_id = resume
     try:
@@ -126,7 +139,8 @@ def run_training(
                 # `mlflow run -P resume=<id>` made a run of its own; point it at the real one.
                 mlflow.tracking.MlflowClient().set_tag(launched_by, "resumed_run_id", run_id)
             echo(f"MLflow run {run_id} ({arm} arm, {device}, {precision.name})")
-            _train_and_log(
+            ui.describe(run_id, ui.train_note(arm, config.seed, origin, config), name=name)
+            version = _train_and_log(
                 config,
                 processed_dir,
                 rows,
@@ -137,14 +151,12 @@ def run_training(
                 resume=bool(resume),
                 register_as=register_as,
                 runtime=(device, precision),
+                echo=echo,
             )
             final = mlflow.get_run(run_id).data.metrics
-            echo(
-                f"test accuracy {final['test_accuracy']:.4f}, F1 macro "
-                f"{final['test_f1_macro']:.4f} (best epochs: phase 1 "
-                f"{final.get('phase1_best_epoch', 0):.0f}, phase 2 "
-                f"{final.get('phase2_best_epoch', 0):.0f})"
-            )
+            if version is not None:
+                origin["registered"] = f"{register_as} version {version} (@challenger)"
+            ui.describe(run_id, ui.train_note(arm, config.seed, origin, config, final))
     except KeyboardInterrupt:
         if run_id:
             mlflow.tracking.MlflowClient().set_terminated(run_id, "KILLED")
@@ -158,7 +170,27 @@ def run_training(
             f"MLflow tracking server {mlflow.get_tracking_uri()} is unreachable{saved} when it "
             "is back"
         ) from None
+    _echo_done(echo, run_id, name, final, register_as, version, run.info.experiment_id)
     return run_id
+
+
+def _echo_done(echo, run_id, name, final, register_as, version, experiment_id) -> None:
+    """What a user wants to know, and do, when a run finishes."""
+    echo(
+        f"\nrun {run_id} ({name}): test accuracy {final['test_accuracy']:.4f}, F1 macro "
+        f"{final['test_f1_macro']:.4f} (best epochs: phase 1 "
+        f"{final.get('phase1_best_epoch', 0):.0f}, phase 2 "
+        f"{final.get('phase2_best_epoch', 0):.0f})"
+    )
+    if version is not None:
+        echo(f"registered: {register_as} version {version}, alias @challenger")
+    echo("next:")
+    echo("  compare both arms, with statistics:  leukemia compare  (or mlflow run . -e compare)")
+    if version is not None:
+        echo(f"  make it the champion:                leukemia promote {version}")
+        uri = f"models:/{register_as}/{version}"
+        echo(f"  serve it:                            leukemia serve -m {uri}")
+    echo(f"  look at it (after `mlflow ui`):      {ui.run_url(experiment_id, run_id)}")
 
 
 def _train_and_log(
@@ -172,7 +204,9 @@ def _train_and_log(
     resume,
     register_as,
     runtime,
-):
+    echo,
+) -> str | None:
+    """Train and log inside the active run; returns the registered version, if any."""
     run_id = mlflow.active_run().info.run_id
     tracking.log_params_once(params)
     tracking.log_dataset(
@@ -182,9 +216,18 @@ def _train_and_log(
     plan = training.phases(config)
     test_paths = [r["path"] for r in rows if r["split"] == "test"]
 
+    last_epoch = [already_logged]
+
     def on_epoch(record):
+        last_epoch[0] = record["epoch"]
+        echo(
+            f"epoch {record['epoch']:>3} {record['phase']}: train loss {record['train_loss']:.4f} "
+            f"acc {record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} acc "
+            f"{record['val_accuracy']:.4f} | {record['epoch_seconds']:.1f} s"
+        )
         if record["epoch"] > already_logged:  # a resumed run does not log an epoch twice
             tracking.log_epoch(record)
+            ui.log_confusion_image("val_confusion", record["val_confusion"], record["epoch"])
 
     def on_phase_end(phase, model, summary, test):
         mlflow.log_metrics(
@@ -196,9 +239,10 @@ def _train_and_log(
         )
         tracking.log_evaluation(test, prefix=f"{phase.name}_test_")
         if phase == plan[-1]:
-            tracking.log_evaluation(
+            report = tracking.log_evaluation(
                 test, prefix="test_", paths=test_paths, artifact_dir="evaluation"
             )
+            ui.log_confusion_image("test_confusion", report["confusion_matrix"], last_epoch[0])
 
     result = training.train(
         config,
@@ -213,6 +257,9 @@ def _train_and_log(
     )
     summary, model = result["summary"], result["model"]
     tracking.log_curves(result["history"], summary.get("phase2_start_epoch"))
+    if result["history"]:
+        curves = figures.curves_figure(result["history"], summary.get("phase2_start_epoch"))
+        ui.log_figure_image("curves", curves, last_epoch[0])
     spec = ModelSpec.for_classifier(
         model,
         model_name=config.model,
@@ -223,7 +270,8 @@ def _train_and_log(
     )
     tracking.log_checkpoint(model, spec)
     served = serving.log_served_model(model, spec, name="classifier")
-    if register_as:
-        version = registry.register_run_model(run_id, served.model_uri, register_as)
-        mlflow.set_tag("registered_version", f"{register_as}/{version.version}")
-    return result
+    if not register_as:
+        return None
+    version = registry.register_run_model(run_id, served.model_uri, register_as)
+    mlflow.set_tag("registered_version", f"{register_as}/{version.version}")
+    return str(version.version)

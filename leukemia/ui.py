@@ -1,0 +1,164 @@
+"""What the MLflow UI shows a user: the experiment's kind, run names and descriptions, images in
+the chart view, and the links that open the pages answering the question.
+
+- Experiments the project writes to are tagged ``mlflow.experimentKind`` =
+  ``custom_model_development`` (the 3.x UI then opens on runs, not on GenAI pages).
+- A run's description (``mlflow.note.content``, markdown at the top of its page) says what it
+  is and, once known, its result: a train run its arm, data, config and test metrics; a compare
+  parent the table per arm, the paired statistics and the shortcut floor.
+- Confusion matrices go to ``mlflow.log_image`` with a key and a step (validation per epoch,
+  test at the end), so the chart view shows them side by side for the selected runs.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+
+import mlflow
+import numpy as np
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+NOTE_TAG = "mlflow.note.content"
+RUN_NAME_TAG = "mlflow.runName"
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+
+
+def mark_experiment(experiment_id: str) -> None:
+    """Tag the experiment as model development, unless it already says what it is."""
+    client = mlflow.tracking.MlflowClient()
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def describe(run_id: str, markdown: str, name: str | None = None) -> None:
+    """Set a run's description (and, with ``name``, its name in the runs table)."""
+    client = mlflow.tracking.MlflowClient()
+    client.set_tag(run_id, NOTE_TAG, markdown)
+    if name:
+        client.set_tag(run_id, RUN_NAME_TAG, name)
+
+
+def _figure_pixels(figure) -> np.ndarray:
+    """An H x W x 3 uint8 rendering of a matplotlib figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def log_figure_image(key: str, figure, step: int) -> None:
+    """A matplotlib figure as image ``key`` at ``step`` (the chart view's image cards)."""
+    mlflow.log_image(_figure_pixels(figure), key=key, step=int(step))
+
+
+def log_confusion_image(key: str, counts, step: int) -> None:
+    """A confusion matrix (rows true, columns predicted) as image ``key`` at ``step``."""
+    from . import figures
+
+    counts = np.asarray(counts, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    normalized = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    figure = figures.confusion_figure(counts.astype(int), normalized=normalized)
+    log_figure_image(key, figure, step)
+
+
+# --- links, for `mlflow ui`'s default address (or the tracking server itself) --------------
+
+
+def _base() -> str:
+    uri = mlflow.get_tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+
+
+def run_url(experiment_id: str, run_id: str) -> str:
+    return f"{_base()}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def compare_url(experiment_id: str, run_ids) -> str:
+    """The compare view (parameters, metrics and plots side by side) of ``run_ids``."""
+    runs = urllib.parse.quote(json.dumps(list(run_ids)))
+    experiments = urllib.parse.quote(json.dumps([experiment_id]))
+    return f"{_base()}/#/compare-runs?runs={runs}&experiments={experiments}"
+
+
+def chart_url(experiment_id: str, parent_run_id: str) -> str:
+    """The experiment's chart view, filtered to one parent's child runs."""
+    search = urllib.parse.quote(f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    page = f"{_base()}/#/experiments/{experiment_id}/runs"
+    return f"{page}?compareRunsMode=CHART&searchFilter={search}"
+
+
+# --- descriptions ---------------------------------------------------------------------------
+
+
+def _mean_sd(entry: dict, metric: str) -> str:
+    return f"{entry[f'{metric}_mean']:.3f} ± {entry[f'{metric}_sd']:.3f}"
+
+
+def compare_note(table: dict, tests: dict, seeds, what: str) -> str:
+    """The compare parent's description: the answer, from the logged statistics."""
+    lines = [
+        f"**Baseline vs proposed**: {what}; seeds {', '.join(map(str, seeds))} "
+        "(mean ± sd over seeds, test split).",
+        "",
+        "| arm | accuracy | F1 macro | seeds |",
+        "| --- | --- | --- | --- |",
+    ]
+    for arm, entry in table.items():
+        n = len(entry["per_seed"]) if not arm.startswith("shortcut") else 1
+        lines.append(
+            f"| {arm} | {_mean_sd(entry, 'test_accuracy')} | "
+            f"{_mean_sd(entry, 'test_f1_macro')} | {n} |"
+        )
+    lines += [
+        "",
+        "**Proposed − baseline** (accuracy difference, paired 95% bootstrap interval, exact "
+        "McNemar p):",
+        "",
+        "| seed | difference | 95% interval | McNemar p |",
+        "| --- | --- | --- | --- |",
+    ]
+    for seed, entry in tests["per_seed"].items():
+        difference = entry["accuracy_difference"]
+        low, high = difference["low"], difference["high"]
+        lines.append(
+            f"| {seed} | {difference['difference']:+.3f} | [{low:+.3f}, {high:+.3f}] | "
+            f"{entry['proposed_vs_baseline']['p_value']:.3g} |"
+        )
+    best = tests.get("best_shortcut")
+    if best:
+        floor = table[best]["test_accuracy_mean"]
+        lines += [
+            "",
+            f"**Shortcut floor**: {best} reaches accuracy {floor:.3f} from colour/brightness "
+            "statistics alone; a deep arm below it has not shown that it learned morphology.",
+        ]
+    else:
+        lines += ["", "Shortcut arms were not fitted (`--shortcuts false`): no floor to compare."]
+    return "\n".join(lines)
+
+
+def train_note(arm: str, seed: int, origin: dict, config, metrics: dict | None = None) -> str:
+    """A train run's description: which arm, data and config; its test metrics once known."""
+    lines = [
+        f"**{arm} arm**, seed {seed}: `{config.model}` at {config.image_size} px, batch "
+        f"{config.batch_size}, config `{origin.get('config', '?')}`, data "
+        f"`{origin.get('data_dir', '?')}` (manifest {origin.get('manifest_hash', '?')[:12]}).",
+        "",
+        f"Preprocessing: {origin.get('preprocessing', '?')}.",
+    ]
+    if metrics:
+        lines += [
+            "",
+            "| test accuracy | test F1 macro | best epochs (phase 1, phase 2) |",
+            "| --- | --- | --- |",
+            f"| {metrics['test_accuracy']:.4f} | {metrics['test_f1_macro']:.4f} | "
+            f"{metrics.get('phase1_best_epoch', 0):.0f}, "
+            f"{metrics.get('phase2_best_epoch', 0):.0f} |",
+        ]
+    if origin.get("registered"):
+        lines += ["", f"Registered as `{origin['registered']}`."]
+    return "\n".join(lines)
