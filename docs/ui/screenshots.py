@@ -64,13 +64,13 @@ def main() -> None:
         page.goto(args.chart_url)
         page.get_by_text("matching runs").first.wait_for(timeout=30000)
         close_assistant(page)
-        expander = page.locator("[role='button'][aria-label*='xpand'], button[aria-label*='xpand']")
-        if expander.count():
-            expander.first.click()
+        # The parent's row opens collapsed: its expand button is the run-name cell's first.
+        page.locator("[data-component-id*='runnamecellrenderer'] >> nth=0").click()
+        page.wait_for_timeout(2000)
         search = page.get_by_placeholder("Search metric charts")
-        if search.count():
-            search.fill("confusion")
-        page.wait_for_timeout(4000)
+        search.click()
+        search.type("val_", delay=30)  # validation curves and confusion matrices
+        page.wait_for_timeout(8000)
         page.screenshot(path=str(args.out / "chart-view.png"))
         browser.close()
 
