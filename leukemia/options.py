@@ -139,7 +139,8 @@ def preprocess_options(function=None, *, training: bool = False):
             "--output",
             field="output",
             type=click.Choice(OUTPUTS),
-            help="masked: gray with background 0; mask: the closed mask as 0/255.",
+            help="masked: gray with background 0; mask: the closed mask as 0/255; masked-rgb: "
+            "the original colours inside the mask, background 0.",
         ),
         config_option(
             "--split-fractions",

@@ -26,7 +26,9 @@ import numpy as np
 CHANNELS = ("gray", "saturation", "lab-a")
 FOREGROUNDS = ("auto", "dark", "bright")
 KERNEL_SHAPES = {"ellipse": cv2.MORPH_ELLIPSE, "rect": cv2.MORPH_RECT, "cross": cv2.MORPH_CROSS}
-OUTPUTS = ("masked", "mask")
+# masked: gray * mask (the paper); mask: the closed mask as 0/255; masked-rgb: the original
+# colours inside the closed mask, background 0 (the paper's segmentation, stain colour kept).
+OUTPUTS = ("masked", "mask", "masked-rgb")
 # Where the stained cells sit in each channel: darker than the background in grayscale, more
 # saturated and more magenta (higher a*) than the pale background in the other two.
 _CELLS_ARE = {"gray": "dark", "saturation": "bright", "lab-a": "bright"}
@@ -171,10 +173,12 @@ def segment(rgb: np.ndarray, params: SegmentationParams = SegmentationParams()) 
     resized = resize(rgb, params.image_size)
     gray = to_gray(resized)
     mask, t = _closed_mask(resized, gray, params)
-    if params.segment:
-        output = cv2.merge([_single_plane(gray, mask, params.output)] * 3)
-    else:
+    if not params.segment:
         output = resized
+    elif params.output == "masked-rgb":
+        output = resized * mask[:, :, None]
+    else:
+        output = cv2.merge([_single_plane(gray, mask, params.output)] * 3)
     return {
         "resized": resized,
         "gray": gray,
@@ -200,14 +204,17 @@ def _single_plane(gray: np.ndarray, mask01: np.ndarray, output: str) -> np.ndarr
 def preprocess_planes(rgb: np.ndarray, params: SegmentationParams = SegmentationParams()):
     """What ``preprocess`` stores, and the resized grayscale image (for hashing).
 
-    Segmented: the S x S plane that all three model-input channels repeat; baseline: the resized
-    S x S x 3 RGB image. ``preprocess_image`` gives the same pixels as three channels.
+    Segmented: the S x S plane that all three model-input channels repeat (``masked-rgb``: the
+    S x S x 3 colours inside the mask); baseline: the resized S x S x 3 RGB image.
+    ``preprocess_image`` gives the same pixels as three channels.
     """
     resized = resize(rgb, params.image_size)
     gray = to_gray(resized)
     if not params.segment:
         return resized, gray
     mask, _ = _closed_mask(resized, gray, params)
+    if params.output == "masked-rgb":
+        return resized * mask[:, :, None], gray
     return _single_plane(gray, mask, params.output), gray
 
 

@@ -35,6 +35,19 @@ def run(data_dir, out_dir, **kwargs):
     return preprocess(data_dir, out_dir, **kwargs)
 
 
+def test_masked_rgb_is_stored_in_colour_and_is_its_own_cache_entry(synthetic_dir, tmp_path):
+    gray = run(synthetic_dir, tmp_path / "out")
+    colour = run(synthetic_dir, tmp_path / "out", seg=SegmentationParams(output="masked-rgb"))
+    assert colour.out_dir != gray.out_dir and not colour.cache_hit
+    assert colour.params["segmentation"]["output"] == "masked-rgb"
+    for row in read_rows(colour.out_dir)[::7]:
+        source = images.read_image(synthetic_dir / row["path"])
+        written = images.read_png(colour.out_dir / row["processed"])
+        expected = preprocess_image(source, SegmentationParams(output="masked-rgb"))
+        np.testing.assert_array_equal(written, expected)
+        assert not np.array_equal(written[..., 0], written[..., 2])  # colour, not gray
+
+
 def test_outputs_match_the_operator_and_the_manifest(synthetic_dir, tmp_path):
     result = run(synthetic_dir, tmp_path / "out")
     out = result.out_dir

@@ -188,6 +188,22 @@ def test_channels_polarity_and_outputs():
     np.testing.assert_array_equal(baseline, seg.resize(rgb, 64))
 
 
+def test_masked_rgb_keeps_the_colours_inside_the_closed_mask():
+    """The reference: the paper's closed mask (numpy Otsu, the 5x5 ellipse) times the resized
+    RGB image, channel by channel; what preprocess stores and what serving computes agree."""
+    params = SegmentationParams(output="masked-rgb")
+    for index in range(3):
+        rgb, _ = synthetic.make_image(7, "Early Pre-B", index)
+        gray = seg.to_gray(rgb)
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+        closed = closing_reference(gray <= numpy_otsu(gray), kernel)
+        expected = np.where(closed[:, :, None], rgb, 0).astype(np.uint8)
+        np.testing.assert_array_equal(seg.preprocess_image(rgb, params), expected)
+        np.testing.assert_array_equal(seg.segment(rgb, params)["output"], expected)
+        stored, _ = seg.preprocess_planes(rgb, params)
+        assert stored.shape == rgb.shape and not np.array_equal(stored[..., 0], stored[..., 2])
+
+
 def test_resize_only_when_needed():
     rgb = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)
     out = seg.preprocess_image(rgb, SegmentationParams(image_size=224))
