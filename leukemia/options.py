@@ -81,8 +81,8 @@ def preprocess_options(function=None, *, training: bool = False):
     """The options shared by every command that preprocesses (preprocess, main, train).
 
     ``training``: the image size comes from the training config. The split's seed is
-    ``--split-seed`` everywhere (``--seed`` seeds training). Options of ``PreprocessConfig`` fields are
-    unset by default: the experiment config (or its defaults) decides."""
+    ``--split-seed`` everywhere (``--seed`` seeds training). Options of ``PreprocessConfig``
+    fields are unset by default: the experiment config (or its defaults) decides."""
     if function is None:
         return lambda f: preprocess_options(f, training=training)
     options = [

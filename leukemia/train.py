@@ -168,14 +168,17 @@ def train(
     classifier: m.Classifier | None = None,
     device: torch.device | None = None,
     precision: engine.Precision | None = None,
+    evaluate_test: bool = True,
 ) -> dict:
     """Train on ``processed_dir`` (a preprocess output); state lives in ``work_dir``.
 
     ``on_epoch`` receives each epoch's record (global ``epoch``, phase, train/val metrics, lr);
     ``on_phase_end`` the phase, the model with its best weights restored, the summary so far,
     and that model's test-split evaluation. ``classifier`` (from ``build_classifier``), ``device``
-    and ``precision``, when the caller has resolved them, are not resolved again. Returns the
-    trained model, history, summary, device and precision.
+    and ``precision``, when the caller has resolved them, are not resolved again.
+    ``evaluate_test=False`` (a search, which must choose on validation only) never opens the
+    test split: ``on_phase_end`` gets None for it. Returns the trained model, history, summary,
+    device and precision.
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -192,7 +195,6 @@ def train(
     train_set = ManifestDataset(processed_dir, "train")
     check_training_split(train_set.labels)
     val_set = ManifestDataset(processed_dir, "val")
-    test_set = ManifestDataset(processed_dir, "test")
     augment_generator = torch.Generator().manual_seed(config.seed + 1)
     augment = BatchTransform(mean, std, augment=True, generator=augment_generator).to(device)
     plain = BatchTransform(mean, std).to(device)
@@ -207,7 +209,11 @@ def train(
     }
     train_loader = DataLoader(train_set, shuffle=True, generator=generator, **loader_options)
     val_loader = DataLoader(val_set, **loader_options)
-    test_loader = DataLoader(test_set, **loader_options)
+    test_loader = (
+        DataLoader(ManifestDataset(processed_dir, "test"), **loader_options)
+        if evaluate_test
+        else None
+    )
 
     state = {
         "phase_index": 0,
@@ -300,7 +306,9 @@ def train(
             summary,
             # Test metrics in fp32, as the served model predicts: under bf16 autocast a few
             # borderline images can flip (2 of 325 in one real-data run).
-            engine.evaluate(classifier, test_loader, loss_fn, device, as_served, plain),
+            engine.evaluate(classifier, test_loader, loss_fn, device, as_served, plain)
+            if test_loader is not None
+            else None,
         )
         state.update(
             phase_index=phase_index + 1, epoch_in_phase=0, bad_epochs=0, best_val_loss=float("inf")

@@ -27,6 +27,7 @@ PURE = (
     "preprocess",
     "preview",
     "processes",
+    "search",
     "segmentation",
     "shortcut",
     "store",

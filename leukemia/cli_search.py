@@ -1,0 +1,125 @@
+"""``leukemia search``: an Optuna study over preprocessing and learning rates, on the
+validation split, tracked in MLflow (``steps.search``)."""
+
+from __future__ import annotations
+
+import click
+
+from .data import DatasetError
+from .options import Failure as _Failure
+from .options import OrConfig, empty_is_none
+from .steps import preprocess as preprocess_step
+
+DEFAULT_SPACE = "experiments/search-demo.yaml"
+DEFAULT_STORAGE = "searches/optuna.journal"
+
+
+@click.command(
+    "search", context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
+)
+@click.option(
+    "--data-dir",
+    default=preprocess_step.SYNTHETIC,
+    help="Dataset folder, or 'synthetic' for generated data.",
+)
+@click.option("--synthetic-per-class", type=click.IntRange(min=1), default=60)
+@click.option("--synthetic-seed", type=int, default=0)
+@click.option(
+    "--space",
+    default=DEFAULT_SPACE,
+    help="Search YAML: base config and dimensions (experiments/search.yaml is the paper's "
+    "model, experiments/search-cpu.yaml a laptop's).",
+)
+@click.option("--n-trials", type=click.IntRange(min=1), default=6, help="Trials this worker runs.")
+@click.option(
+    "--max-trials",
+    type=OrConfig(click.IntRange(min=1)),
+    default=None,
+    help="Cap on the study's finished (complete or pruned) trials, all workers together.",
+)
+@click.option(
+    "--timeout", type=OrConfig(click.FloatRange(min=1)), default=None, help="Seconds per worker."
+)
+@click.option(
+    "--storage",
+    default=DEFAULT_STORAGE,
+    help="Optuna storage: a journal file path (several workers on one machine), or an RDB URL "
+    "(postgresql://... across machines; sqlite:///... for one worker).",
+)
+@click.option(
+    "--study-name",
+    callback=empty_is_none,
+    default=None,
+    help="Study name [default: the space file's name].",
+)
+@click.option(
+    "--objective",
+    type=OrConfig(click.Choice(["f1_macro", "loss"])),
+    default=None,
+    help="Validation macro F1 (maximised) or loss (minimised) [default: from --space].",
+)
+@click.option("--out-dir", default=preprocess_step.DEFAULT_OUT_DIR, help="Preprocess store.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, help="Preprocess processes.")
+@click.option("--experiment", default=None, help="MLflow experiment [default: leukemia].")
+@click.option("--report", "report_only", is_flag=True, help="Only log the study's report.")
+@click.pass_context
+def search_command(
+    ctx,
+    data_dir,
+    synthetic_per_class,
+    synthetic_seed,
+    space,
+    n_trials,
+    max_trials,
+    timeout,
+    storage,
+    study_name,
+    objective,
+    out_dir,
+    workers,
+    experiment,
+    report_only,
+):
+    """Search preprocessing and training settings with Optuna (TPE, pruning), choosing on the
+    validation split only; every trial is a child run of the study's parent run. Several
+    workers share one study through --storage and --study-name. Config fields given as
+    --FIELD VALUE (e.g. --pretrained weights.safetensors) apply to every trial."""
+    import dataclasses
+    from pathlib import Path
+
+    from . import search as search_lib
+    from .options import parse_overrides
+    from .steps import search as search_step
+
+    try:
+        loaded = search_lib.load_space(_resolved(space), objective)
+        fixed = tuple(sorted(parse_overrides(ctx.args).items()))
+        loaded = dataclasses.replace(loaded, overrides=fixed)
+        name = study_name or Path(space).stem
+        if report_only:
+            storage_object = search_lib.open_storage(storage, warn=click.echo)
+            study, _ = search_lib.create_or_load(storage_object, name, loaded)
+            search_step.report(study, loaded, echo=click.echo)
+            return
+        data = preprocess_step.resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
+        search_step.run(
+            loaded,
+            data,
+            storage=storage,
+            study_name=name,
+            n_trials=n_trials,
+            max_trials=max_trials,
+            timeout=timeout,
+            out_dir=out_dir,
+            experiment=experiment,
+            workers=workers,
+            echo=click.echo,
+        )
+    except (ValueError, DatasetError) as error:
+        raise _Failure(str(error)) from None
+
+
+def _resolved(path: str) -> str:
+    from .config import resolve_config_path
+
+    return str(resolve_config_path(path))

@@ -1,0 +1,268 @@
+"""The Optuna side of ``search``: the search space, the storage, the study. No MLflow here.
+
+A search YAML names the configuration every trial starts from and the dimensions to search::
+
+    base: experiments/demo.yaml     # an experiments YAML (training fields + preprocess block)
+    objective: f1_macro             # validation macro F1 (maximised) or loss (minimised)
+    pruner: median                  # median | hyperband | none
+    sampler_seed: 0                 # TPESampler(seed=...)
+    space:
+      kernel_size: {low: 3, high: 9}          # odd sizes only
+      kernel_shape: [ellipse, rect, cross]
+      phase2_lr: {low: 1.0e-4, high: 1.0e-2, log: true}
+      dropout: false                          # a dimension that is off
+
+A dimension is on when it is listed and not ``false``. Ranges are ``{low, high, log}``, choices
+a list; each is checked against ``DIMENSIONS`` (which config it sets, its type and the bounds
+it may take), so a bad space fails before any trial starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import yaml
+
+from .segmentation import CHANNELS, KERNEL_SHAPES, OUTPUTS
+
+
+@dataclass(frozen=True)
+class Dimension:
+    target: str  # "train" (TrainConfig field) or "preprocess" (PreprocessConfig field)
+    kind: str  # "int", "float" or "choice"
+    bounds: tuple = ()  # (min, max) a range may span, for int and float
+    choices: tuple = ()  # what a choice may hold
+
+
+DIMENSIONS = {
+    "kernel_size": Dimension("preprocess", "int", (3, 15)),
+    "kernel_shape": Dimension("preprocess", "choice", choices=tuple(KERNEL_SHAPES)),
+    "channel": Dimension("preprocess", "choice", choices=CHANNELS),
+    "segment": Dimension("preprocess", "choice", choices=(True, False)),
+    "output": Dimension("preprocess", "choice", choices=OUTPUTS),
+    "phase1_lr": Dimension("train", "float", (1e-7, 1.0)),
+    "phase2_lr": Dimension("train", "float", (1e-7, 1.0)),
+    "weight_decay": Dimension("train", "float", (1e-8, 1.0)),
+    "dropout": Dimension("train", "float", (0.0, 0.95)),
+    "unfreeze_last": Dimension("train", "int", (1, 1000)),
+}
+OBJECTIVES = {"f1_macro": "maximize", "loss": "minimize"}
+PRUNERS = ("median", "hyperband", "none")
+_KEYS = ("base", "objective", "pruner", "sampler_seed", "space")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    base: str  # path of the experiments YAML every trial starts from
+    dimensions: dict  # name -> {"low", "high", "log"} or {"choices": [...]}, the ones that are on
+    objective: str = "f1_macro"
+    pruner: str = "median"
+    sampler_seed: int = 0
+    overrides: tuple = ()  # (field, value) pairs every trial applies to the base (--field VALUE)
+
+    @property
+    def direction(self) -> str:
+        return OBJECTIVES[self.objective]
+
+    def fingerprint(self) -> str:
+        """What a study was made for: the same name with another space is refused."""
+        text = json.dumps(
+            {
+                "base": self.base,
+                "dimensions": self.dimensions,
+                "objective": self.objective,
+                "overrides": list(self.overrides),
+            },
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def split(self, params: dict) -> tuple[dict, dict]:
+        """Chosen values as (training overrides, preprocessing overrides), the fixed
+        overrides included."""
+        chosen: dict[str, dict] = {"train": dict(self.overrides), "preprocess": {}}
+        for name, value in params.items():
+            chosen[DIMENSIONS[name].target][name] = value
+        return chosen["train"], chosen["preprocess"]
+
+    def suggest(self, trial: optuna.Trial) -> tuple[dict, dict]:
+        """The trial's (training overrides, preprocessing overrides)."""
+        chosen: dict[str, dict] = {"train": {}, "preprocess": {}}
+        for name, spec in self.dimensions.items():
+            dimension = DIMENSIONS[name]
+            if dimension.kind == "choice":
+                value = trial.suggest_categorical(name, list(spec["choices"]))
+            elif dimension.kind == "int":
+                step = 2 if name == "kernel_size" else 1  # odd kernels from an odd low
+                value = trial.suggest_int(name, spec["low"], spec["high"], step=step)
+            else:
+                value = trial.suggest_float(name, spec["low"], spec["high"], log=spec["log"])
+            chosen[dimension.target][name] = value
+        return self.split({**chosen["train"], **chosen["preprocess"]})
+
+
+def load_space(path: str | os.PathLike, objective: str | None = None) -> SearchSpace:
+    """Read and check a search YAML (see the module); ``objective`` overrides its own."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"search space {str(path)!r} does not exist; expected a search YAML")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise ValueError(f"search space {str(path)!r} is not readable YAML") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"search space {str(path)!r} must be a mapping with keys {_KEYS}")
+    unknown = sorted(set(loaded) - set(_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {str(path)!r}; valid keys: {_KEYS}")
+    objective = objective or loaded.get("objective", "f1_macro")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {objective!r}")
+    pruner = loaded.get("pruner", "median")
+    if pruner not in PRUNERS:
+        raise ValueError(f"pruner must be one of {PRUNERS}, got {pruner!r}")
+    if "base" not in loaded:
+        raise ValueError(f"{str(path)!r} names no base config; expected base: experiments/X.yaml")
+    space = loaded.get("space")
+    if not isinstance(space, dict) or not space:
+        raise ValueError(
+            f"{str(path)!r} has an empty search space; list dimensions under space: "
+            f"(valid: {', '.join(DIMENSIONS)})"
+        )
+    dimensions = {}
+    for name, spec in space.items():
+        if name not in DIMENSIONS:
+            raise ValueError(
+                f"unknown search dimension {name!r}; valid ones: {', '.join(DIMENSIONS)}"
+            )
+        if spec is False or spec is None:
+            continue  # switched off
+        dimensions[name] = _checked(name, spec, DIMENSIONS[name])
+    if not dimensions:
+        raise ValueError(f"every dimension of {str(path)!r} is off; switch at least one on")
+    return SearchSpace(
+        base=str(loaded["base"]),
+        dimensions=dimensions,
+        objective=objective,
+        pruner=pruner,
+        sampler_seed=int(loaded.get("sampler_seed", 0)),
+    )
+
+
+def _checked(name: str, spec, dimension: Dimension) -> dict:
+    if dimension.kind == "choice":
+        if not isinstance(spec, list) or not spec:
+            raise ValueError(f"{name} must be a non-empty list of {list(dimension.choices)}")
+        bad = [c for c in spec if c not in dimension.choices]
+        if bad:
+            raise ValueError(f"{name} choices {bad} are not among {list(dimension.choices)}")
+        return {"choices": list(dict.fromkeys(spec))}
+    if not isinstance(spec, dict) or not {"low", "high"} <= set(spec):
+        raise ValueError(f"{name} must be a range {{low: ..., high: ...}}, got {spec!r}")
+    number = int if dimension.kind == "int" else float
+    try:
+        low, high = number(spec["low"]), number(spec["high"])
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} bounds must be {number.__name__}s, got {spec!r}") from None
+    smallest, largest = dimension.bounds
+    if low > high:
+        raise ValueError(f"{name}: low {low} is above high {high}")
+    if low < smallest or high > largest:
+        raise ValueError(f"{name} must lie in [{smallest}, {largest}], got [{low}, {high}]")
+    if name == "kernel_size" and (low % 2 == 0 or high % 2 == 0):
+        raise ValueError(f"kernel_size bounds must be odd, got [{low}, {high}]")
+    log = bool(spec.get("log", False))
+    if log and low <= 0:
+        raise ValueError(f"{name}: a log range needs low > 0, got {low}")
+    return {"low": low, "high": high, "log": log}
+
+
+# --- storage and study ------------------------------------------------------------------------
+
+
+def open_storage(spec: str, warn=print):
+    """An Optuna storage from ``spec``: an RDB URL (``postgresql://``, ``sqlite:///``, ...) or
+    a journal file path (several processes on one machine)."""
+    if "://" not in spec:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(spec).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(spec)))
+    if spec.startswith("sqlite:"):
+        warn(
+            "SQLite storage is for one worker; for several on one machine use a journal file "
+            "(--storage PATH), across machines PostgreSQL"
+        )
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and work
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                spec,
+                engine_kwargs={"pool_pre_ping": True},
+                heartbeat_interval=60,
+                grace_period=180,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
+    except Exception as error:  # SQLAlchemy's errors, whichever driver the URL names
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"cannot open Optuna storage {spec!r}: {first}") from None
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+
+
+def create_or_load(storage, name: str, space: SearchSpace) -> tuple[optuna.Study, bool]:
+    """The study ``name`` and whether this call created it: created if absent, loaded
+    otherwise (the storage lets one of N workers that start at once create it). A study of that
+    name made for another space is refused."""
+    options = {
+        "storage": storage,
+        "study_name": name,
+        "sampler": optuna.samplers.TPESampler(seed=space.sampler_seed),
+        "pruner": make_pruner(space.pruner),
+    }
+    try:
+        study = optuna.create_study(direction=space.direction, load_if_exists=False, **options)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study, created = optuna.load_study(**options), False
+    recorded = study.user_attrs.get("space")
+    if recorded is None:
+        study.set_user_attr("space", space.fingerprint())
+        study.set_user_attr("dimensions", space.dimensions)
+    elif recorded != space.fingerprint():
+        raise ValueError(
+            f"study {name!r} exists with another search space (or base, or objective); use "
+            "another --study-name, or the space it was made with"
+        )
+    if study.direction.name.lower() != space.direction:
+        raise ValueError(f"study {name!r} was made to {study.direction.name.lower()} its value")
+    return study, created
+
+
+def macro_f1(confusion) -> float:
+    """Macro F1 from a C x C confusion matrix (rows true, columns predicted); a class with no
+    true and no predicted image counts 0, as scikit-learn's ``zero_division=0``."""
+    scores = []
+    for c, row in enumerate(confusion):
+        true_positive = row[c]
+        predicted = sum(r[c] for r in confusion)
+        actual = sum(row)
+        denominator = predicted + actual
+        scores.append(2 * true_positive / denominator if denominator else 0.0)
+    return sum(scores) / len(scores)

@@ -1,0 +1,255 @@
+"""``leukemia search``: the space's checks, a tracked study on real Optuna and MLflow stores,
+pruned and failed trials, several workers on one journal, the test split never read."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from leukemia import search as search_lib
+from leukemia.cli import main
+from leukemia.config import load_experiment
+from leukemia.steps import search as search_step
+
+from .conftest import REPO
+
+SHORT = ["--synthetic-per-class", "8", "--phase1_epochs", "1", "--phase2_epochs", "2"]
+
+
+def write_space(path: Path, space: dict, **top) -> Path:
+    body = {"base": str(REPO / "experiments" / "demo.yaml"), **top, "space": space}
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["search", *map(str, args)], catch_exceptions=False)
+
+
+@pytest.fixture(autouse=True)
+def optuna_warnings_fail():
+    """The current Optuna API only: its deprecation warnings are errors here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.filterwarnings("error", category=DeprecationWarning, module="optuna")
+        yield
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({}, "empty search space"),
+        ({"dropout": False}, "every dimension"),
+        ({"kernel_size": {"low": 9, "high": 3}}, "low 9 is above high 3"),
+        ({"kernel_size": {"low": 4, "high": 9}}, "kernel_size bounds must be odd"),
+        ({"kernel_size": {"low": 1, "high": 9}}, "must lie in [3, 15]"),
+        ({"colour": [1, 2]}, "unknown search dimension 'colour'; valid ones: kernel_size"),
+        ({"channel": ["gray", "blue"]}, "choices ['blue'] are not among"),
+        ({"phase2_lr": {"low": 0, "high": 1e-2, "log": True}}, "must lie in"),
+    ],
+)
+def test_a_bad_space_is_one_line_before_any_trial(tmp_path, tracking_uri, space, message):
+    path = write_space(tmp_path / "space.yaml", space)
+    result = invoke("--space", path, "--storage", tmp_path / "j.log", *SHORT)
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert result.output.count("\n") == 1
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def test_bad_storage_and_a_study_name_taken_by_another_space(tmp_path, tracking_uri):
+    path = write_space(tmp_path / "a.yaml", {"phase2_lr": {"low": 1e-3, "high": 1e-2}})
+    result = invoke("--space", path, "--storage", "postgresql://nobody@127.0.0.1:9/none")
+    assert result.exit_code == 1 and "cannot open Optuna storage" in result.output
+    assert invoke("--space", path, "--n-trials", "0").exit_code == 2  # click: n_trials >= 1
+    storage = search_lib.open_storage(str(tmp_path / "j.log"))
+    study, created = search_lib.create_or_load(storage, "taken", search_lib.load_space(path))
+    again, created_again = search_lib.create_or_load(storage, "taken", search_lib.load_space(path))
+    assert created and not created_again and again.study_name == study.study_name
+    other = write_space(tmp_path / "b.yaml", {"dropout": {"low": 0.1, "high": 0.5}})
+    result = invoke("--space", other, "--storage", tmp_path / "j.log", "--study-name", "taken")
+    assert result.exit_code == 1 and "exists with another search space" in result.output
+
+
+def test_a_study_is_tracked_and_its_best_config_trains(tmp_path, tracking_uri, monkeypatch):
+    """Three trials on a journal: one parent, a child run per trial, the report, best.yaml;
+    the test images are garbage and nothing reads them."""
+    monkeypatch.chdir(tmp_path)
+    preprocessed = CliRunner().invoke(
+        main, ["preprocess", "--synthetic-per-class", "8", "--json"], catch_exceptions=False
+    )
+    folder = Path(yaml.safe_load(preprocessed.output.splitlines()[-1])["out_dir"])
+    for png in folder.rglob("*.png"):
+        if png.name != "preview.png" and _split_of(folder, png) == "test":
+            png.write_bytes(b"not a png: a search must never read the test split")
+    space = write_space(
+        tmp_path / "s.yaml", {"phase2_lr": {"low": 1e-3, "high": 1e-2, "log": True}}
+    )
+    result = invoke("--space", space, "--n-trials", "3", "--storage", tmp_path / "j.log", *SHORT)
+    assert result.exit_code == 0, result.output
+    assert "trials: 3 complete" in result.output
+
+    storage = search_lib.open_storage(str(tmp_path / "j.log"))
+    study = optuna.load_study(study_name="s", storage=storage)
+    parent_id = study.user_attrs[search_step.PARENT_ATTR]
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert sorted(r.info.run_name for r in children) == ["trial 0", "trial 1", "trial 2"]
+    assert {t.user_attrs[search_step.RUN_ATTR] for t in study.trials} == {
+        r.info.run_id for r in children
+    }
+    assert all(r.info.status == "FINISHED" for r in runs)  # the parent too: nothing RUNNING
+    for child in children:
+        assert "trial.phase2_lr" in child.data.params
+        assert [m.step for m in MlflowClient().get_metric_history(child.info.run_id, "val_loss")]
+        assert not [k for k in child.data.metrics if k.startswith("test")]
+    parent = MlflowClient().get_run(parent_id)
+    assert parent.data.metrics["best_value"] == study.best_value
+    names = {a.path for a in MlflowClient().list_artifacts(parent_id)}
+    assert {"trials.csv", "best.yaml", "optimization_history.png"} <= names
+    best = tmp_path / "searches" / "s" / "best.yaml"
+    config, _ = load_experiment(best)
+    assert config.phase2_lr == pytest.approx(study.best_params["phase2_lr"])
+    assert config.phase1_epochs == 1  # the fixed --phase1_epochs override is in it too
+
+    # A second run of the same command continues the study; --max-trials caps it.
+    again = invoke(
+        "--space",
+        space,
+        "--n-trials",
+        3,
+        "--max-trials",
+        4,
+        "--storage",
+        tmp_path / "j.log",
+        *SHORT,
+    )
+    assert again.exit_code == 0, again.output
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 4
+
+
+def _split_of(folder: Path, png: Path) -> str:
+    import csv
+
+    with (folder / "manifest.csv").open() as handle:
+        splits = {row["processed"]: row["split"] for row in csv.DictReader(handle)}
+    return splits.get(png.relative_to(folder).as_posix(), "")
+
+
+def test_pruned_trials_end_killed_and_failed_ones_failed(tmp_path, tracking_uri, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = search_lib.load_space(
+        write_space(tmp_path / "s.yaml", {"dropout": {"low": 0.1, "high": 0.5}})
+    )
+    space = search_lib.SearchSpace(**{**space.__dict__, "overrides": (("phase1_epochs", 1),)})
+    storage = search_lib.open_storage(str(tmp_path / "j.log"))
+    # Macro F1 is never above 2: a threshold pruner prunes every trial at its first report.
+    study = optuna.create_study(
+        storage=storage,
+        study_name="p",
+        direction="maximize",
+        pruner=optuna.pruners.ThresholdPruner(lower=2.0),
+    )
+    parent = search_step.parent_run(study, storage, "search", print)
+    from leukemia.steps import preprocess as preprocess_step
+
+    data = preprocess_step.resolve_data_dir("synthetic", 8, 0)
+    objective = search_step.Objective(space, data, tmp_path / "p", parent, 0, tmp_path / "w", print)
+    study.optimize(objective, n_trials=1)
+    broken = search_lib.SearchSpace(**{**space.__dict__, "overrides": (("model", "no_such_net"),)})
+    failing = search_step.Objective(broken, data, tmp_path / "p", parent, 0, tmp_path / "w", print)
+    study.optimize(failing, n_trials=1, catch=(ValueError,))  # the study goes on
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL]
+    statuses = [
+        MlflowClient().get_run(t.user_attrs[search_step.RUN_ATTR]).info.status for t in study.trials
+    ]
+    assert statuses == ["KILLED", "FAILED"]
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study(tmp_path):
+    """Two processes on one journal file at once: one study, unique trial numbers, one parent,
+    one child run per trial, nothing left RUNNING."""
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "LEUKEMIA_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(name, None)
+    subprocess.run(  # the store exists before two processes open it (MLflow's migrations race)
+        [sys.executable, "-c", "import mlflow; mlflow.search_experiments()"], env=env, check=True
+    )
+    space = write_space(tmp_path / "s.yaml", {"phase2_lr": {"low": 1e-3, "high": 1e-2}})
+    command = [
+        sys.executable,
+        "-m",
+        "leukemia",
+        "search",
+        "--space",
+        str(space),
+        "--n-trials",
+        "2",
+        "--storage",
+        str(tmp_path / "j.log"),
+        "--study-name",
+        "shared",
+        *SHORT,
+    ]
+    workers = [subprocess.Popen(command, cwd=tmp_path, env=env) for _ in range(2)]
+    assert [w.wait(timeout=600) for w in workers] == [0, 0]
+    study = optuna.load_study(
+        study_name="shared", storage=search_lib.open_storage(str(tmp_path / "j.log"))
+    )
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    finally:
+        mlflow.set_tracking_uri(None)
+    parents = [r for r in runs if r.data.tags.get("step") == "search"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 4 and all(r.info.status != "RUNNING" for r in runs)
+
+
+@pytest.mark.slow
+def test_mlflow_run_search_keeps_its_trials_apart(tmp_path):
+    """Under `mlflow run -e search`, MLFLOW_RUN_ID names the entry point's run: it becomes the
+    study's parent, and every trial is a child run of its own, not that run."""
+    import shutil
+
+    from .conftest import mlflow_run_env
+    from .test_user_paths import COPY_IGNORE
+
+    project = tmp_path / "project"
+    shutil.copytree(REPO, project, ignore=COPY_IGNORE)
+    env = mlflow_run_env(tmp_path)
+    command = [
+        "mlflow", "run", ".", "-e", "search", "--env-manager", "local",
+        "-P", "n_trials=2", "-P", "synthetic_per_class=8",
+        "-P", "phase1_epochs=1", "-P", "phase2_epochs=2",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    finally:
+        mlflow.set_tracking_uri(None)
+    (parent,) = [r for r in runs if r.data.tags.get("step") == "search"]
+    assert parent.data.tags["mlflow.project.entryPoint"] == "search"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["trial 0", "trial 1"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert (project / "searches" / "search-demo" / "best.yaml").is_file()
