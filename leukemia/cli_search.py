@@ -61,6 +61,19 @@ DEFAULT_STORAGE = "searches/optuna.journal"
 @click.option("--out-dir", default=preprocess_step.DEFAULT_OUT_DIR, help="Preprocess store.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Preprocess processes.")
 @click.option("--experiment", default=None, help="MLflow experiment [default: leukemia].")
+@click.option(
+    "--confirm-seeds",
+    type=OrConfig(click.STRING),
+    default=None,
+    help="Then train the base config and best.yaml with these seeds (e.g. 1,2,3) and compare "
+    "them on the test split with paired statistics: the number to report.",
+)
+@click.option(
+    "--env-manager",
+    type=click.Choice(["local", "virtualenv", "uv", "conda"]),
+    default="local",
+    help="How the confirm runs (`mlflow run -e train`) get their environment.",
+)
 @click.option("--report", "report_only", is_flag=True, help="Only log the study's report.")
 @click.pass_context
 def search_command(
@@ -78,6 +91,8 @@ def search_command(
     out_dir,
     workers,
     experiment,
+    confirm_seeds,
+    env_manager,
     report_only,
 ):
     """Search preprocessing and training settings with Optuna (TPE, pruning), choosing on the
@@ -89,32 +104,57 @@ def search_command(
 
     from . import search as search_lib
     from .options import parse_overrides
+    from .steps import compare as compare_step
+    from .steps import confirm as confirm_step
     from .steps import search as search_step
 
     try:
+        seeds = compare_step.parse_seeds(confirm_seeds) if confirm_seeds else None
         loaded = search_lib.load_space(_resolved(space), objective)
         fixed = tuple(sorted(parse_overrides(ctx.args).items()))
         loaded = dataclasses.replace(loaded, overrides=fixed)
         name = study_name or Path(space).stem
+        data = preprocess_step.resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
         if report_only:
             storage_object = search_lib.open_storage(storage, warn=click.echo)
             study, _ = search_lib.create_or_load(storage_object, name, loaded)
             search_step.report(study, loaded, echo=click.echo)
-            return
-        data = preprocess_step.resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
-        search_step.run(
-            loaded,
-            data,
-            storage=storage,
-            study_name=name,
-            n_trials=n_trials,
-            max_trials=max_trials,
-            timeout=timeout,
-            out_dir=out_dir,
-            experiment=experiment,
-            workers=workers,
-            echo=click.echo,
-        )
+        else:
+            study = search_step.run(
+                loaded,
+                data,
+                storage=storage,
+                study_name=name,
+                n_trials=n_trials,
+                max_trials=max_trials,
+                timeout=timeout,
+                out_dir=out_dir,
+                experiment=experiment,
+                workers=workers,
+                echo=click.echo,
+            )
+        if seeds:
+            best = Path(search_step.RESULTS_DIR, name, "best.yaml")
+            if not best.is_file():
+                raise ValueError(f"study {name!r} has no finished trial yet: nothing to confirm")
+            result = confirm_step.confirm(
+                study.user_attrs[search_step.PARENT_ATTR],
+                loaded.base,
+                best,
+                seeds,
+                data,
+                out_dir,
+                dict(loaded.overrides),
+                env_manager,
+                echo=click.echo,
+            )
+            for seed, entry in result["per_seed"].items():
+                difference = entry["accuracy_difference"]
+                click.echo(
+                    f"seed {seed}: best - base test accuracy {difference['difference']:+.4f} "
+                    f"[{difference['low']:+.4f}, {difference['high']:+.4f}], McNemar p = "
+                    f"{entry['best_vs_base']['p_value']:.4g}"
+                )
     except (ValueError, DatasetError) as error:
         raise _Failure(str(error)) from None
 

@@ -255,6 +255,24 @@ def create_or_load(storage, name: str, space: SearchSpace) -> tuple[optuna.Study
     return study, created
 
 
+PROCESS_ATTR = "process"  # host:pid:start of the worker running a trial (processes.token)
+
+
+def fail_stale_trials(study: optuna.Study) -> list[int]:
+    """Mark FAIL the RUNNING trials whose worker (on this host) is gone: a journal storage has
+    no heartbeat, so a worker killed mid-trial would leave its trial RUNNING for ever. Returns
+    their numbers."""
+    from . import processes
+
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(PROCESS_ATTR)
+        if owner and processes.is_gone(owner):
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            failed.append(trial.number)
+    return failed
+
+
 def macro_f1(confusion) -> float:
     """Macro F1 from a C x C confusion matrix (rows true, columns predicted); a class with no
     true and no predicted image counts 0, as scikit-learn's ``zero_division=0``."""

@@ -253,3 +253,89 @@ def test_mlflow_run_search_keeps_its_trials_apart(tmp_path):
     assert sorted(r.info.run_name for r in children) == ["trial 0", "trial 1"]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert (project / "searches" / "search-demo" / "best.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_confirm_seeds_pair_the_base_and_the_best_on_test(tmp_path, tracking_uri, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    space = write_space(tmp_path / "s.yaml", {"phase2_lr": {"low": 1e-3, "high": 1e-2}})
+    result = invoke(
+        "--space", space, "--n-trials", 1, "--storage", tmp_path / "j.log",
+        "--confirm-seeds", "1,2", *SHORT,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "seed 2: best - base test accuracy" in result.output
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    (parent,) = [r for r in runs if r.data.tags.get("step") == "search"]
+    (confirm,) = [r for r in runs if r.data.tags.get("step") == "search-confirm"]
+    assert confirm.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    trained = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == confirm.info.run_id]
+    assert sorted(r.data.params["seed"] for r in trained) == ["1", "1", "2", "2"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    saved = mlflow.artifacts.load_dict(f"runs:/{confirm.info.run_id}/confirm.json")
+    assert set(saved["per_seed"]) == {"1", "2"} and set(saved["table"]) == {"base", "best"}
+    assert saved["configs"]["best"].endswith("searches/s/best.yaml")
+    assert "best_minus_base_accuracy_seed1" in confirm.data.metrics
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_trial_leaves_nothing_running(tmp_path):
+    """SIGKILL one of two workers inside a trial: the other finishes its trials, the study
+    still loads, and the next command ends the dead worker's trial (FAIL) and run (KILLED)."""
+    import signal
+    import time
+
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "LEUKEMIA_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(name, None)
+    subprocess.run(
+        [sys.executable, "-c", "import mlflow; mlflow.search_experiments()"], env=env, check=True
+    )
+    space = write_space(tmp_path / "s.yaml", {"phase2_lr": {"low": 1e-3, "high": 1e-2}})
+    journal = tmp_path / "j.log"
+    command = [
+        sys.executable, "-m", "leukemia", "search", "--space", str(space), "--n-trials", "2",
+        "--storage", str(journal), "--study-name", "k", "--synthetic-per-class", "8",
+        "--phase1_epochs", "1", "--phase2_epochs", "15", "--patience", "0",
+    ]  # fmt: skip
+    victim = subprocess.Popen(command, cwd=tmp_path, env=env)
+    survivor = subprocess.Popen(command, cwd=tmp_path, env=env)
+    storage = search_lib.open_storage(str(journal))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # until the victim is inside its first trial
+        try:
+            running = optuna.load_study(study_name="k", storage=storage).get_trials(
+                states=(optuna.trial.TrialState.RUNNING,)
+            )
+        except KeyError:  # no study yet
+            running = []
+        if any(f":{victim.pid}:" in t.user_attrs.get("process", "") for t in running):
+            break
+        time.sleep(0.2)
+    time.sleep(2)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert survivor.wait(timeout=600) == 0  # the other worker finishes its trials
+    # The next command sweeps what the dead worker left running.
+    report = subprocess.run([*command, "--report"], cwd=tmp_path, env=env, timeout=300)
+    assert report.returncode == 0
+    study = optuna.load_study(study_name="k", storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 2 and states.count("FAIL") == 1, states
+    (lost,) = [t for t in study.trials if t.state.name == "FAIL"]
+    assert f":{victim.pid}:" in lost.user_attrs["process"]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert sorted(r.info.status for r in runs if r.data.tags.get("step") == "search-trial") == [
+        "FINISHED",
+        "FINISHED",
+        "KILLED",
+    ]

@@ -112,6 +112,7 @@ class Objective:
             "search.trial": str(trial.number),
             tracking.PROCESS_TAG: processes.token(),
         }
+        trial.set_user_attr(search_lib.PROCESS_ATTR, processes.token())
         run_id = client.create_run(self.experiment_id, tags=tags).info.run_id
         trial.set_user_attr(RUN_ATTR, run_id)
         status = "FAILED"
@@ -183,6 +184,7 @@ def run(
     """Run (or join) the study; returns it after the report is logged."""
     storage_object = search_lib.open_storage(storage, warn=echo)
     study, created = search_lib.create_or_load(storage_object, study_name, space)
+    _sweep(study, echo)
     parent_id = parent_run(study, storage_object, experiment, echo, created=created)
     objective = Objective(
         space, data_dir, out_dir, parent_id, workers, preprocess_step.cache_dir() / "runs", echo
@@ -214,6 +216,14 @@ def run(
     return study
 
 
+def _sweep(study, echo) -> None:
+    """End what a killed worker left running: its Optuna trial (FAIL) and its MLflow run."""
+    failed = search_lib.fail_stale_trials(study)
+    if failed:
+        echo(f"trials {failed} of study {study.study_name} lost their worker: marked FAIL")
+    tracking.mark_stale_runs_killed()
+
+
 def _counted(study) -> int:
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return len(study.get_trials(deepcopy=False, states=states))
@@ -230,6 +240,7 @@ def best_config(space, best_params: dict) -> dict:
 
 def report(study: optuna.Study, space, echo=print) -> dict | None:
     """Log the study's results to its parent run (see the module); returns the best config."""
+    _sweep(study, echo)
     parent_id = study.user_attrs.get(PARENT_ATTR)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     client = MlflowClient()

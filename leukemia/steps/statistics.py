@@ -26,7 +26,7 @@ from ..arms import DEEP_ARMS
 HEADLINE = ("test_accuracy", "test_f1_macro", "test_f1_weighted")
 
 
-def _predictions(run_id: str) -> pd.DataFrame:
+def logged_predictions(run_id: str) -> pd.DataFrame:
     text = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/predictions.csv")
     return pd.read_csv(io.StringIO(text)).set_index("path").sort_index()
 
@@ -62,8 +62,8 @@ def summarise(children: dict[str, dict[int, str]]) -> tuple[dict, dict]:
     }
     tests = {"best_shortcut": best_shortcut, "preprocessing": preprocessing, "per_seed": {}}
     for seed in seeds:
-        proposed = _predictions(children["proposed"][seed])
-        baseline = _predictions(children["baseline"][seed])
+        proposed = logged_predictions(children["proposed"][seed])
+        baseline = logged_predictions(children["baseline"][seed])
         if not proposed.index.equals(baseline.index):
             raise ValueError("the two arms were tested on different images; cannot pair them")
         labels = proposed["label"].to_numpy()
@@ -80,7 +80,7 @@ def summarise(children: dict[str, dict[int, str]]) -> tuple[dict, dict]:
             ),
         }
         if best_shortcut is not None:
-            short = _predictions(next(iter(children[best_shortcut].values())))
+            short = logged_predictions(next(iter(children[best_shortcut].values())))
             short = short.loc[proposed.index]
             for arm, frame in (("proposed", proposed), ("baseline", baseline)):
                 entry[f"{arm}_vs_{best_shortcut}"] = metrics.mcnemar_exact(

@@ -1,0 +1,146 @@
+"""Confirm a search on test: the search's base configuration (the paper's, for
+``experiments/search.yaml``) against its ``best.yaml``, trained with the same seeds on the same
+split as ``mlflow run -e train`` children of one ``confirm`` run (itself a child of the study's
+parent), with paired statistics per seed as ``compare`` computes them. A search value is a
+validation number; this is the number to report.
+
+The confirm run logs ``confirm.json`` (per arm and seed test accuracy and macro F1; per seed the
+exact McNemar test of best vs base and the paired bootstrap interval of the accuracy
+difference), metrics ``best_minus_base_accuracy_seed<N>`` and a description with the table.
+"""
+
+from __future__ import annotations
+
+import statistics as stats
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from .. import metrics, processes, tracking, ui
+from ..config import resolve_config_path
+from . import compare as compare_step
+from .statistics import logged_predictions
+
+ARMS = ("base", "best")
+
+
+def confirm(
+    parent_id: str,
+    base_config,
+    best_config,
+    seeds: list[int],
+    data_dir: str,
+    out_dir,
+    overrides: dict,
+    env_manager: str = "local",
+    echo=print,
+) -> dict:
+    """Train both configs per seed on test and pair them; returns what ``confirm.json`` holds."""
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    tags = {
+        "mlflow.parentRunId": parent_id,
+        ui.RUN_NAME_TAG: f"confirm on test, seeds {','.join(map(str, seeds))}",
+        "step": "search-confirm",
+        tracking.PROCESS_TAG: processes.token(),
+    }
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    configs = {
+        "base": str(resolve_config_path(base_config).resolve()),
+        "best": str(Path(best_config).resolve()),
+    }
+    project = compare_step.find_project()
+    children: dict[str, dict[int, str]] = {arm: {} for arm in ARMS}
+    status = "FAILED"
+    try:
+        with processes.children_stop_with_me():
+            for seed in seeds:
+                for arm in ARMS:
+                    echo(f"confirm: {arm} seed {seed}: mlflow run -e train ...")
+                    parameters = {
+                        **overrides,
+                        "data_dir": data_dir,
+                        "config": configs[arm],
+                        "seed": seed,
+                        "out_dir": str(Path(out_dir).resolve()),
+                        "registered_model_name": "",
+                    }
+                    child = compare_step.run_train_child(
+                        project, experiment_id, run_id, parameters, env_manager
+                    )
+                    children[arm][seed] = child.info.run_id
+        result = _paired(client, children, seeds)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_dict({"configs": configs, **result}, "confirm.json")
+            mlflow.log_metrics(
+                {
+                    f"best_minus_base_accuracy_seed{seed}": entry["accuracy_difference"][
+                        "difference"
+                    ]
+                    for seed, entry in result["per_seed"].items()
+                }
+            )
+        ui.describe(run_id, _note(result, configs))
+        status = "FINISHED"
+        return result
+    except mlflow.exceptions.ExecutionException as error:
+        raise ValueError(f"a confirm training failed: {error}") from None
+    finally:
+        client.set_terminated(run_id, status)
+
+
+def _paired(client, children: dict, seeds) -> dict:
+    table = {}
+    for arm in ARMS:
+        rows = {s: client.get_run(children[arm][s]).data.metrics for s in seeds}
+        table[arm] = {
+            "runs": {str(s): children[arm][s] for s in seeds},
+            **{
+                f"{key}_{name}": fn([m[key] for m in rows.values()])
+                for key in ("test_accuracy", "test_f1_macro")
+                for name, fn in (("mean", stats.fmean), ("sd", _sd))
+            },
+        }
+    per_seed = {}
+    for seed in seeds:
+        best = logged_predictions(children["best"][seed])
+        base = logged_predictions(children["base"][seed])
+        if not best.index.equals(base.index):
+            raise ValueError("base and best were tested on different images: other split options")
+        labels = best["label"].to_numpy()
+        per_seed[str(seed)] = {
+            "best_vs_base": metrics.mcnemar_exact(
+                best["predicted"].to_numpy() == labels, base["predicted"].to_numpy() == labels
+            ),
+            "accuracy_difference": metrics.paired_bootstrap_difference(
+                labels, best["predicted"].to_numpy(), base["predicted"].to_numpy(), seed=seed
+            ),
+        }
+    return {"table": table, "per_seed": per_seed}
+
+
+def _sd(values: list[float]) -> float:
+    return stats.stdev(values) if len(values) > 1 else 0.0
+
+
+def _note(result: dict, configs: dict) -> str:
+    lines = [
+        f"**Confirm on test**: base `{configs['base']}` vs best `{configs['best']}`.",
+        "",
+        "| config | test accuracy | test F1 macro |",
+        "| --- | --- | --- |",
+    ]
+    for arm, entry in result["table"].items():
+        lines.append(
+            f"| {arm} | {entry['test_accuracy_mean']:.3f} ± {entry['test_accuracy_sd']:.3f} | "
+            f"{entry['test_f1_macro_mean']:.3f} ± {entry['test_f1_macro_sd']:.3f} |"
+        )
+    lines += ["", "| seed | best − base | 95% interval | McNemar p |", "| --- | --- | --- | --- |"]
+    for seed, entry in result["per_seed"].items():
+        difference = entry["accuracy_difference"]
+        lines.append(
+            f"| {seed} | {difference['difference']:+.3f} | [{difference['low']:+.3f}, "
+            f"{difference['high']:+.3f}] | {entry['best_vs_base']['p_value']:.3g} |"
+        )
+    return "\n".join(lines)
