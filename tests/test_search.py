@@ -339,3 +339,35 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running(tmp_path):
         "FINISHED",
         "KILLED",
     ]
+
+
+def test_macro_f1_from_a_confusion_matrix_matches_scikit_learn():
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(3)
+    labels, predicted = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
+    predicted[labels == 3] = 0  # class 3 never predicted: its F1 is 0
+    confusion = np.zeros((4, 4), int)
+    np.add.at(confusion, (labels, predicted), 1)
+    expected = f1_score(labels, predicted, average="macro", zero_division=0)
+    assert search_lib.macro_f1(confusion.tolist()) == pytest.approx(expected)
+
+
+def test_sqlite_storage_is_for_one_worker_and_says_so(tmp_path, tracking_uri, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path / "s.yaml", {"dropout": {"low": 0.1, "high": 0.5}})
+    result = invoke(
+        "--space", space, "--n-trials", 1, "--storage", f"sqlite:///{tmp_path / 'o.db'}",
+        "--objective", "loss", *SHORT,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "SQLite storage is for one worker" in result.output
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    (run,) = [
+        r
+        for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+        if r.data.tags.get("step") == "search-trial"
+    ]
+    assert run.data.metrics["value_loss"] == pytest.approx(study.best_value)
