@@ -102,6 +102,8 @@ def search_command(
     import dataclasses
     from pathlib import Path
 
+    import optuna
+
     from . import search as search_lib
     from .options import parse_overrides
     from .steps import compare as compare_step
@@ -114,10 +116,16 @@ def search_command(
         fixed = tuple(sorted(parse_overrides(ctx.args).items()))
         loaded = dataclasses.replace(loaded, overrides=fixed)
         name = study_name or Path(space).stem
+        search_step.best_config(loaded, {})  # the base and the --FIELD overrides load
+        if seeds:
+            compare_step.find_project()  # confirm launches `mlflow run -e train`: fail now
         data = preprocess_step.resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
         if report_only:
             storage_object = search_lib.open_storage(storage, warn=click.echo)
-            study, _ = search_lib.create_or_load(storage_object, name, loaded)
+            try:
+                study = optuna.load_study(study_name=name, storage=storage_object)
+            except KeyError:
+                raise ValueError(f"no study {name!r} in {storage}; run a search first") from None
             search_step.report(study, loaded, echo=click.echo)
         else:
             study = search_step.run(
@@ -155,7 +163,7 @@ def search_command(
                     f"[{difference['low']:+.4f}, {difference['high']:+.4f}], McNemar p = "
                     f"{entry['best_vs_base']['p_value']:.4g}"
                 )
-    except (ValueError, DatasetError) as error:
+    except (ValueError, DatasetError, search_step.StopSearch) as error:
         raise _Failure(str(error)) from None
 
 

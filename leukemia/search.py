@@ -19,6 +19,7 @@ it may take), so a bad space fails before any trial starts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,7 +30,10 @@ from pathlib import Path
 import optuna
 import yaml
 
+from .config import PreprocessConfig
 from .segmentation import CHANNELS, KERNEL_SHAPES, OUTPUTS
+
+_PREPROCESS_FIELDS = {f.name for f in dataclasses.fields(PreprocessConfig)}
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,9 @@ class SearchSpace:
     def split(self, params: dict) -> tuple[dict, dict]:
         """Chosen values as (training overrides, preprocessing overrides), the fixed
         overrides included."""
-        chosen: dict[str, dict] = {"train": dict(self.overrides), "preprocess": {}}
+        chosen: dict[str, dict] = {"train": {}, "preprocess": {}}
+        for name, value in self.overrides:
+            chosen["preprocess" if name in _PREPROCESS_FIELDS else "train"][name] = value
         for name, value in params.items():
             chosen[DIMENSIONS[name].target][name] = value
         return chosen["train"], chosen["preprocess"]
@@ -247,8 +253,8 @@ def create_or_load(storage, name: str, space: SearchSpace) -> tuple[optuna.Study
         study.set_user_attr("dimensions", space.dimensions)
     elif recorded != space.fingerprint():
         raise ValueError(
-            f"study {name!r} exists with another search space (or base, or objective); use "
-            "another --study-name, or the space it was made with"
+            f"study {name!r} exists with another search space, base, objective or --FIELD "
+            "overrides; use another --study-name, or the same space and options as before"
         )
     if study.direction.name.lower() != space.direction:
         raise ValueError(f"study {name!r} was made to {study.direction.name.lower()} its value")

@@ -57,7 +57,10 @@ class OutputStore:
             raise StoreError(f"--out-dir {str(root)!r} exists and is not a directory")
         if self._marked():
             return self
-        if root.is_dir() and any(p.name != ROOT_MARKER for p in root.iterdir()):
+        entries = [p for p in root.iterdir() if p.name != ROOT_MARKER] if root.is_dir() else []
+        if entries and all(self._older_store(p) for p in entries):
+            pass  # only stores of ours inside (processed/segmented and processed/raw of old)
+        elif entries:
             if (root / "params.json").is_file() and (root / "manifest.csv").is_file():
                 raise StoreError(
                     f"--out-dir {str(root)!r} holds an output of an older leukemia preprocess "
@@ -81,6 +84,11 @@ class OutputStore:
         if not self._marked():
             raise StoreError(f"--out-dir {str(root)!r} is marked by another program")
         return self
+
+    def _older_store(self, path: Path) -> bool:
+        """A folder that is itself a store of ours (the per-arm stores earlier versions made
+        under ``processed``): a root holding only such folders can be claimed."""
+        return path.is_dir() and not path.is_symlink() and OutputStore(path, self.owner)._marked()
 
     def _marked(self) -> bool:
         try:

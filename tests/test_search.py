@@ -71,6 +71,11 @@ def test_bad_storage_and_a_study_name_taken_by_another_space(tmp_path, tracking_
     result = invoke("--space", path, "--storage", "postgresql://nobody@127.0.0.1:9/none")
     assert result.exit_code == 1 and "cannot open Optuna storage" in result.output
     assert invoke("--space", path, "--n-trials", "0").exit_code == 2  # click: n_trials >= 1
+    typo = invoke("--space", path, "--storage", tmp_path / "j.log", "--phase1_epoch", "2")
+    assert typo.exit_code == 1 and "unknown config key(s) ['phase1_epoch']" in typo.output
+    missing = invoke("--space", path, "--storage", tmp_path / "j.log", "--report")
+    assert missing.exit_code == 1 and "no study 'a'" in missing.output
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
     storage = search_lib.open_storage(str(tmp_path / "j.log"))
     study, created = search_lib.create_or_load(storage, "taken", search_lib.load_space(path))
     again, created_again = search_lib.create_or_load(storage, "taken", search_lib.load_space(path))
@@ -120,6 +125,7 @@ def test_a_study_is_tracked_and_its_best_config_trains(tmp_path, tracking_uri, m
     config, _ = load_experiment(best)
     assert config.phase2_lr == pytest.approx(study.best_params["phase2_lr"])
     assert config.phase1_epochs == 1  # the fixed --phase1_epochs override is in it too
+    assert not list((Path(os.environ["LEUKEMIA_CACHE_DIR"]) / "runs").glob("*"))  # no states
 
     # A second run of the same command continues the study; --max-trials caps it.
     again = invoke(

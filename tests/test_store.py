@@ -75,6 +75,24 @@ def test_a_foreign_or_old_layout_out_dir_is_refused_untouched(synthetic_dir, tmp
         run(synthetic_dir, afile)
 
 
+def test_a_root_holding_only_older_per_arm_stores_is_taken_over(synthetic_dir, tmp_path):
+    """Earlier versions kept processed/segmented and processed/raw as separate stores; the
+    shared processed/ store takes that folder over, keeping both. A foreign file beside them
+    still makes it refused."""
+    root = tmp_path / "processed"
+    older = run(synthetic_dir, root / "segmented").out_dir
+    run(synthetic_dir, root / "raw", seg=SegmentationParams(segment=False))
+    result = run(synthetic_dir, root)
+    assert result.out_dir.parent == root and not result.cache_hit
+    assert older.is_dir() and (root / "raw").is_dir()
+    other = tmp_path / "mixed"
+    run(synthetic_dir, other / "segmented")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not empty and was not written by"):
+        run(synthetic_dir, other)
+    assert (other / "notes.txt").read_text() == "mine"
+
+
 def test_an_empty_existing_out_dir_is_used_in_place(synthetic_dir, tmp_path):
     """A mount point (a Docker volume) cannot be renamed or replaced: the root stays put."""
     root = tmp_path / "volume"

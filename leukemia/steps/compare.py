@@ -58,10 +58,15 @@ def find_project(start: str | os.PathLike | None = None) -> Path:
 
 
 def reusable_run(
-    experiment_id: str, arm: str, config: TrainConfig, manifest_hash: str, segmentation: dict
+    experiment_id: str,
+    arm: str,
+    config: TrainConfig,
+    manifest_hash: str,
+    segmentation: dict,
+    registered_as: str = "",
 ):
-    """A FINISHED train run of ``arm`` with the same config, preprocessing, manifest and code,
-    or None."""
+    """A FINISHED train run of ``arm`` with the same config, preprocessing, manifest and code
+    (and, with ``registered_as``, registered as a version of that model), or None."""
     commit = tracking.git_commit(Path(__file__).parent) or "unknown"
     if commit.endswith("+dirty"):
         return None  # uncommitted code: nothing proves an old run used it
@@ -73,6 +78,9 @@ def reusable_run(
     wanted = {f"config.{k}": str(v) for k, v in config.to_dict().items()}
     wanted.update({k: str(v) for k, v in tracking.preprocess_params(segmentation).items()})
     for run in MlflowClient().search_runs([experiment_id], query, order_by=["start_time DESC"]):
+        registered = run.data.tags.get("registered_version", "")
+        if registered_as and not registered.startswith(f"{registered_as}/"):
+            continue  # a run registered elsewhere, or not at all, cannot be promoted here
         if all(run.data.params.get(k) == v for k, v in wanted.items()):
             return run
     return None
@@ -248,6 +256,7 @@ def compare(
                 study.configs[seed],
                 manifest_hash,
                 result.params["segmentation"],
+                registered_model_name,
             )
             if found is not None:
                 echo(f"{arm} seed {seed}: reusing finished run {found.info.run_id}")

@@ -17,10 +17,10 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from .. import metrics, processes, tracking, ui
+from .. import processes, tracking, ui
 from ..config import resolve_config_path
 from . import compare as compare_step
-from .statistics import logged_predictions
+from .statistics import logged_predictions, paired
 
 ARMS = ("base", "best")
 
@@ -45,12 +45,12 @@ def confirm(
         "step": "search-confirm",
         tracking.PROCESS_TAG: processes.token(),
     }
-    run_id = client.create_run(experiment_id, tags=tags).info.run_id
     configs = {
         "base": str(resolve_config_path(base_config).resolve()),
         "best": str(Path(best_config).resolve()),
     }
     project = compare_step.find_project()
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
     children: dict[str, dict[int, str]] = {arm: {} for arm in ARMS}
     status = "FAILED"
     try:
@@ -86,6 +86,9 @@ def confirm(
         return result
     except mlflow.exceptions.ExecutionException as error:
         raise ValueError(f"a confirm training failed: {error}") from None
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         client.set_terminated(run_id, status)
 
@@ -106,17 +109,8 @@ def _paired(client, children: dict, seeds) -> dict:
     for seed in seeds:
         best = logged_predictions(children["best"][seed])
         base = logged_predictions(children["base"][seed])
-        if not best.index.equals(base.index):
-            raise ValueError("base and best were tested on different images: other split options")
-        labels = best["label"].to_numpy()
-        per_seed[str(seed)] = {
-            "best_vs_base": metrics.mcnemar_exact(
-                best["predicted"].to_numpy() == labels, base["predicted"].to_numpy() == labels
-            ),
-            "accuracy_difference": metrics.paired_bootstrap_difference(
-                labels, best["predicted"].to_numpy(), base["predicted"].to_numpy(), seed=seed
-            ),
-        }
+        mcnemar, difference = paired(best, base, seed)
+        per_seed[str(seed)] = {"best_vs_base": mcnemar, "accuracy_difference": difference}
     return {"table": table, "per_seed": per_seed}
 
 

@@ -49,6 +49,8 @@ def run_study(
     best_run = statistics.registered_version(comparison.children[best].values(), metric)
     mlflow.set_tags({"step": "main", "best_deep_arm": best})
     try:
+        if best_run is None:  # never @challenger instead: that may be another arm's model
+            raise ValueError(f"no run of the {best} arm is registered as {name!r}")
         decision = registry.decide_and_promote(name, best_run, metric=metric, min_delta=min_delta)
         promotion = (
             f"version {decision.candidate} ({best} arm) "

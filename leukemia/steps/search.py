@@ -21,6 +21,7 @@ The test split is never read: trials train with ``evaluate_test=False``.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -35,11 +36,18 @@ from .. import processes, tracking, ui
 from .. import search as search_lib
 from .. import train as training
 from ..config import load_experiment, resolve_config_path
+from ..model import PretrainedWeightsError
 from . import preprocess as preprocess_step
 
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 RESULTS_DIR = "searches"
+
+
+class StopSearch(Exception):
+    """An error every trial would meet again (weights offline, tracking server down): the
+    search stops instead of failing trial after trial (Optuna catches ValueError and
+    RuntimeError per trial)."""
 
 
 def parent_run(
@@ -131,9 +139,13 @@ class Objective:
         except KeyboardInterrupt:
             status = "KILLED"
             raise
+        except (PretrainedWeightsError, tracking.TrackingUnavailable) as error:
+            raise StopSearch(str(error)) from None
         finally:
             client.set_tag(run_id, "search.status", status)
             client.set_terminated(run_id, status)
+            # A trial's training state is of no use after it (trials are not resumed).
+            shutil.rmtree(Path(self.work_root) / run_id, ignore_errors=True)
 
     def _train(self, trial, config, pre, run_id) -> float:
         result, _ = preprocess_step.run(
@@ -198,6 +210,7 @@ def run(
             n_trials = 0
     client = MlflowClient()
     launched = os.environ.get("MLFLOW_RUN_ID")
+    outcome = "FINISHED"
     try:
         if n_trials:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -209,10 +222,22 @@ def run(
                 catch=(ValueError, RuntimeError),
             )
         report(study, space, echo=echo)
+    except KeyboardInterrupt:
+        outcome = "KILLED"
+        raise
+    except BaseException:
+        outcome = "FAILED"
+        raise
     finally:
-        # The parent is never left RUNNING by a worker that ends (mlflow run ends its own).
-        if parent_id != launched and client.get_run(parent_id).info.status == "RUNNING":
-            client.set_terminated(parent_id, "FINISHED")
+        # The last worker out ends the parent (mlflow run ends its own); while another worker
+        # still runs a trial, the parent stays RUNNING.
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if (
+            parent_id != launched
+            and not running
+            and client.get_run(parent_id).info.status == "RUNNING"
+        ):
+            client.set_terminated(parent_id, outcome)
     return study
 
 

@@ -31,6 +31,19 @@ def logged_predictions(run_id: str) -> pd.DataFrame:
     return pd.read_csv(io.StringIO(text)).set_index("path").sort_index()
 
 
+def paired(a: pd.DataFrame, b: pd.DataFrame, seed: int) -> tuple[dict, dict]:
+    """Two models' predictions on the same test images (``logged_predictions``): the exact
+    McNemar test of A vs B and the paired bootstrap interval of accuracy(A) - accuracy(B)."""
+    if not a.index.equals(b.index):
+        raise ValueError("the two models were tested on different images; cannot pair them")
+    labels = a["label"].to_numpy()
+    predicted_a, predicted_b = a["predicted"].to_numpy(), b["predicted"].to_numpy()
+    return (
+        metrics.mcnemar_exact(predicted_a == labels, predicted_b == labels),
+        metrics.paired_bootstrap_difference(labels, predicted_a, predicted_b, seed=seed),
+    )
+
+
 def summarise(children: dict[str, dict[int, str]]) -> tuple[dict, dict]:
     """Per-arm table and per-seed statistics from finished child runs.
 
@@ -64,21 +77,9 @@ def summarise(children: dict[str, dict[int, str]]) -> tuple[dict, dict]:
     for seed in seeds:
         proposed = logged_predictions(children["proposed"][seed])
         baseline = logged_predictions(children["baseline"][seed])
-        if not proposed.index.equals(baseline.index):
-            raise ValueError("the two arms were tested on different images; cannot pair them")
+        mcnemar, difference = paired(proposed, baseline, seed)
         labels = proposed["label"].to_numpy()
-        entry = {
-            "proposed_vs_baseline": metrics.mcnemar_exact(
-                proposed["predicted"].to_numpy() == labels,
-                baseline["predicted"].to_numpy() == labels,
-            ),
-            "accuracy_difference": metrics.paired_bootstrap_difference(
-                labels,
-                proposed["predicted"].to_numpy(),
-                baseline["predicted"].to_numpy(),
-                seed=seed,
-            ),
-        }
+        entry = {"proposed_vs_baseline": mcnemar, "accuracy_difference": difference}
         if best_shortcut is not None:
             short = logged_predictions(next(iter(children[best_shortcut].values())))
             short = short.loc[proposed.index]
