@@ -127,6 +127,7 @@ def search_command(
             except KeyError:
                 raise ValueError(f"no study {name!r} in {storage}; run a search first") from None
             search_step.report(study, loaded, echo=click.echo)
+            search_step.end_parent_if_idle(study)  # what killed workers left running
         else:
             study = search_step.run(
                 loaded,

@@ -80,8 +80,8 @@ def parent_run(
         run_id = client.create_run(experiment_id).info.run_id
     experiment_id = client.get_run(run_id).info.experiment_id
     ui.mark_experiment(experiment_id)
+    # No process tag: the parent outlives the worker that made it; the last worker out ends it.
     client.set_tag(run_id, "step", "search")
-    client.set_tag(run_id, tracking.PROCESS_TAG, processes.token())
     client.set_tag(run_id, "search.study", study.study_name)
     client.set_tag(run_id, ui.RUN_NAME_TAG, f"search {study.study_name}")
     study.set_user_attr(PARENT_ATTR, run_id)
@@ -208,8 +208,6 @@ def run(
         if _counted(study) >= max_trials:
             echo(f"study {study_name} already has {max_trials} trials: nothing to run")
             n_trials = 0
-    client = MlflowClient()
-    launched = os.environ.get("MLFLOW_RUN_ID")
     outcome = "FINISHED"
     try:
         if n_trials:
@@ -229,16 +227,20 @@ def run(
         outcome = "FAILED"
         raise
     finally:
-        # The last worker out ends the parent (mlflow run ends its own); while another worker
-        # still runs a trial, the parent stays RUNNING.
-        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        if (
-            parent_id != launched
-            and not running
-            and client.get_run(parent_id).info.status == "RUNNING"
-        ):
-            client.set_terminated(parent_id, outcome)
+        end_parent_if_idle(study, outcome)
     return study
+
+
+def end_parent_if_idle(study: optuna.Study, outcome: str = "FINISHED") -> None:
+    """The last worker out ends the parent (mlflow run ends its own): while a worker is still
+    in a trial, the parent stays RUNNING."""
+    parent_id = study.user_attrs.get(PARENT_ATTR)
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if not parent_id or running or parent_id == os.environ.get("MLFLOW_RUN_ID"):
+        return
+    client = MlflowClient()
+    if client.get_run(parent_id).info.status == "RUNNING":
+        client.set_terminated(parent_id, outcome)
 
 
 def _sweep(study, echo) -> None:
