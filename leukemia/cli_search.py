@@ -119,7 +119,9 @@ def search_command(
         search_step.best_config(loaded, {})  # the base and the --FIELD overrides load
         if seeds:
             compare_step.find_project()  # confirm launches `mlflow run -e train`: fail now
-        data = preprocess_step.resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
+        data = None  # a report alone needs no images
+        if not report_only or seeds:
+            data = preprocess_step.resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
         if report_only:
             storage_object = search_lib.open_storage(storage, warn=click.echo)
             try:

@@ -47,6 +47,19 @@ def _mean_std(classifier):
     return cfg["mean"], cfg["std"]
 
 
+def _spec(classifier) -> ModelSpec:
+    """What training records for ``_classifier()``: the served model's ``model.json``."""
+    mean, std = _mean_std(classifier)
+    return ModelSpec.for_classifier(
+        classifier,
+        model_name="test_efficientnet",
+        dropout=0.2,
+        mean=mean,
+        std=std,
+        segmentation=SEG,
+    )
+
+
 def _write_model_folder(folder: Path, classifier) -> Path:
     """The two files by hand, as a downloaded ``checkpoint/`` folder holds them."""
     mean, std = _mean_std(classifier)
@@ -108,16 +121,8 @@ def test_load_bundle_from_run_and_registry_uris_predicts_as_the_served_model(
 ):
     monkeypatch.chdir(tmp_path)  # MLflow puts a SQLite store's artifacts under ./mlruns
     classifier = _classifier()
-    mean, std = _mean_std(classifier)
     with mlflow.start_run() as run:
-        spec = ModelSpec.for_classifier(
-            classifier,
-            model_name="test_efficientnet",
-            dropout=0.2,
-            mean=mean,
-            std=std,
-            segmentation=SEG,
-        )
+        spec = _spec(classifier)
         info = serving.log_served_model(classifier, spec, registered_model_name=REGISTERED)
     run_id = run.info.run_id
     MlflowClient().set_registered_model_alias(REGISTERED, "champion", info.registered_model_version)
@@ -353,15 +358,7 @@ def test_run_evaluation_logs_one_finished_run(tracking_uri, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     classifier = _classifier()
     with mlflow.start_run() as train_run:  # what a training run leaves: checkpoint/
-        mean, std = _mean_std(classifier)
-        spec = ModelSpec.for_classifier(
-            classifier,
-            model_name="test_efficientnet",
-            dropout=0.2,
-            mean=mean,
-            std=std,
-            segmentation=SEG,
-        )
+        spec = _spec(classifier)
         tracking.log_checkpoint(classifier, spec)
     source = f"runs:/{train_run.info.run_id}/checkpoint"
     manifest = small_processed / "manifest.csv"

@@ -11,7 +11,6 @@ difference), metrics ``best_minus_base_accuracy_seed<N>`` and a description with
 
 from __future__ import annotations
 
-import statistics as stats
 from pathlib import Path
 
 import mlflow
@@ -20,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from .. import processes, tracking, ui
 from ..config import resolve_config_path
 from . import compare as compare_step
-from .statistics import logged_predictions, paired
+from .statistics import arm_summary, logged_predictions, paired
 
 ARMS = ("base", "best")
 
@@ -70,7 +69,7 @@ def confirm(
                         project, experiment_id, run_id, parameters, env_manager
                     )
                     children[arm][seed] = child.info.run_id
-        result = _paired(client, children, seeds)
+        result = _paired(children, seeds)
         with mlflow.start_run(run_id=run_id):
             mlflow.log_dict({"configs": configs, **result}, "confirm.json")
             mlflow.log_metrics(
@@ -93,18 +92,14 @@ def confirm(
         client.set_terminated(run_id, status)
 
 
-def _paired(client, children: dict, seeds) -> dict:
-    table = {}
-    for arm in ARMS:
-        rows = {s: client.get_run(children[arm][s]).data.metrics for s in seeds}
-        table[arm] = {
-            "runs": {str(s): children[arm][s] for s in seeds},
-            **{
-                f"{key}_{name}": fn([m[key] for m in rows.values()])
-                for key in ("test_accuracy", "test_f1_macro")
-                for name, fn in (("mean", stats.fmean), ("sd", _sd))
-            },
+def _paired(children: dict, seeds) -> dict:
+    table = {
+        arm: {
+            "runs": {str(s): run for s, run in children[arm].items()},
+            **arm_summary(children[arm]),
         }
+        for arm in ARMS
+    }
     per_seed = {}
     for seed in seeds:
         best = logged_predictions(children["best"][seed])
@@ -112,10 +107,6 @@ def _paired(client, children: dict, seeds) -> dict:
         mcnemar, difference = paired(best, base, seed)
         per_seed[str(seed)] = {"best_vs_base": mcnemar, "accuracy_difference": difference}
     return {"table": table, "per_seed": per_seed}
-
-
-def _sd(values: list[float]) -> float:
-    return stats.stdev(values) if len(values) > 1 else 0.0
 
 
 def _note(result: dict, configs: dict) -> str:

@@ -94,12 +94,8 @@ class Objective:
 
     def __init__(self, space, data_dir, out_dir, parent_id, workers, work_root, echo):
         self.space, self.data_dir, self.out_dir = space, data_dir, out_dir
-        self.parent_id, self.workers, self.work_root, self.echo = (
-            parent_id,
-            workers,
-            work_root,
-            echo,
-        )
+        self.parent_id, self.workers, self.work_root = parent_id, workers, work_root
+        self.echo = echo
         self.experiment_id = MlflowClient().get_run(parent_id).info.experiment_id
 
     def value(self, record: dict) -> float:

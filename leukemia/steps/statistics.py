@@ -44,23 +44,28 @@ def paired(a: pd.DataFrame, b: pd.DataFrame, seed: int) -> tuple[dict, dict]:
     )
 
 
+def arm_summary(by_seed: dict) -> dict:
+    """One arm's test metrics (``HEADLINE``) per seed, and their mean and sd over seeds (sd 0
+    for one seed), from its runs (seed -> run id)."""
+    client = MlflowClient()
+    rows = {seed: client.get_run(run_id).data.metrics for seed, run_id in by_seed.items()}
+    return {
+        "per_seed": {str(s): {k: m.get(k) for k in HEADLINE} for s, m in rows.items()},
+        **{f"{key}_mean": stats.fmean(m[key] for m in rows.values()) for key in HEADLINE},
+        **{
+            f"{key}_sd": stats.stdev([m[key] for m in rows.values()]) if len(rows) > 1 else 0.0
+            for key in HEADLINE
+        },
+    }
+
+
 def summarise(children: dict[str, dict[int, str]]) -> tuple[dict, dict]:
     """Per-arm table and per-seed statistics from finished child runs.
 
     ``children``: arm -> seed -> run id (shortcut arms have one seed key, reused for all).
     """
     client = MlflowClient()
-    table = {}
-    for arm, by_seed in children.items():
-        rows = {seed: client.get_run(run_id).data.metrics for seed, run_id in by_seed.items()}
-        table[arm] = {
-            "per_seed": {str(s): {k: m.get(k) for k in HEADLINE} for s, m in rows.items()},
-            **{f"{key}_mean": stats.fmean(m[key] for m in rows.values()) for key in HEADLINE},
-            **{
-                f"{key}_sd": stats.stdev([m[key] for m in rows.values()]) if len(rows) > 1 else 0.0
-                for key in HEADLINE
-            },
-        }
+    table = {arm: arm_summary(by_seed) for arm, by_seed in children.items()}
     shortcuts = [arm for arm in children if arm.startswith("shortcut")]
     best_shortcut = max(shortcuts, key=lambda a: table[a]["test_accuracy_mean"], default=None)
     seeds = sorted(children["proposed"])
