@@ -1,9 +1,12 @@
 """The arms of the comparison, in one table that every caller reads.
 
 A deep arm trains the EfficientNet on one kind of preprocessed image: ``baseline`` on the
-resized RGB images, ``proposed`` on the paper's segmentation. A shortcut arm fits colour or
-brightness histograms + logistic regression on one arm's images, to show how far stain colour
-alone goes.
+resized RGB images, ``proposed`` on the paper's segmentation (gray Otsu, 5 x 5 ellipse
+closing, gray inside the mask), ``lab-a`` on the same segmentation thresholded on the LAB a
+channel (stain colour separates cells from the background better than brightness), and
+``masked-rgb`` on the colours inside the paper's mask (segmentation that keeps stain colour).
+A shortcut arm fits colour or brightness histograms + logistic regression on one arm's
+images, to show how far stain colour alone goes.
 """
 
 from __future__ import annotations
@@ -14,25 +17,61 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Arm:
     name: str  # the run's ``arm`` tag
-    segment: bool  # the images it reads are segmented (the proposed arm's)
+    segment: bool  # the images it reads are segmented
     features: str | None = None  # shortcut arms: "rgb" or "gray" histograms; None: deep
+    # Preprocessing fields the arm sets on top of the study's (``PreprocessConfig`` names).
+    preprocessing: tuple[tuple[str, str], ...] = ()
+
+    def preprocess_fields(self) -> dict:
+        """The ``PreprocessConfig`` fields this arm fixes, ``segment`` included."""
+        return {"segment": self.segment, **dict(self.preprocessing)}
 
 
 ARMS = (
     Arm("baseline", segment=False),
     Arm("proposed", segment=True),
+    Arm("lab-a", segment=True, preprocessing=(("channel", "lab-a"),)),
+    Arm("masked-rgb", segment=True, preprocessing=(("output", "masked-rgb"),)),
     Arm("shortcut-rgb", segment=False, features="rgb"),
     Arm("shortcut-gray", segment=False, features="gray"),
     Arm("shortcut-gray-segmented", segment=True, features="gray"),
 )
 DEEP_ARMS = tuple(a.name for a in ARMS if a.features is None)
+DEFAULT_DEEP_ARMS = ("baseline", "proposed")  # the paper's two
 SHORTCUT_ARMS = tuple(a for a in ARMS if a.features is not None)
 
 
 def deep_arm(segment: bool) -> str:
-    """The deep arm that trains on segmented (True) or raw (False) images."""
-    return next(a.name for a in ARMS if a.features is None and a.segment == bool(segment))
+    """The paper's deep arm that trains on segmented (True) or raw (False) images."""
+    return "proposed" if segment else "baseline"
+
+
+def arm_of(segmentation: dict) -> str:
+    """The deep arm a run's preprocessing (``preprocess.*`` values) belongs to: a named arm
+    whose every field it matches, else ``proposed`` for any other segmentation."""
+    if not segmentation.get("segment"):
+        return "baseline"
+    for arm in ARMS:
+        if (
+            arm.features is None
+            and arm.preprocessing
+            and all(str(segmentation.get(k)) == v for k, v in arm.preprocessing)
+        ):
+            return arm.name
+    return "proposed"
 
 
 def by_name(name: str) -> Arm:
     return next(a for a in ARMS if a.name == name)
+
+
+def parse_deep_arms(text: str) -> tuple[str, ...]:
+    """``"baseline,proposed,lab-a"`` -> the deep arms, checked; one line if wrong."""
+    names = tuple(p.strip() for p in str(text).split(",") if p.strip())
+    unknown = [n for n in names if n not in DEEP_ARMS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(
+            f"arms must be distinct deep arms from {', '.join(DEEP_ARMS)}, comma-separated; "
+            f"got {text!r}"
+        )
+    return names

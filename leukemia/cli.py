@@ -271,10 +271,10 @@ def compare_command(ctx, data_dir, synthetic_per_class, synthetic_seed, experime
 def _echo_links(parent, comparison) -> None:
     """Where the answer is in the MLflow UI (`mlflow ui`'s default address)."""
     from . import ui
-    from .arms import DEEP_ARMS
 
     experiment = parent.info.experiment_id
-    deep = [run for arm in DEEP_ARMS for run in comparison.children[arm].values()]
+    arms = comparison.tests["deep_arms"]
+    deep = [run for arm in arms for run in comparison.children[arm].values()]
     click.echo(
         f"\nparent run {parent.info.run_id}; in the MLflow UI (mlflow ui --backend-store-uri "
         f"{tracking.mlflow.get_tracking_uri()}):\n"
@@ -295,6 +295,7 @@ def _plan(ctx, study_args: dict, options: dict, data_dir, per_class: int, seed: 
             study_args.pop("seeds"),
             cli_options.parse_overrides(ctx.args),
             preprocess_overrides,
+            study_args.pop("arms"),
         )
     except ValueError as error:
         raise _Failure(str(error)) from None
@@ -344,6 +345,7 @@ def _study_args(options: dict) -> dict:
 _STUDY_KEYS = (
     "config_path",
     "seeds",
+    "arms",
     "out_dir",
     "env_manager",
     "shortcuts",

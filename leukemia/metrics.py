@@ -332,3 +332,28 @@ def paired_bootstrap_difference(
     )
     low, high = _percentile_interval(values, confidence)
     return {"difference": float(difference.mean()), "low": low, "high": high}
+
+
+def pooled_bootstrap_difference(
+    correct_a, correct_b, n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> dict:
+    """Percentile interval for mean-over-seeds accuracy(a) - accuracy(b) on one test set.
+
+    ``correct_a`` (S_a x N) and ``correct_b`` (S_b x N): whether each seed's model got each of
+    the same N test images right (one row for a model without seeds). The per-image difference
+    d_i = mean_s a[s, i] - mean_s b[s, i] is resampled over images, so the interval covers the
+    test sample's noise for the seeds' average, with the models' correlation kept.
+    """
+    _check_bootstrap(n_resamples, confidence)
+    rows = [np.atleast_2d(np.asarray(c, dtype=bool)) for c in (correct_a, correct_b)]
+    if any(r.ndim != 2 or r.size == 0 for r in rows) or rows[0].shape[1] != rows[1].shape[1]:
+        raise ValueError(
+            "correct_a and correct_b must be non-empty (seeds x images) arrays over the same "
+            f"images, got shapes {rows[0].shape} and {rows[1].shape}"
+        )
+    difference = rows[0].mean(axis=0) - rows[1].mean(axis=0)
+    values = _resampled_statistics(
+        len(difference), lambda index: difference[index].mean(axis=1), n_resamples, seed
+    )
+    low, high = _percentile_interval(values, confidence)
+    return {"difference": float(difference.mean()), "low": low, "high": high}

@@ -264,6 +264,14 @@ def study_options(function):
             help="Comma-separated training seeds; every arm trains once per seed (3+ advised).",
         ),
         click.option(
+            "--arms",
+            default="baseline,proposed",
+            show_default=True,
+            help="Comma-separated deep arms: baseline (raw RGB), proposed (gray Otsu + closing), "
+            "lab-a (Otsu on LAB a), masked-rgb (stain colour inside the mask). Each other arm "
+            "is paired with baseline, and every one with the best shortcut arm.",
+        ),
+        click.option(
             "--out-dir",
             type=click.Path(file_okay=False),
             default="processed",

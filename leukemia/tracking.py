@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 
 from . import processes, ui
-from .arms import deep_arm
+from .arms import arm_of
 
 DEFAULT_EXPERIMENT = "leukemia"
 PREPROCESS_ARTIFACTS = ("manifest.csv", "audit.json", "params.json", "preview.png")
@@ -154,6 +154,22 @@ def mark_stale_runs_killed() -> list[str]:
     return ended
 
 
+def hardware(device: str) -> str:
+    """What a run ran on, for reports: the accelerator's name, or the CPU's and its cores."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    cores = len(os.sched_getaffinity(0))
+    return f"{model or 'CPU'}, {cores} cores, {torch.get_num_threads()} threads"
+
+
 def git_commit(path: str | os.PathLike = ".") -> str:
     """The commit of the checkout ``path`` is in (``+dirty`` when it has changes), or ''."""
     try:
@@ -202,7 +218,7 @@ def log_preprocess(result, seconds: float | None) -> None:
     mlflow.set_tags(
         {
             "step": "preprocess",
-            "arm": deep_arm(seg["segment"]),
+            "arm": arm_of(seg),
             "cache_hit": str(result.cache_hit).lower(),
             # Paths: where, not what (the cache key and the dataset input say what).
             "output_dir": str(out_dir.resolve()),

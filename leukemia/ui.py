@@ -101,7 +101,7 @@ def _mean_sd(entry: dict, metric: str) -> str:
 def compare_note(table: dict, tests: dict, seeds, what: str) -> str:
     """The compare parent's description: the answer, from the logged statistics."""
     lines = [
-        f"**Baseline vs proposed**: {what}; seeds {', '.join(map(str, seeds))} "
+        f"**{' vs '.join(tests['deep_arms'])}**: {what}; seeds {', '.join(map(str, seeds))} "
         "(mean ± sd over seeds, test split).",
         "",
         "| arm | accuracy | F1 macro | seeds |",
@@ -113,20 +113,24 @@ def compare_note(table: dict, tests: dict, seeds, what: str) -> str:
             f"| {arm} | {_mean_sd(entry, 'test_accuracy')} | "
             f"{_mean_sd(entry, 'test_f1_macro')} | {n} |"
         )
-    lines += [
-        "",
-        "**Proposed − baseline** (accuracy difference, paired 95% bootstrap interval, exact "
-        "McNemar p):",
-        "",
-        "| seed | difference | 95% interval | McNemar p |",
-        "| --- | --- | --- | --- |",
-    ]
-    for seed, entry in tests["per_seed"].items():
-        difference = entry["accuracy_difference"]
-        low, high = difference["low"], difference["high"]
+    for pair, pooled in tests["pooled"].items():
+        a, b = pair.split("_vs_")
+        lines += [
+            "",
+            f"**{a} − {b}** (accuracy difference, paired 95% bootstrap interval, exact McNemar p):",
+            "",
+            "| seed | difference | 95% interval | McNemar p |",
+            "| --- | --- | --- | --- |",
+        ]
+        for seed, entry in tests["per_seed"].items():
+            result = entry[pair]
+            lines.append(
+                f"| {seed} | {result['difference']:+.3f} | "
+                f"[{result['low']:+.3f}, {result['high']:+.3f}] | {result['p_value']:.3g} |"
+            )
         lines.append(
-            f"| {seed} | {difference['difference']:+.3f} | [{low:+.3f}, {high:+.3f}] | "
-            f"{entry['proposed_vs_baseline']['p_value']:.3g} |"
+            f"| mean over seeds | {pooled['difference']:+.3f} | "
+            f"[{pooled['low']:+.3f}, {pooled['high']:+.3f}] | |"
         )
     best = tests.get("best_shortcut")
     if best:

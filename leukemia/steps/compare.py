@@ -1,10 +1,11 @@
 """The ``compare`` step: the comparison the paper made with one run each, done as one
 reproducible experiment.
 
-Under one parent run, the baseline (raw images) and proposed (segmented) arms train for every
-seed as ``mlflow run -e train`` child runs on one split (checked by manifest hash), plus the
-shortcut arms (``arms``). A finished child with the same arm, config, preprocessing, seed,
-manifest and code version is reused rather than retrained, as mlflow's multistep example does.
+Under one parent run, the deep arms (by default the paper's two: baseline on raw images and
+proposed on segmented ones; ``arms`` lists the others) train for every seed as ``mlflow run -e
+train`` child runs on one split (checked by manifest hash), plus the shortcut arms. A
+finished child with the same config, preprocessing, seed, manifest and code version is reused
+rather than retrained, as mlflow's multistep example does.
 The parent's artifacts are ``statistics``'s; its description (``ui.compare_note``) the answer.
 """
 
@@ -20,7 +21,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from .. import shortcut, tracking, ui
-from ..arms import DEEP_ARMS, SHORTCUT_ARMS, by_name, deep_arm
+from ..arms import DEFAULT_DEEP_ARMS, SHORTCUT_ARMS, by_name, parse_deep_arms
 from ..config import PreprocessConfig, TrainConfig, load_experiment, resolve_config_path
 from ..data import read_manifest, split_fingerprint
 from . import preprocess as preprocess_step
@@ -70,8 +71,10 @@ def reusable_run(
     commit = tracking.git_commit(Path(__file__).parent) or "unknown"
     if commit.endswith("+dirty"):
         return None  # uncommitted code: nothing proves an old run used it
+    # The preprocessing params decide the arm (below); the tag is only its label.
+    del arm
     query = (
-        f"tags.step = 'train' and tags.arm = '{arm}' and attributes.status = 'FINISHED' "
+        "tags.step = 'train' and attributes.status = 'FINISHED' "
         f"and params.`data.manifest_hash` = '{manifest_hash}' "
         f"and params.`runtime.git_commit` = '{commit}'"
     )
@@ -168,18 +171,34 @@ class Plan:
     preprocess: PreprocessConfig
     overrides: dict  # config fields given on the command line, passed to every child
     project: Path
+    arms: tuple[str, ...] = DEFAULT_DEEP_ARMS  # the deep arms, in order
+
+    def arm_preprocess(self, arm: str) -> PreprocessConfig:
+        """The study's preprocessing with what ``arm`` fixes (segment, channel, output)."""
+        return replace(self.preprocess, **by_name(arm).preprocess_fields())
 
 
-def plan(config_path, seeds: str, overrides: dict, preprocess_overrides: dict) -> Plan:
-    """Check seeds, configs, preprocessing and the project; raise ``ValueError`` if wrong."""
+def plan(
+    config_path,
+    seeds: str,
+    overrides: dict,
+    preprocess_overrides: dict,
+    arms: str = ",".join(DEFAULT_DEEP_ARMS),
+) -> Plan:
+    """Check seeds, arms, configs, preprocessing and the project; raise ``ValueError`` if
+    wrong."""
     seed_list = parse_seeds(seeds)
+    deep = parse_deep_arms(arms)
     project = find_project()
     configs = {}
     for seed in seed_list:
         configs[seed], pre = load_experiment(
             config_path, {**overrides, "seed": seed}, preprocess_overrides
         )
-    return Plan(seed_list, configs, pre, overrides, project)
+    study = Plan(seed_list, configs, pre, overrides, project, deep)
+    for arm in deep:
+        study.arm_preprocess(arm)  # an arm's fields must be valid with the study's
+    return study
 
 
 @dataclass
@@ -202,35 +221,40 @@ def compare(
     workers: int = 0,
     echo=print,
 ) -> Comparison:
-    """Both deep arms x seeds as ``mlflow run -e train`` children of the active run, the
+    """The deep arms x seeds as ``mlflow run -e train`` children of the active run, the
     shortcut arms, and the statistics (``statistics``)."""
     image_size = study.configs[study.seeds[0]].image_size
-    # Both arms split the same files with the same options: the same split, checked below.
+    # Every arm splits the same files with the same options: the same split, checked below.
     # Every child gets the same data_dir, config and out_dir (and no manifest), so the only
-    # parameters that differ between them are the ones that mean something: segment and seed.
+    # parameters that differ between them are the ones that mean something: the arm's
+    # preprocessing and the seed.
     made = {}
-    for arm in ("proposed", "baseline"):
-        pre = replace(study.preprocess, segment=by_name(arm).segment)
-        made[arm], seconds = preprocess_step.run(data_dir, out_dir, None, pre, image_size, workers)
-        if arm == "proposed":
-            echo("split: " + preprocess_step.summary(made[arm], seconds))
-    manifest = made["proposed"].manifest
-    manifest_hash = split_fingerprint(read_manifest(manifest))
-    if split_fingerprint(read_manifest(made["baseline"].manifest)) != manifest_hash:
-        raise StudyError(
-            "the baseline and proposed arms split the data differently; cannot pair them "
-            f"(manifests {manifest} and {made['baseline'].manifest})"
+    needed = dict.fromkeys([*study.arms, *(("baseline", "proposed") if shortcuts else ())])
+    for arm in needed:
+        made[arm], seconds = preprocess_step.run(
+            data_dir, out_dir, None, study.arm_preprocess(arm), image_size, workers
         )
+        echo(f"{arm} images: " + preprocess_step.summary(made[arm], seconds))
+    first = study.arms[0]
+    manifest = made[first].manifest
+    manifest_hash = split_fingerprint(read_manifest(manifest))
+    for arm, result in made.items():
+        if split_fingerprint(read_manifest(result.manifest)) != manifest_hash:
+            raise StudyError(
+                f"the {first} and {arm} arms split the data differently; cannot pair them "
+                f"(manifests {manifest} and {result.manifest})"
+            )
     parent = mlflow.active_run()
     experiment_id = parent.info.experiment_id
     mlflow.set_tags({"step": "compare"})
     mlflow.log_params(
         {
             "compare.seeds": ",".join(map(str, study.seeds)),
+            "compare.arms": ",".join(study.arms),
             "compare.config": config_path,
             "compare.env_manager": env_manager,
             "data.manifest_hash": manifest_hash,
-            **tracking.preprocess_params(made["proposed"].params["segmentation"]),
+            **tracking.preprocess_params(made[first].params["segmentation"]),
             **{f"compare.override.{k}": v for k, v in study.overrides.items()},
         }
     )
@@ -239,8 +263,8 @@ def compare(
         "config": str(resolve_config_path(config_path).resolve()),
         "registered_model_name": registered_model_name,
         # The resolved preprocessing, whatever set it (config, options): exactly what the
-        # parent preprocessed; each arm sets segment.
-        **{k: v for k, v in study.preprocess.to_dict().items() if k != "segment"},
+        # parent preprocessed; each arm sets its own fields (segment, channel, output).
+        **study.preprocess.to_dict(),
         **study.overrides,
         "out_dir": str(Path(out_dir).resolve()),
         "manifest": "",
@@ -248,7 +272,7 @@ def compare(
     children: dict[str, dict[int, str]] = {}
     reused = []
     for seed in study.seeds:
-        for arm in DEEP_ARMS:
+        for arm in study.arms:
             result = made[arm]
             found = reusable_run(
                 experiment_id,
@@ -264,9 +288,10 @@ def compare(
                 run = found
             else:
                 echo(f"{arm} seed {seed}: mlflow run -e train ...")
+                fields = by_name(arm).preprocess_fields()
                 parameters = {
                     **shared,
-                    "segment": str(by_name(arm).segment).lower(),
+                    **{k: str(v).lower() if isinstance(v, bool) else v for k, v in fields.items()},
                     "seed": seed,
                 }
                 try:
@@ -275,15 +300,17 @@ def compare(
                     )
                 except mlflow.exceptions.ExecutionException as error:
                     raise StudyError(f"the {arm} arm (seed {seed}) failed: {error}") from None
+                # The study's name for the arm, whatever its preprocessing looks like alone.
+                MlflowClient().set_tag(run.info.run_id, "arm", arm)
             children.setdefault(arm, {})[seed] = run.info.run_id
     if reused:
         mlflow.set_tag("compare.reused_runs", ",".join(reused))
     if shortcuts:
         for arm in SHORTCUT_ARMS:
-            folder = made[deep_arm(arm.segment)].out_dir
+            folder = made["proposed" if arm.segment else "baseline"].out_dir
             run_id = run_shortcut_arm(arm.name, arm.features, folder, parent.info.run_id)
             children[arm.name] = dict.fromkeys(study.seeds, run_id)
-    table, tests = statistics.summarise(children)
+    table, tests = statistics.summarise(children, study.arms)
     statistics.log_summary(table, tests)
     what = f"config `{config_path}`, data `{data_dir}`, manifest {manifest_hash[:12]}"
     seeds = ",".join(map(str, study.seeds))

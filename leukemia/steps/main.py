@@ -15,7 +15,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .. import registry
-from ..arms import DEEP_ARMS
 from . import compare as compare_step
 from . import evaluate as evaluate_step
 from . import statistics
@@ -45,7 +44,7 @@ def run_study(
         plan, data_dir, registered_model_name=name, echo=echo, **compare_args
     )
     table = comparison.table
-    best = max(DEEP_ARMS, key=lambda arm: table[arm][f"{metric}_mean"])
+    best = max(comparison.tests["deep_arms"], key=lambda arm: table[arm][f"{metric}_mean"])
     best_run = statistics.registered_version(comparison.children[best].values(), metric)
     mlflow.set_tags({"step": "main", "best_deep_arm": best})
     try:

@@ -5,9 +5,9 @@ The parent logs:
 
 - ``comparison.json`` / ``comparison.csv``: per arm and seed, test accuracy and F1 (macro,
   weighted); per arm, mean and sd;
-- ``statistics.json``: each deep arm's preprocessing; per seed, the exact McNemar test of
-  proposed vs baseline and of each deep arm vs the best shortcut arm, and a paired bootstrap
-  interval for the accuracy difference;
+- ``statistics.json``: each deep arm's preprocessing; for every deep arm vs baseline and vs
+  the best shortcut arm, per seed the exact McNemar test and a paired bootstrap interval of the
+  accuracy difference, and pooled over seeds the interval of the mean difference;
 - ``comparison.png``: test accuracy per arm, a point per seed, mean +/- sd.
 """
 
@@ -21,7 +21,6 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from .. import figures, metrics
-from ..arms import DEEP_ARMS
 
 HEADLINE = ("test_accuracy", "test_f1_macro", "test_f1_weighted")
 
@@ -59,16 +58,22 @@ def arm_summary(by_seed: dict) -> dict:
     }
 
 
-def summarise(children: dict[str, dict[int, str]]) -> tuple[dict, dict]:
-    """Per-arm table and per-seed statistics from finished child runs.
+def summarise(
+    children: dict[str, dict[int, str]], deep_arms=("baseline", "proposed")
+) -> tuple[dict, dict]:
+    """Per-arm table and the paired statistics from finished child runs.
 
     ``children``: arm -> seed -> run id (shortcut arms have one seed key, reused for all).
+    Pairs: every deep arm against ``baseline`` (when it ran) and against the best shortcut arm
+    (by mean test accuracy), per seed (exact McNemar, paired bootstrap interval of the accuracy
+    difference) and pooled over seeds (``metrics.pooled_bootstrap_difference``).
     """
     client = MlflowClient()
     table = {arm: arm_summary(by_seed) for arm, by_seed in children.items()}
     shortcuts = [arm for arm in children if arm.startswith("shortcut")]
     best_shortcut = max(shortcuts, key=lambda a: table[a]["test_accuracy_mean"], default=None)
-    seeds = sorted(children["proposed"])
+    deep_arms = [arm for arm in deep_arms if arm in children]
+    seeds = sorted(children[deep_arms[0]])
     # What each deep arm's model saw, as its runs logged it: the statistics name it.
     preprocessing = {
         arm: {
@@ -76,24 +81,40 @@ def summarise(children: dict[str, dict[int, str]]) -> tuple[dict, dict]:
             for k, v in client.get_run(children[arm][seeds[0]]).data.params.items()
             if k.startswith("preprocess.")
         }
-        for arm in DEEP_ARMS
+        for arm in deep_arms
     }
-    tests = {"best_shortcut": best_shortcut, "preprocessing": preprocessing, "per_seed": {}}
+    others = [arm for arm in deep_arms if arm != "baseline"] if "baseline" in deep_arms else []
+    pairs = [(arm, "baseline") for arm in others]
+    if best_shortcut is not None:
+        pairs += [(arm, best_shortcut) for arm in deep_arms]
+    predictions = {
+        arm: {seed: logged_predictions(children[arm][seed]) for seed in seeds} for arm in deep_arms
+    }
+    if best_shortcut is not None:
+        short = logged_predictions(next(iter(children[best_shortcut].values())))
+        predictions[best_shortcut] = dict.fromkeys(seeds, short)
+    tests = {
+        "deep_arms": deep_arms,
+        "best_shortcut": best_shortcut,
+        "preprocessing": preprocessing,
+        "pairs": [f"{a}_vs_{b}" for a, b in pairs],
+        "per_seed": {},
+        "pooled": {},
+    }
     for seed in seeds:
-        proposed = logged_predictions(children["proposed"][seed])
-        baseline = logged_predictions(children["baseline"][seed])
-        mcnemar, difference = paired(proposed, baseline, seed)
-        labels = proposed["label"].to_numpy()
-        entry = {"proposed_vs_baseline": mcnemar, "accuracy_difference": difference}
-        if best_shortcut is not None:
-            short = logged_predictions(next(iter(children[best_shortcut].values())))
-            short = short.loc[proposed.index]
-            for arm, frame in (("proposed", proposed), ("baseline", baseline)):
-                entry[f"{arm}_vs_{best_shortcut}"] = metrics.mcnemar_exact(
-                    frame["predicted"].to_numpy() == labels,
-                    short["predicted"].to_numpy() == labels,
-                )
+        entry = {}
+        for a, b in pairs:
+            frame_a = predictions[a][seed]
+            mcnemar, difference = paired(frame_a, predictions[b][seed].loc[frame_a.index], seed)
+            entry[f"{a}_vs_{b}"] = {**mcnemar, **difference}
         tests["per_seed"][str(seed)] = entry
+    for a, b in pairs:
+        index = predictions[a][seeds[0]].index
+        correct = [
+            [(f.loc[index, "predicted"] == f.loc[index, "label"]).to_numpy() for f in by.values()]
+            for by in (predictions[a], predictions[b])
+        ]
+        tests["pooled"][f"{a}_vs_{b}"] = metrics.pooled_bootstrap_difference(*correct)
     return table, tests
 
 
@@ -118,14 +139,14 @@ def log_summary(table: dict, tests: dict) -> None:
         for metric in HEADLINE:
             headline[f"{key}_{metric}_mean"] = entry[f"{metric}_mean"]
             headline[f"{key}_{metric}_sd"] = entry[f"{metric}_sd"]
+    for pair, result in tests["pooled"].items():
+        key = metrics.slug(pair)
+        headline[f"accuracy_difference_{key}"] = result["difference"]
+        headline[f"accuracy_difference_{key}_low"] = result["low"]
+        headline[f"accuracy_difference_{key}_high"] = result["high"]
     for seed, entry in tests["per_seed"].items():
-        headline[f"mcnemar_p_proposed_vs_baseline_seed{seed}"] = entry["proposed_vs_baseline"][
-            "p_value"
-        ]
-        difference = entry["accuracy_difference"]
-        headline[f"accuracy_difference_seed{seed}"] = difference["difference"]
-        headline[f"accuracy_difference_low_seed{seed}"] = difference["low"]
-        headline[f"accuracy_difference_high_seed{seed}"] = difference["high"]
+        for pair, result in entry.items():
+            headline[f"mcnemar_p_{metrics.slug(pair)}_seed{seed}"] = result["p_value"]
     mlflow.log_metrics(headline)
 
 
@@ -137,13 +158,14 @@ def format_table(table: dict, tests: dict) -> str:
             f"{arm:<26}{entry['test_accuracy_mean']:>10.4f} ± {entry['test_accuracy_sd']:.4f}"
             f"{entry['test_f1_macro_mean']:>10.4f} ± {entry['test_f1_macro_sd']:.4f}"
         )
-    for seed, entry in tests["per_seed"].items():
-        test = entry["proposed_vs_baseline"]
-        difference = entry["accuracy_difference"]
+    for pair, pooled in tests["pooled"].items():
+        a, b = pair.split("_vs_")
+        p_values = ", ".join(
+            f"{entry[pair]['p_value']:.3g}" for entry in tests["per_seed"].values()
+        )
         lines.append(
-            f"seed {seed}: proposed - baseline accuracy {difference['difference']:+.4f} "
-            f"[{difference['low']:+.4f}, {difference['high']:+.4f}], McNemar p = "
-            f"{test['p_value']:.4g} ({test['only_a']} vs {test['only_b']} discordant)"
+            f"{a} - {b} accuracy, mean over seeds {pooled['difference']:+.4f} "
+            f"[{pooled['low']:+.4f}, {pooled['high']:+.4f}]; McNemar p per seed: {p_values}"
         )
     return "\n".join(lines)
 

@@ -25,7 +25,7 @@ import mlflow
 
 from .. import engine, figures, registry, serving, tracking, ui
 from .. import train as training
-from ..arms import deep_arm
+from ..arms import arm_of
 from ..config import TrainConfig
 from ..data import read_manifest
 from ..model_files import ModelSpec
@@ -114,7 +114,7 @@ def run_training(
     if resume:
         check_resumable(resume, params)
         _check_saved_state(resume, Path(work_root) / resume, echo)
-    arm = deep_arm(segmentation["segment"])
+    arm = arm_of(segmentation)
     origin = {
         **(origin or {}),
         "manifest_hash": params["data.manifest_hash"],
@@ -128,6 +128,7 @@ def run_training(
         "data.processed_dir": str(processed_dir.resolve()),
         "data.source": str(origin.get("data_dir", "")),
         "config.file": str(origin.get("config", "")),
+        "runtime.hardware": tracking.hardware(str(device)),
     }
     name = f"{arm} seed {config.seed}"
     launched_by = os.environ.get("MLFLOW_RUN_ID") if resume else None
