@@ -15,6 +15,12 @@ moves each batch to the device inside the timed loop, as training does. Also pri
 reference: inference images/s (``engine.evaluate``'s forward under ``inference_mode``) and the
 step throughput with the whole network trainable in fp32 and in bf16 autocast.
 
+Phase 1 as training runs it (``engine.train_head_epoch``: the frozen backbone on chunks of
+``--chunk`` images, default ``train.chunk_images``, then the head's steps per batch), fed by
+the same loader, as a ratio of the network's best inference images/s over the batch sizes
+``--inference-batches`` (default up to 64 on a CPU, 512 on CUDA), measured in the same run:
+target >= 0.8.
+
 ``--data`` is a ``leukemia preprocess`` output folder. Without it the real images in
 ``../shared/data/all`` (or, when absent, synthetic ones) are preprocessed into a temporary folder
 first; that preprocessing is outside every timing.
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -43,10 +50,19 @@ from leukemia.data import CLASSES
 from leukemia.datasets import BatchTransform, ManifestDataset, class_weights
 from leukemia.preprocess import preprocess
 from leukemia.segmentation import SegmentationParams
-from leukemia.train import build_classifier, normalisation, phases, resolve_device, set_trainable
+from leukemia.train import (
+    build_classifier,
+    chunk_images,
+    normalisation,
+    phases,
+    resolve_device,
+    set_trainable,
+)
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "all"
 TARGET_RATIO = 0.90
+HEAD_TARGET_RATIO = 0.80  # phase 1 (fast path) / best inference
+INFERENCE_BATCHES = {"cpu": "8,16,32,64", "cuda": "8,32,64,128,256,512"}
 TRAIN_FRACTION = 0.7  # preprocess' default split: the train split holds ~70% of the images
 
 
@@ -82,6 +98,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=_non_negative_int, default=2)
     parser.add_argument("--data", default=None, help="a preprocess output folder")
     parser.add_argument("--segment", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--chunk", type=_positive_int, default=None, help="phase-1 images per backbone pass"
+    )
+    parser.add_argument(
+        "--inference-batches", default=None, help="comma-separated batch sizes for inference"
+    )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     return parser.parse_args()
 
@@ -206,6 +228,42 @@ def inference_rate(model, images, precision, steps, warmup, device) -> float:
     return steps * len(images) / (time.perf_counter() - start)
 
 
+def head_epoch_rate(
+    model, loader, augment, loss_fn, config, precision, chunk, steps, warmup, device
+):
+    """Images/s of phase 1 as ``train`` runs it, ``engine.train_head_epoch`` over ``steps``
+    chunks of the loader's batches (after ``warmup`` chunks)."""
+    set_trainable(model, phases(config)[0])
+    optimizer = make_optimizer(model, config)
+    batches = endless(loader)
+    per_chunk = max(1, chunk // config.batch_size)
+
+    def run(chunks: int) -> dict:
+        return engine.train_head_epoch(
+            model,
+            itertools.islice(batches, chunks * per_chunk),
+            loss_fn,
+            optimizer,
+            device,
+            precision,
+            batch_transform=augment,
+            chunk_batches=per_chunk,
+        )
+
+    run(max(warmup, 1))  # train_head_epoch ends on a host sync (the last loss's .item())
+    return run(steps)["images_per_second"]
+
+
+def best_inference(model, shape, precision, sizes, steps, warmup, device) -> dict:
+    """Inference images/s per batch size (about the same number of images timed for each)."""
+    rates = {}
+    for size in sizes:
+        images = random_batch(shape, size, device, precision)[0]
+        size_steps = max(2, steps * 8 // size)
+        rates[size] = inference_rate(model, images, precision, size_steps, warmup, device)
+    return rates
+
+
 def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
     # As train._configure: a fresh AdamW over the trainable parameters only.
     return torch.optim.AdamW(
@@ -284,6 +342,14 @@ def main() -> None:
                 }
             )
         inference = inference_rate(classifier, batch[0], precision, **timing)
+        chunk = args.chunk or chunk_images(device)
+        head_rate = head_epoch_rate(
+            classifier, loader, augment, loss_fn, config, precision, chunk, **timing
+        )
+        sizes = [
+            int(s) for s in (args.inference_batches or INFERENCE_BATCHES[device.type]).split(",")
+        ]
+        inference_by_batch = best_inference(classifier, shape, precision, sizes, **timing)
 
         classifier.requires_grad_(True)
         whole = {}
@@ -312,6 +378,13 @@ def main() -> None:
         "phases": rows,
         "inference_images_per_second": inference,
         "inference_precision": precision.name,
+        "phase1_fast": {
+            "chunk_images": chunk,
+            "images_per_second": head_rate,
+            "inference_images_per_second_by_batch": inference_by_batch,
+            "ratio": head_rate / max(inference_by_batch.values()),
+            "target_ratio": HEAD_TARGET_RATIO,
+        },
         "whole_network_images_per_second": whole,
     }
     print_report(report)
@@ -340,6 +413,19 @@ def print_report(report: dict) -> None:
     print(
         f"inference ({report['inference_precision']}, inference_mode): "
         f"{report['inference_images_per_second']:.1f} images/s"
+    )
+    fast = report["phase1_fast"]
+    best = max(fast["inference_images_per_second_by_batch"].items(), key=lambda kv: kv[1])
+    by_batch = ", ".join(
+        f"{size}: {rate:.1f}" for size, rate in fast["inference_images_per_second_by_batch"].items()
+    )
+    ok = "yes" if fast["ratio"] >= fast["target_ratio"] else "NO"
+    print(
+        f"inference images/s by batch size: {by_batch}\n"
+        f"phase 1 as trained (backbone on chunks of {fast['chunk_images']} images, head steps "
+        f"per batch of {report['batch_size']}, real loader): {fast['images_per_second']:.1f} "
+        f"images/s = {fast['ratio']:.2f} x the best inference ({best[1]:.1f} at batch "
+        f"{best[0]}); target >= {fast['target_ratio']:.2f}: {ok}"
     )
     for name, rate in report["whole_network_images_per_second"].items():
         shown = "n/a (unsupported)" if rate is None else f"{rate:.1f} images/s"

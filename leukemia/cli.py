@@ -8,7 +8,7 @@ import os
 
 import click
 
-from . import cli_models, cli_search, processes, synthetic, tracking
+from . import cli_models, cli_report, cli_search, processes, synthetic, tracking
 from . import options as cli_options
 from .config import TrainConfig, load_experiment
 from .data import DatasetError
@@ -359,5 +359,6 @@ for _command in (
     cli_models.predict_command,
     cli_models.serve_command,
     cli_search.search_command,
+    cli_report.report_command,
 ):
     main.add_command(_command)

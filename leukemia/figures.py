@@ -112,3 +112,23 @@ def comparison_figure(table: dict[str, list[float]], metric_name: str) -> Figure
     ax.set(ylabel=metric_name, title=f"{metric_name} per arm (points: seeds; mean ± sd)")
     ax.grid(axis="y", alpha=0.3)
     return fig
+
+
+def difference_figure(pooled: dict[str, dict]) -> Figure:
+    """One row per pair ``A_vs_B``: the mean-over-seeds accuracy difference A - B with its 95%
+    interval; the dashed line at 0 is no difference."""
+    if not pooled:
+        raise ValueError("pooled must hold at least one pair")
+    fig = Figure(figsize=(7, 0.5 * len(pooled) + 1.5), layout="constrained")
+    ax = fig.subplots()
+    names = [pair.replace("_vs_", " − ") for pair in pooled]
+    for y, result in enumerate(pooled.values()):
+        low, high = result["difference"] - result["low"], result["high"] - result["difference"]
+        colour = "tab:green" if result["low"] > 0 else "tab:red" if result["high"] < 0 else "gray"
+        ax.errorbar(result["difference"], y, xerr=[[low], [high]], fmt="o", color=colour, capsize=4)
+    ax.axvline(0, color="black", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set(xlabel="test accuracy difference (mean over seeds, 95% interval)")
+    ax.grid(axis="x", alpha=0.3)
+    return fig

@@ -357,3 +357,34 @@ def pooled_bootstrap_difference(
     )
     low, high = _percentile_interval(values, confidence)
     return {"difference": float(difference.mean()), "low": low, "high": high}
+
+
+def pooled_bootstrap_ci(
+    labels,
+    predictions,
+    metric: str = "accuracy",
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    n_classes: int = len(CLASSES),
+) -> dict:
+    """``bootstrap_ci`` of the mean over seeds: ``predictions`` is (S x N), one row per seed's
+    model on the same N test images; each resample of images scores every seed's model on it
+    and averages. Returns ``{"estimate", "low", "high"}``."""
+    if metric not in BOOTSTRAP_METRICS:
+        raise ValueError(f"unsupported metric {metric!r}; choose one of {BOOTSTRAP_METRICS}")
+    _check_bootstrap(n_resamples, confidence)
+    labels = _labels(labels, n_classes)
+    rows = np.atleast_2d(np.asarray(predictions))
+    rows = np.stack([_labels(row, n_classes, name="predictions") for row in rows])
+    _same_length(labels=labels, predictions=rows[0])
+
+    def statistic(index: np.ndarray) -> np.ndarray:
+        if metric == "accuracy":
+            return np.mean([(row[index] == labels[index]).mean(axis=1) for row in rows], axis=0)
+        return np.mean([_macro_f1_rows(labels[index], row[index], n_classes) for row in rows], 0)
+
+    estimate = statistic(np.arange(len(labels))[None])[0]
+    values = _resampled_statistics(len(labels), statistic, n_resamples, seed)
+    low, high = _percentile_interval(values, confidence)
+    return {"estimate": float(estimate), "low": low, "high": high}

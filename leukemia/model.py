@@ -38,6 +38,10 @@ class Classifier(nn.Module):
                 features = self.backbone(images)
         else:
             features = self.backbone(images)
+        return self.classify(features)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """The head alone: pooled backbone features (N x F) -> logits (N x C)."""
         return self.head(self.dropout(features))
 
 

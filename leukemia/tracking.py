@@ -154,22 +154,6 @@ def mark_stale_runs_killed() -> list[str]:
     return ended
 
 
-def hardware(device: str) -> str:
-    """What a run ran on, for reports: the accelerator's name, or the CPU's and its cores."""
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0))
-    return f"{model or 'CPU'}, {cores} cores, {torch.get_num_threads()} threads"
-
-
 def git_commit(path: str | os.PathLike = ".") -> str:
     """The commit of the checkout ``path`` is in (``+dirty`` when it has changes), or ''."""
     try:

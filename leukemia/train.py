@@ -9,6 +9,7 @@ from its last completed epoch and ends with the same numbers as an uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
@@ -27,6 +28,14 @@ from .data import CLASSES, DatasetError
 from .datasets import BatchTransform, ManifestDataset, class_weights
 
 STATE_FILE = "state.pt"
+# Images per backbone pass in phase 1 (``engine.train_head_epoch``) and per evaluation batch:
+# as many as speed favours on the device (benchmarks/train_speed.py measures them). Neither
+# changes what the model learns, only how fast (up to float rounding).
+CHUNK_IMAGES = {"cuda": 256, "cpu": 32}
+
+
+def chunk_images(device: torch.device) -> int:
+    return CHUNK_IMAGES.get(device.type, CHUNK_IMAGES["cpu"])
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,20 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
     return torch.device(device)
+
+
+def hardware(device: torch.device) -> str:
+    """What a run ran on, for reports: the accelerator's name, or the CPU's and its cores."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    cores = len(os.sched_getaffinity(0))
+    return f"{model or 'CPU'}, {cores} cores, {torch.get_num_threads()} threads"
 
 
 def set_trainable(classifier: m.Classifier, phase: Phase) -> None:
@@ -169,6 +192,7 @@ def train(
     device: torch.device | None = None,
     precision: engine.Precision | None = None,
     evaluate_test: bool = True,
+    chunk: int | None = None,
 ) -> dict:
     """Train on ``processed_dir`` (a preprocess output); state lives in ``work_dir``.
 
@@ -177,8 +201,10 @@ def train(
     and that model's test-split evaluation. ``classifier`` (from ``build_classifier``), ``device``
     and ``precision``, when the caller has resolved them, are not resolved again.
     ``evaluate_test=False`` (a search, which must choose on validation only) never opens the
-    test split: ``on_phase_end`` gets None for it. Returns the trained model, history, summary,
-    device and precision.
+    test split: ``on_phase_end`` gets None for it. ``chunk``: images per backbone pass in
+    phase 1 and per evaluation batch (default ``chunk_images(device)``; 0: phase 1 runs the
+    plain batch-by-batch loop, the reference the fast one is tested against). Returns the
+    trained model, history, summary, device and precision.
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -208,9 +234,12 @@ def train(
         "persistent_workers": config.num_workers > 0,
     }
     train_loader = DataLoader(train_set, shuffle=True, generator=generator, **loader_options)
-    val_loader = DataLoader(val_set, **loader_options)
+    chunk = chunk_images(device) if chunk is None else chunk
+    # Evaluation is in inference mode: an image's prediction does not depend on its batch.
+    eval_options = {**loader_options, "batch_size": max(config.batch_size, chunk)}
+    val_loader = DataLoader(val_set, **eval_options)
     test_loader = (
-        DataLoader(ManifestDataset(processed_dir, "test"), **loader_options)
+        DataLoader(ManifestDataset(processed_dir, "test"), **eval_options)
         if evaluate_test
         else None
     )
@@ -258,17 +287,31 @@ def train(
         while state["epoch_in_phase"] < phase.epochs and (
             config.patience == 0 or state["bad_epochs"] < config.patience
         ):
-            fit = engine.train_one_epoch(
-                classifier,
-                train_loader,
-                loss_fn,
-                optimizer,
-                device,
-                config.freeze_bn_stats,
-                precision,
-                description=f"epoch {state['global_epoch'] + 1} ({phase.name})",
-                batch_transform=augment,
-            )
+            description = f"epoch {state['global_epoch'] + 1} ({phase.name})"
+            if phase.unfreeze_last is None and chunk > 0:
+                fit = engine.train_head_epoch(
+                    classifier,
+                    train_loader,
+                    loss_fn,
+                    optimizer,
+                    device,
+                    precision,
+                    description,
+                    batch_transform=augment,
+                    chunk_batches=max(1, chunk // config.batch_size),
+                )
+            else:
+                fit = engine.train_one_epoch(
+                    classifier,
+                    train_loader,
+                    loss_fn,
+                    optimizer,
+                    device,
+                    config.freeze_bn_stats,
+                    precision,
+                    description=description,
+                    batch_transform=augment,
+                )
             val = engine.evaluate(classifier, val_loader, loss_fn, device, precision, plain)
             state["epoch_in_phase"] += 1
             state["global_epoch"] += 1

@@ -132,6 +132,16 @@ def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_
     )
     assert latest[0].data.tags["evaluate.data"].startswith("NOT the model's training data")
 
+    # The report, from the runs: the parent's arms, its manifest, the champion's robustness.
+    written = invoke("report", parent.info.run_id, "--out-dir", tmp_path / "report")
+    assert written.exit_code == 0, written.output
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert parent.info.run_id in report and parent.data.params["data.manifest_hash"][:16] in report
+    assert "| proposed − baseline |" in report and "| shortcut-rgb | 1 |" in report
+    assert f"(version {champion.version}, run `{champion.run_id}`" in report
+    assert "| jpeg30 |" in report
+    assert (tmp_path / "report" / f"{parent.info.run_id[:8]}-differences.png").stat().st_size
+
     # The registry, as `leukemia models` lists it.
     listed = invoke("models")
     assert listed.exit_code == 0, listed.output
@@ -172,6 +182,8 @@ def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_
         (["compare", "--seeds", ""], "seeds must be comma-separated integers"),
         (["compare", "--seeds", "1,x"], "seeds must be comma-separated integers"),
         (["compare", "--seeds", "1,1"], "seeds must not repeat"),
+        (["compare", "--arms", "baseline,nope"], "arms must be distinct deep arms from baseline"),
+        (["report", "nope"], "no run 'nope' in sqlite:///"),
         (["compare", "--bogus", "3"], "unknown config key(s) ['bogus']"),
         (["evaluate", "--model-uri", "models:/leukemia-classifier@nope"], "cannot load model"),
         (["predict", "missing.png"], "image file(s) not found"),

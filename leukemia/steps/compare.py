@@ -310,6 +310,10 @@ def compare(
             folder = made["proposed" if arm.segment else "baseline"].out_dir
             run_id = run_shortcut_arm(arm.name, arm.features, folder, parent.info.run_id)
             children[arm.name] = dict.fromkeys(study.seeds, run_id)
+    # Which run is which arm and seed (reused runs belong to another parent): the report's key.
+    mlflow.log_dict(
+        {arm: {str(k): v for k, v in by.items()} for arm, by in children.items()}, "children.json"
+    )
     table, tests = statistics.summarise(children, study.arms)
     statistics.log_summary(table, tests)
     what = f"config `{config_path}`, data `{data_dir}`, manifest {manifest_hash[:12]}"

@@ -128,7 +128,7 @@ def run_training(
         "data.processed_dir": str(processed_dir.resolve()),
         "data.source": str(origin.get("data_dir", "")),
         "config.file": str(origin.get("config", "")),
-        "runtime.hardware": tracking.hardware(str(device)),
+        "runtime.hardware": training.hardware(device),
     }
     name = f"{arm} seed {config.seed}"
     launched_by = os.environ.get("MLFLOW_RUN_ID") if resume else None

@@ -1,0 +1,282 @@
+"""The ``report`` step: a markdown report of one or more study parents (``compare`` or
+``main`` runs), computed from what their runs logged, so nothing in it is typed by hand.
+
+For each parent: where the data came from (split, manifest hash), the config, the code
+commit, the hardware and the wall time; per arm, mean and sd over seeds of test accuracy and
+macro F1 with 95% intervals (``metrics.pooled_bootstrap_ci``: test images resampled, every
+seed's model scored on each resample); every deep arm against ``baseline`` and against the best
+shortcut arm, per seed (difference with its paired bootstrap interval, exact McNemar p) and
+pooled over seeds (``statistics.summarise``). Then the robustness table of the registered
+model's ``@champion`` from its latest ``evaluate`` run. Figures: accuracy per arm and seed,
+and the pooled differences with their intervals.
+"""
+
+from __future__ import annotations
+
+import statistics as stats
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from .. import figures, metrics, registry
+from ..arms import ARMS
+from . import statistics as study_stats
+
+STUDY_STEPS = ("compare", "main")
+SPLIT_PARAMS = ("group_by", "block_size", "split_seed", "split_fractions")
+CONFIG_KEYS = (
+    "model",
+    "pretrained",
+    "image_size",
+    "batch_size",
+    "phase1_epochs",
+    "phase1_lr",
+    "phase2_epochs",
+    "phase2_lr",
+    "unfreeze_last",
+    "patience",
+)
+
+
+@dataclass
+class Study:
+    parent: mlflow.entities.Run
+    children: dict[str, dict[int, str]]  # arm -> seed -> run id
+    deep_arms: list[str]
+    runs: dict[str, mlflow.entities.Run]  # run id -> run
+
+
+def load_study(run_id: str) -> Study:
+    """A study parent and its finished child runs; ``ValueError`` when it is not one."""
+    client = MlflowClient()
+    try:
+        parent = client.get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"no run {run_id!r} in {mlflow.get_tracking_uri()}") from None
+    step = parent.data.tags.get("step", "")
+    if step not in STUDY_STEPS:
+        raise ValueError(
+            f"run {run_id} is a {step or 'untagged'} run; expected a compare or main parent"
+        )
+    try:  # written by compare since the report exists; older parents: found by tags below
+        logged = mlflow.artifacts.load_dict(f"runs:/{run_id}/children.json")
+        ids = {r for by in logged.values() for r in by.values()}
+    except (MlflowException, OSError):
+        logged, ids = None, set()
+    query = f"tags.`mlflow.parentRunId` = '{run_id}' and tags.step = 'train'"
+    found = client.search_runs([parent.info.experiment_id], query)
+    reused = parent.data.tags.get("compare.reused_runs", "")
+    runs = {r.info.run_id: r for r in found}
+    runs.update({i: client.get_run(i) for i in {*ids, *filter(None, reused.split(","))}})
+    runs = {i: r for i, r in runs.items() if r.info.status == "FINISHED"}
+    if logged is not None:
+        children = {arm: {int(s): r for s, r in by.items()} for arm, by in logged.items()}
+    else:
+        children = {}
+        for run in runs.values():
+            seed = run.data.params.get("config.seed")
+            children.setdefault(run.data.tags.get("arm", "?"), {})[seed] = run.info.run_id
+        seeds = sorted({int(s) for by in children.values() for s in by if s is not None})
+        children = {
+            arm: dict.fromkeys(seeds, by[None])
+            if None in by
+            else {int(s): r for s, r in by.items()}
+            for arm, by in children.items()
+        }
+    named = parent.data.params.get("compare.arms", "")
+    order = named.split(",") if named else [a.name for a in ARMS if a.features is None]
+    deep = [arm for arm in order if arm in children]
+    if not deep:
+        raise ValueError(f"run {run_id} has no finished deep-arm child runs to report")
+    # Rows in a fixed order: the deep arms as the study named them, then the shortcut arms.
+    shortcuts = [a.name for a in ARMS if a.features is not None and a.name in children]
+    children = {arm: children[arm] for arm in [*deep, *shortcuts]}
+    return Study(parent, children, deep, runs)
+
+
+def _interval(result: dict) -> str:
+    return f"[{result['low']:.3f}, {result['high']:.3f}]"
+
+
+def _difference(result: dict) -> str:
+    return f"{result['difference']:+.3f} [{result['low']:+.3f}, {result['high']:+.3f}]"
+
+
+def _duration(start_ms: int, end_ms: int | None) -> str:
+    if not end_ms:
+        return "unfinished"
+    seconds = int((end_ms - start_ms) / 1000)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _values(runs, key: str, where: str = "params") -> str:
+    found = sorted({str(getattr(r.data, where).get(key, "?")) for r in runs})
+    return ", ".join(found)
+
+
+def section(study: Study, out_dir: Path, n_resamples: int = 1000) -> tuple[str, dict]:
+    """One parent's markdown section (figures written to ``out_dir``) and its headline row."""
+    parent, children = study.parent, study.children
+    table, tests = study_stats.summarise(children, study.deep_arms)
+    deep_runs = [study.runs[r] for arm in study.deep_arms for r in children[arm].values()]
+    first = deep_runs[0].data.params
+    split = ", ".join(f"{k} {first.get(k, '?')}" for k in SPLIT_PARAMS)
+    name = parent.data.tags.get("mlflow.runName", parent.info.run_id)
+    train_minutes = [(r.info.end_time - r.info.start_time) / 60000 for r in deep_runs]
+    config = ", ".join(f"{k} {first.get(f'config.{k}', '?')}" for k in CONFIG_KEYS)
+    lines = [
+        f"## {name}",
+        "",
+        f"- parent run `{parent.info.run_id}` (experiment {parent.info.experiment_id}, "
+        f"{parent.data.tags.get('step')}), started "
+        f"{datetime.fromtimestamp(parent.info.start_time / 1000, timezone.utc):%Y-%m-%d %H:%M} "
+        f"UTC, wall time {_duration(parent.info.start_time, parent.info.end_time)}; "
+        f"{len(deep_runs)} deep runs, {stats.fmean(train_minutes):.1f} min each on average",
+        f"- data: `{first.get('data_dir', '?')}`, split: {split}; manifest hash "
+        f"`{first.get('data.manifest_hash', '?')[:16]}`",
+        f"- config `{parent.data.params.get('compare.config', first.get('config', '?'))}`: "
+        f"{config}",
+        f"- code: commit {_values(deep_runs, 'runtime.git_commit')}; torch "
+        f"{_values(deep_runs, 'runtime.torch_version')}, timm "
+        f"{_values(deep_runs, 'runtime.timm_version')}",
+        f"- hardware: {_values(deep_runs, 'runtime.hardware', 'tags')}; device "
+        f"{_values(deep_runs, 'runtime.device')}, precision "
+        f"{_values(deep_runs, 'runtime.precision')}",
+        "",
+        "| arm | seeds | accuracy, mean ± sd | 95% interval | F1 macro, mean ± sd | 95% interval "
+        "| accuracy per seed |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    headline = {}
+    for arm, entry in table.items():
+        ids = dict.fromkeys(children[arm].values())  # a shortcut arm: one run for every seed
+        frames = [study_stats.logged_predictions(r) for r in ids]
+        index = frames[0].index
+        labels = frames[0]["label"].to_numpy()
+        rows = [f.loc[index, "predicted"].to_numpy() for f in frames]
+        ci = {
+            m: metrics.pooled_bootstrap_ci(labels, rows, m, n_resamples=n_resamples)
+            for m in ("accuracy", "f1_macro")
+        }
+        seeds = len(frames)
+        per_seed = ", ".join(f"{v['test_accuracy']:.3f}" for v in entry["per_seed"].values())
+        per_seed = per_seed if seeds > 1 else "one fit, no seed"
+        lines.append(
+            f"| {arm} | {seeds} | {entry['test_accuracy_mean']:.3f} ± "
+            f"{entry['test_accuracy_sd']:.3f} | {_interval(ci['accuracy'])} | "
+            f"{entry['test_f1_macro_mean']:.3f} ± {entry['test_f1_macro_sd']:.3f} | "
+            f"{_interval(ci['f1_macro'])} | {per_seed} |"
+        )
+        headline[arm] = f"{entry['test_accuracy_mean']:.3f} ± {entry['test_accuracy_sd']:.3f}"
+    lines += [
+        "",
+        "Paired differences in test accuracy, A − B (paired bootstrap 95% interval; exact "
+        "McNemar p with the discordant counts, A right only / B right only):",
+        "",
+        "| A − B | " + " | ".join(f"seed {s}" for s in tests["per_seed"]) + " | mean over seeds |",
+        "| --- |" + " --- |" * (len(tests["per_seed"]) + 1),
+    ]
+    for pair, pooled in tests["pooled"].items():
+        cells = [
+            f"{_difference(e[pair])}, p = {e[pair]['p_value']:.3g} "
+            f"({e[pair]['only_a']}/{e[pair]['only_b']})"
+            for e in tests["per_seed"].values()
+        ]
+        lines.append(
+            f"| {pair.replace('_vs_', ' − ')} | "
+            + " | ".join(cells)
+            + f" | **{_difference(pooled)}** |"
+        )
+    stem = parent.info.run_id[:8]
+    accuracy = {a: [v["test_accuracy"] for v in e["per_seed"].values()] for a, e in table.items()}
+    figures.comparison_figure(accuracy, "test_accuracy").savefig(out_dir / f"{stem}-accuracy.png")
+    if tests["pooled"]:
+        figures.difference_figure(tests["pooled"]).savefig(out_dir / f"{stem}-differences.png")
+        lines += [
+            "",
+            f"![accuracy per arm]({stem}-accuracy.png) ![differences]({stem}-differences.png)",
+        ]
+    return "\n".join(lines), {"name": name, "split": first.get("group_by", "?"), **headline}
+
+
+def champion_robustness(name: str) -> str:
+    """The ``@champion``'s robustness table from its latest evaluate run, or why there is none."""
+    client = MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, registry.CHAMPION)
+    except MlflowException:
+        return f"No `{name}@{registry.CHAMPION}` in this registry: no robustness table."
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    query = (
+        f"tags.step = 'evaluate' and tags.model_version = '{name}/{version.version}' and "
+        "attributes.status = 'FINISHED'"
+    )
+    for run in client.search_runs(experiments, query, order_by=["start_time DESC"]):
+        try:
+            rows = mlflow.artifacts.load_dict(
+                f"runs:/{run.info.run_id}/evaluation/robustness.json"
+            )["conditions"]
+        except (MlflowException, OSError, KeyError):
+            continue
+        keys = [k for k in rows[0] if k != "condition"]
+        arm = client.get_run(version.run_id).data.tags.get("arm", "?")
+        data = run.data.tags.get("evaluate.data", "?")
+        lines = [
+            f"Robustness of `{name}@{registry.CHAMPION}` (version {version.version}, run "
+            f"`{version.run_id}`, {arm} arm), from evaluate run `{run.info.run_id}` on {data}:",
+            "",
+            "| condition | " + " | ".join(keys) + " |",
+            "| --- |" + " --- |" * len(keys),
+        ]
+        for row in rows:
+            cells = ["-" if row[k] is None else f"{row[k]:.3f}" for k in keys]
+            lines.append(f"| {row['condition']} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+    return (
+        f"`{name}@{registry.CHAMPION}` is version {version.version}, but no finished evaluate run"
+        f" of it: run `leukemia evaluate --model-uri models:/{name}@{registry.CHAMPION}`."
+    )
+
+
+def write_report(run_ids, out_dir, model_name: str, n_resamples: int = 1000) -> Path:
+    """``report.md`` (and figures) in ``out_dir`` for the parents ``run_ids``; returns its path."""
+    studies = [load_study(r) for r in run_ids]  # every id checked before anything is written
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sections, headline = [], []
+    for study in studies:
+        text, row = section(study, out_dir, n_resamples)
+        sections.append(text)
+        headline.append(row)
+    arms = list(dict.fromkeys(a for row in headline for a in row if a not in ("name", "split")))
+    lines = [
+        "# Study report",
+        "",
+        f"Generated by `leukemia report {' '.join(run_ids)}` from the runs in "
+        f"`{mlflow.get_tracking_uri()}`; test accuracy, mean ± sd over seeds.",
+        "",
+        "| study | split | " + " | ".join(arms) + " |",
+        "| --- | --- |" + " --- |" * len(arms),
+        *(
+            f"| {row['name']} | {row['split']} | "
+            + " | ".join(row.get(a, "-") for a in arms)
+            + " |"
+            for row in headline
+        ),
+        "",
+        *sections,
+        "",
+        "## Champion",
+        "",
+        champion_robustness(model_name),
+        "",
+    ]
+    path = out_dir / "report.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,67 @@
+"""``compare --arms`` with more deep arms than the paper's two, and ``leukemia report`` over
+it: every number in the report recomputed here from the runs' logged predictions."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+
+from leukemia import metrics
+from leukemia.steps.statistics import logged_predictions
+
+from .test_study import TINY, invoke, venv_on_path  # noqa: F401 - a fixture
+
+
+@pytest.mark.slow
+def test_compare_more_arms_and_report_them(tracking_uri, tmp_path, monkeypatch, venv_on_path):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    args = ("--seeds", "1,2", "--arms", "baseline,masked-rgb", "--experiment", "arms")
+    result = invoke("compare", *TINY, *args)
+    assert result.exit_code == 0, result.output
+    runs = mlflow.search_runs(experiment_names=["arms"], output_format="list")
+    (parent,) = [r for r in runs if r.data.tags.get("step") == "compare"]
+    assert parent.data.params["compare.arms"] == "baseline,masked-rgb"
+    children = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/children.json")
+    assert set(children) == {
+        "baseline",
+        "masked-rgb",
+        "shortcut-rgb",
+        "shortcut-gray",
+        "shortcut-gray-segmented",
+    }
+    # The arm's preprocessing reached its runs: masked-rgb keeps the colours inside the mask.
+    for seed, run_id in children["masked-rgb"].items():
+        run = mlflow.get_run(run_id)
+        assert run.data.tags["arm"] == "masked-rgb" and run.data.params["config.seed"] == seed
+        assert run.data.params["preprocess.output"] == "masked-rgb"
+    statistics = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/statistics.json")
+    best = statistics["best_shortcut"]
+    assert statistics["pairs"] == [
+        "masked-rgb_vs_baseline",
+        f"baseline_vs_{best}",
+        f"masked-rgb_vs_{best}",
+    ]
+
+    # The pooled difference, recomputed from the logged predictions.
+    def correct(arm):
+        frames = [logged_predictions(r) for r in dict.fromkeys(children[arm].values())]
+        return np.array([(f["predicted"] == f["label"]).to_numpy() for f in frames])
+
+    expected = metrics.pooled_bootstrap_difference(correct("masked-rgb"), correct("baseline"))
+    assert statistics["pooled"]["masked-rgb_vs_baseline"] == pytest.approx(expected)
+    mean = correct("masked-rgb").mean() - correct("baseline").mean()
+    assert expected["difference"] == pytest.approx(mean)
+
+    written = invoke("report", parent.info.run_id, "--out-dir", tmp_path / "out")
+    assert written.exit_code == 0, written.output
+    report = (tmp_path / "out" / "report.md").read_text()
+    low, high = expected["low"], expected["high"]
+    row = f"**{expected['difference']:+.3f} [{low:+.3f}, {high:+.3f}]**"
+    assert "| masked-rgb − baseline |" in report and row in report, report
+    accuracy = correct("baseline").mean(axis=1)
+    assert f"| baseline | 2 | {accuracy.mean():.3f} ± {accuracy.std(ddof=1):.3f} |" in report
+    assert "No `leukemia-classifier@champion` in this registry" in report  # compare promotes none
+    # A second report replaces the first, whole.
+    again = invoke("report", parent.info.run_id, "--out-dir", tmp_path / "out")
+    assert again.exit_code == 0 and (tmp_path / "out" / "report.md").read_text() == report
