@@ -68,13 +68,11 @@ def reusable_run(
 ):
     """A FINISHED train run of ``arm`` with the same config, preprocessing, manifest and code
     (and, with ``registered_as``, registered as a version of that model), or None."""
-    commit = tracking.git_commit(Path(__file__).parent) or "unknown"
-    if commit.endswith("+dirty"):
-        return None  # uncommitted code: nothing proves an old run used it
-    # The preprocessing params decide the arm (below); the tag is only its label.
-    del arm
+    commit = tracking.git_commit(Path(__file__).parent)
+    if not commit or commit.endswith("+dirty"):
+        return None  # uncommitted or unknown code: nothing proves an old run used it
     query = (
-        "tags.step = 'train' and attributes.status = 'FINISHED' "
+        f"tags.step = 'train' and tags.arm = '{arm}' and attributes.status = 'FINISHED' "
         f"and params.`data.manifest_hash` = '{manifest_hash}' "
         f"and params.`runtime.git_commit` = '{commit}'"
     )
