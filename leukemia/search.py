@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,9 +194,18 @@ def _checked(name: str, spec, dimension: Dimension) -> dict:
 # --- storage and study ------------------------------------------------------------------------
 
 
-def open_storage(spec: str, warn=print):
+# An RDB storage's heartbeat: a worker in a trial records one every HEARTBEAT_INTERVAL_S; a
+# RUNNING trial silent for HEARTBEAT_GRACE_S (its worker died, on any machine) is failed by the
+# next worker that starts a trial, and retried once.
+HEARTBEAT_INTERVAL_S = 60
+HEARTBEAT_GRACE_S = 180
+_CREATE_ATTEMPTS = 3  # tries at opening an RDB storage whose tables others may be creating
+
+
+def open_storage(spec: str, warn=print, on_stale=None):
     """An Optuna storage from ``spec``: an RDB URL (``postgresql://``, ``sqlite:///``, ...) or
-    a journal file path (several processes on one machine)."""
+    a journal file path (several processes on one machine). ``on_stale(trial)`` is called for
+    each trial an RDB storage's heartbeat fails (after its retry is queued)."""
     if "://" not in spec:
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -207,21 +217,54 @@ def open_storage(spec: str, warn=print):
             "SQLite storage is for one worker; for several on one machine use a journal file "
             "(--storage PATH), across machines PostgreSQL"
         )
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and work
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                spec,
-                engine_kwargs={"pool_pre_ping": True},
-                heartbeat_interval=60,
-                grace_period=180,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-            )
+        for attempt in range(1, _CREATE_ATTEMPTS + 1):
+            try:
+                return _rdb_storage(spec, on_stale)
+            except (IntegrityError, ProgrammingError):
+                # Workers that start at once on an empty database race to create Optuna's
+                # tables ("duplicate key ... pg_type_typname_nsp_index"): the losers find
+                # them made on another try. A lasting error is the same error each time.
+                if attempt == _CREATE_ATTEMPTS:
+                    raise
+                time.sleep(0.5 * attempt)
     except Exception as error:  # SQLAlchemy's errors, whichever driver the URL names
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"cannot open Optuna storage {spec!r}: {first}") from None
+        raise ValueError(f"cannot open Optuna storage {_redacted(spec)!r}: {first}") from None
+
+
+def _redacted(url: str) -> str:
+    """``url`` with its password as ``***``: an error message ends up in logs."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def _rdb_storage(spec: str, on_stale):
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and work
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
+
+        def stale(study, trial):
+            retry(study, trial)
+            if on_stale is not None:
+                on_stale(trial)
+
+        return RDBStorage(
+            spec,
+            engine_kwargs={"pool_pre_ping": True},
+            heartbeat_interval=HEARTBEAT_INTERVAL_S,
+            grace_period=HEARTBEAT_GRACE_S,
+            heartbeat_stale_trial_callback=stale,
+        )
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:

@@ -235,7 +235,9 @@ def test_server_command_parses_as_mlflow_server(services):
     assert server["command"][:2] == ["mlflow", "server"]
     params = mlflow.cli.server.make_context("server", server["command"][2:]).params
     backend = urlparse(params["backend_store_uri"])
-    assert (backend.scheme, backend.hostname, backend.path) == ("postgresql", "postgres", "/mlflow")
+    # The driver the image installs: plain postgresql:// means psycopg 3 under SQLAlchemy 2.1.
+    scheme = ("postgresql+psycopg2", "postgres", "/mlflow")
+    assert (backend.scheme, backend.hostname, backend.path) == scheme
     assert backend.password is None and server["environment"]["PGPASSWORD"]
     assert params["serve_artifacts"] and params["artifacts_destination"].startswith("s3://")
     assert params["host"] == "0.0.0.0"

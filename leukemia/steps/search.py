@@ -190,7 +190,9 @@ def run(
     echo=print,
 ) -> optuna.Study:
     """Run (or join) the study; returns it after the report is logged."""
-    storage_object = search_lib.open_storage(storage, warn=echo)
+    storage_object = search_lib.open_storage(
+        storage, warn=echo, on_stale=lambda trial: end_lost_run(trial, echo)
+    )
     study, created = search_lib.create_or_load(storage_object, study_name, space)
     _sweep(study, echo)
     parent_id = parent_run(study, storage_object, experiment, echo, created=created)
@@ -237,6 +239,32 @@ def end_parent_if_idle(study: optuna.Study, outcome: str = "FINISHED") -> None:
     client = MlflowClient()
     if client.get_run(parent_id).info.status == "RUNNING":
         client.set_terminated(parent_id, outcome)
+
+
+def end_lost_run(trial: optuna.trial.FrozenTrial, echo=print) -> None:
+    """A trial the storage's heartbeat failed (its worker died, on whichever machine): end its
+    MLflow run KILLED now, where the same-host sweep could not reach it."""
+    run_id = trial.user_attrs.get(RUN_ATTR)
+    echo(
+        f"trial {trial.number} lost its worker (no heartbeat): marked FAIL (a first failure is "
+        "queued again as a new trial)"
+    )
+    if not run_id:
+        return
+    client = MlflowClient()
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return
+        client.set_tag(
+            run_id,
+            tracking.KILLED_TAG,
+            f"its worker stopped sending heartbeats; trial {trial.number} failed (a first "
+            "failure is retried as a new trial)",
+        )
+        client.set_tag(run_id, "search.status", "KILLED")
+        client.set_terminated(run_id, "KILLED")
+    except mlflow.exceptions.MlflowException as error:  # the run was deleted, the server away
+        echo(f"could not end run {run_id} of trial {trial.number}: {error.message}")
 
 
 def _sweep(study, echo) -> None:
