@@ -22,6 +22,13 @@ class Arm:
     # Preprocessing fields the arm sets on top of the study's (``PreprocessConfig`` names).
     preprocessing: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def images(self) -> str:
+        """The deep arm whose preprocessed images this arm reads (itself, for a deep arm)."""
+        if self.features is None:
+            return self.name
+        return "proposed" if self.segment else "baseline"
+
     def preprocess_fields(self) -> dict:
         """The ``PreprocessConfig`` fields this arm fixes, ``segment`` included."""
         return {"segment": self.segment, **dict(self.preprocessing)}
@@ -41,14 +48,10 @@ DEFAULT_DEEP_ARMS = ("baseline", "proposed")  # the paper's two
 SHORTCUT_ARMS = tuple(a for a in ARMS if a.features is not None)
 
 
-def deep_arm(segment: bool) -> str:
-    """The paper's deep arm that trains on segmented (True) or raw (False) images."""
-    return "proposed" if segment else "baseline"
-
-
 def arm_of(segmentation: dict) -> str:
-    """The deep arm a run's preprocessing (``preprocess.*`` values) belongs to: a named arm
-    whose every field it matches, else ``proposed`` for any other segmentation."""
+    """The deep arm a run's preprocessing (``preprocess.*`` values) belongs to, the one name a
+    run, its description and its registered version carry: ``baseline`` unsegmented, else the
+    first named arm whose every field it matches, else ``proposed`` (any other segmentation)."""
     if not segmentation.get("segment"):
         return "baseline"
     for arm in ARMS:

@@ -127,7 +127,9 @@ def search_command(
             try:
                 study = optuna.load_study(study_name=name, storage=storage_object)
             except KeyError:
-                raise ValueError(f"no study {name!r} in {storage}; run a search first") from None
+                raise ValueError(
+                    f"no study {name!r} in {search_lib.redacted(storage)}; run a search first"
+                ) from None
             search_step.report(study, loaded, echo=click.echo)
             search_step.end_parent_if_idle(study)  # what killed workers left running
         else:

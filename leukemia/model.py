@@ -57,6 +57,20 @@ def set_train_mode(model: Classifier, freeze_bn_stats: bool = True) -> None:
                 module.eval()
 
 
+def deterministic(backbone: nn.Module) -> bool:
+    """Whether the backbone draws no random numbers in training mode (no active dropout or
+    stochastic depth), so that phase 1 may run it on chunks of batches
+    (``engine.train_head_epoch``) without changing the dropout draws of the head."""
+    if getattr(backbone, "drop_rate", 0) > 0:  # timm's dropout before the (removed) classifier
+        return False
+    for module in backbone.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return False
+        if getattr(module, "drop_prob", 0) > 0:  # timm's DropPath
+            return False
+    return True
+
+
 def create_classifier(
     model_name: str = "efficientnet_b4",
     *,

@@ -232,18 +232,19 @@ def open_storage(spec: str, warn=print, on_stale=None):
                 time.sleep(0.5 * attempt)
     except Exception as error:  # SQLAlchemy's errors, whichever driver the URL names
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"cannot open Optuna storage {_redacted(spec)!r}: {first}") from None
+        raise ValueError(f"cannot open Optuna storage {redacted(spec)!r}: {first}") from None
 
 
-def _redacted(url: str) -> str:
-    """``url`` with its password as ``***``: an error message ends up in logs."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+def redacted(url: str) -> str:
+    """``url`` with everything between ``user:`` and the host's ``@`` as ``***``: messages end
+    up in logs. Not parsed (a malformed URL is what errors are about): the last ``@`` ends the
+    credentials, so a password holding ``@``, ``:`` or ``/`` is hidden whole."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
         return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
 
 
 def _rdb_storage(spec: str, on_stale):

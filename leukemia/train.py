@@ -30,12 +30,20 @@ from .datasets import BatchTransform, ManifestDataset, class_weights
 STATE_FILE = "state.pt"
 # Images per backbone pass in phase 1 (``engine.train_head_epoch``) and per evaluation batch:
 # as many as speed favours on the device (benchmarks/train_speed.py measures them). Neither
-# changes what the model learns, only how fast (up to float rounding).
+# changes what the model learns, only how fast (up to float rounding), so neither is part of a
+# run's identity; LEUKEMIA_CHUNK_IMAGES overrides it (smaller on a small GPU; 0: phase 1 runs
+# the plain batch loop).
 CHUNK_IMAGES = {"cuda": 256, "cpu": 32}
+CHUNK_ENV = "LEUKEMIA_CHUNK_IMAGES"
 
 
 def chunk_images(device: torch.device) -> int:
-    return CHUNK_IMAGES.get(device.type, CHUNK_IMAGES["cpu"])
+    text = os.environ.get(CHUNK_ENV, "").strip()
+    if not text:
+        return CHUNK_IMAGES.get(device.type, CHUNK_IMAGES["cpu"])
+    if not text.isdigit():
+        raise ValueError(f"{CHUNK_ENV} must be a whole number of images >= 0, got {text!r}")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,8 @@ def hardware(device: torch.device) -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    cores = len(os.sched_getaffinity(0))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    cores = len(affinity(0)) if affinity else os.cpu_count()
     return f"{model or 'CPU'}, {cores} cores, {torch.get_num_threads()} threads"
 
 
@@ -288,7 +297,7 @@ def train(
             config.patience == 0 or state["bad_epochs"] < config.patience
         ):
             description = f"epoch {state['global_epoch'] + 1} ({phase.name})"
-            if phase.unfreeze_last is None and chunk > 0:
+            if phase.unfreeze_last is None and chunk > 0 and m.deterministic(classifier.backbone):
                 fit = engine.train_head_epoch(
                     classifier,
                     train_loader,

@@ -294,3 +294,63 @@ def test_figure_inputs_are_validated():
         figures.confusion_figure([[1, 0], [0, 1]])
     with pytest.raises(ValueError, match="non-empty"):
         figures.comparison_figure({"arm": []}, "accuracy")
+
+
+def test_pooled_bootstrap_difference_known_answers():
+    a = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=bool)  # accuracies 0.5, 0.75
+    b = np.array([[1, 0, 0, 0]], dtype=bool)  # a model without seeds: 0.25
+    result = metrics.pooled_bootstrap_difference(a, b, n_resamples=200)
+    assert result["difference"] == pytest.approx((0.5 + 0.75) / 2 - 0.25)
+    assert result["low"] <= result["difference"] <= result["high"]
+    same = metrics.pooled_bootstrap_difference(a, a, n_resamples=50)
+    assert (same["difference"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    # One seed: exactly the per-seed paired interval (same images resampled, same seed).
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, 60)
+    pred_a, pred_b = rng.integers(0, 4, 60), rng.integers(0, 4, 60)
+    single = metrics.paired_bootstrap_difference(labels, pred_a, pred_b, n_resamples=300, seed=5)
+    pooled = metrics.pooled_bootstrap_difference(
+        pred_a == labels, pred_b == labels, n_resamples=300, seed=5
+    )
+    assert pooled == pytest.approx(single)
+    # Repeating a seed's row changes nothing: the pool averages per image.
+    twice = metrics.pooled_bootstrap_difference(
+        np.stack([pred_a == labels] * 2), pred_b == labels, n_resamples=300, seed=5
+    )
+    assert twice == pytest.approx(single)
+    with pytest.raises(ValueError, match="over the same images"):
+        metrics.pooled_bootstrap_difference(a, np.ones((1, 5), dtype=bool))
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "f1_macro"])
+def test_pooled_bootstrap_ci_known_answers(metric):
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 4, 80)
+    rows = np.stack([np.where(rng.random(80) < p, labels, (labels + 1) % 4) for p in (0.6, 0.9)])
+    pooled = metrics.pooled_bootstrap_ci(labels, rows, metric, n_resamples=300, seed=2)
+    each = [metrics.bootstrap_ci(labels, r, metric, n_resamples=300, seed=2) for r in rows]
+    # The estimate is the mean of the seeds' own values ...
+    assert pooled["estimate"] == pytest.approx(np.mean([e["estimate"] for e in each]))
+    # ... one seed is exactly bootstrap_ci, and the pooled interval lies between the seeds'.
+    one = metrics.pooled_bootstrap_ci(labels, rows[:1], metric, n_resamples=300, seed=2)
+    assert one == pytest.approx(each[0])
+    assert each[0]["low"] < pooled["low"] < each[1]["low"]
+    assert each[0]["high"] < pooled["high"] < each[1]["high"]
+    if metric == "accuracy":
+        expected = np.mean([(r == labels).mean() for r in rows])
+        assert pooled["estimate"] == pytest.approx(expected)
+    else:
+        expected = np.mean([f1_score(labels, r, average="macro") for r in rows])
+        assert pooled["estimate"] == pytest.approx(expected)
+
+
+def test_difference_figure():
+    pooled = {
+        "proposed_vs_baseline": {"difference": -0.02, "low": -0.05, "high": 0.01},
+        "baseline_vs_shortcut-rgb": {"difference": -0.04, "low": -0.07, "high": -0.01},
+    }
+    fig = figures.difference_figure(pooled)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == ["proposed − baseline", "baseline − shortcut-rgb"]
+    with pytest.raises(ValueError, match="at least one pair"):
+        figures.difference_figure({})

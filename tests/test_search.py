@@ -377,3 +377,21 @@ def test_sqlite_storage_is_for_one_worker_and_says_so(tmp_path, tracking_uri, mo
         if r.data.tags.get("step") == "search-trial"
     ]
     assert run.data.metrics["value_loss"] == pytest.approx(study.best_value)
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        (
+            "postgresql+psycopg2://u:secret@db:5432/optuna",
+            "postgresql+psycopg2://u:***@db:5432/optuna",
+        ),
+        ("postgresql://u:p@ss@db/optuna", "postgresql://u:***@db/optuna"),  # '@' in the password
+        ("postgresql://u:a/b:c@db/optuna", "postgresql://u:***@db/optuna"),  # '/' and ':' too
+        ("postgresql://u:s3cr3t@[::1/optuna", "postgresql://u:***@[::1/optuna"),  # malformed
+        ("postgresql://u@db/optuna", "postgresql://u@db/optuna"),  # no password: unchanged
+        ("searches/optuna.journal", "searches/optuna.journal"),
+    ],
+)
+def test_storage_urls_are_shown_without_their_password(url, shown):
+    assert search_lib.redacted(url) == shown

@@ -183,6 +183,10 @@ def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_
         (["compare", "--seeds", "1,x"], "seeds must be comma-separated integers"),
         (["compare", "--seeds", "1,1"], "seeds must not repeat"),
         (["compare", "--arms", "baseline,nope"], "arms must be distinct deep arms from baseline"),
+        (
+            ["compare", "--channel", "lab-a"],
+            "the proposed arm would train on the lab-a arm's images; name it lab-a in --arms",
+        ),
         (["report", "nope"], "no run 'nope' in sqlite:///"),
         (["compare", "--bogus", "3"], "unknown config key(s) ['bogus']"),
         (["evaluate", "--model-uri", "models:/leukemia-classifier@nope"], "cannot load model"),

@@ -277,7 +277,7 @@ def test_workers_that_start_at_once_all_open_an_empty_optuna_database(postgres):
         except ValueError as error:
             outcomes.append(str(error))
 
-    threads = [threading.Thread(target=open_at_once) for _ in range(4)]
+    threads = [threading.Thread(target=open_at_once, daemon=True) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -21,7 +21,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from .. import shortcut, tracking, ui
-from ..arms import DEFAULT_DEEP_ARMS, SHORTCUT_ARMS, by_name, parse_deep_arms
+from ..arms import DEFAULT_DEEP_ARMS, SHORTCUT_ARMS, arm_of, by_name, parse_deep_arms
 from ..config import PreprocessConfig, TrainConfig, load_experiment, resolve_config_path
 from ..data import read_manifest, split_fingerprint
 from . import preprocess as preprocess_step
@@ -195,7 +195,14 @@ def plan(
         )
     study = Plan(seed_list, configs, pre, overrides, project, deep)
     for arm in deep:
-        study.arm_preprocess(arm)  # an arm's fields must be valid with the study's
+        # The arm's fields must be valid with the study's, and together name this arm: a run
+        # carries the name its preprocessing gives it (``arm_of``), in the registry too.
+        named = arm_of(study.arm_preprocess(arm).to_dict())
+        if named != arm:
+            raise ValueError(
+                f"with this study's preprocessing the {arm} arm would train on the {named} "
+                f"arm's images; name it {named} in --arms (or change the preprocessing options)"
+            )
     return study
 
 
@@ -227,13 +234,14 @@ def compare(
     # parameters that differ between them are the ones that mean something: the arm's
     # preprocessing and the seed.
     made = {}
-    needed = dict.fromkeys([*study.arms, *(("baseline", "proposed") if shortcuts else ())])
+    needed = dict.fromkeys([*study.arms, *(a.images for a in SHORTCUT_ARMS if shortcuts)])
     for arm in needed:
         made[arm], seconds = preprocess_step.run(
             data_dir, out_dir, None, study.arm_preprocess(arm), image_size, workers
         )
         echo(f"{arm} images: " + preprocess_step.summary(made[arm], seconds))
     first = study.arms[0]
+    shown = "proposed" if "proposed" in made else next((a for a in made if a != "baseline"), first)
     manifest = made[first].manifest
     manifest_hash = split_fingerprint(read_manifest(manifest))
     for arm, result in made.items():
@@ -252,7 +260,9 @@ def compare(
             "compare.config": config_path,
             "compare.env_manager": env_manager,
             "data.manifest_hash": manifest_hash,
-            **tracking.preprocess_params(made[first].params["segmentation"]),
+            # The study's segmentation options, as the paper's arm (or the first
+            # segmented one) uses them; each arm's own are its runs' params.
+            **tracking.preprocess_params(made[shown].params["segmentation"]),
             **{f"compare.override.{k}": v for k, v in study.overrides.items()},
         }
     )
@@ -298,14 +308,12 @@ def compare(
                     )
                 except mlflow.exceptions.ExecutionException as error:
                     raise StudyError(f"the {arm} arm (seed {seed}) failed: {error}") from None
-                # The study's name for the arm, whatever its preprocessing looks like alone.
-                MlflowClient().set_tag(run.info.run_id, "arm", arm)
             children.setdefault(arm, {})[seed] = run.info.run_id
     if reused:
         mlflow.set_tag("compare.reused_runs", ",".join(reused))
     if shortcuts:
         for arm in SHORTCUT_ARMS:
-            folder = made["proposed" if arm.segment else "baseline"].out_dir
+            folder = made[arm.images].out_dir
             run_id = run_shortcut_arm(arm.name, arm.features, folder, parent.info.run_id)
             children[arm.name] = dict.fromkeys(study.seeds, run_id)
     # Which run is which arm and seed (reused runs belong to another parent): the report's key.

@@ -13,6 +13,7 @@ and the pooled differences with their intervals.
 
 from __future__ import annotations
 
+import os
 import statistics as stats
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .. import figures, metrics, registry
-from ..arms import ARMS
+from ..arms import ARMS, by_name
 from . import statistics as study_stats
 
 STUDY_STEPS = ("compare", "main")
@@ -147,6 +148,10 @@ def section(study: Study, out_dir: Path, n_resamples: int = 1000) -> tuple[str, 
         f"{_values(deep_runs, 'runtime.device')}, precision "
         f"{_values(deep_runs, 'runtime.precision')}",
         "",
+        "Test split. The 95% intervals resample the test images with these trained models held "
+        "fixed: they cover the test sample, not a new training run (the sd over seeds shows "
+        "that). Many pairs are tested at once, so a single p near 0.05 says little.",
+        "",
         "| arm | seeds | accuracy, mean ± sd | 95% interval | F1 macro, mean ± sd | 95% interval "
         "| accuracy per seed |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -163,8 +168,9 @@ def section(study: Study, out_dir: Path, n_resamples: int = 1000) -> tuple[str, 
             for m in ("accuracy", "f1_macro")
         }
         seeds = len(frames)
-        per_seed = ", ".join(f"{v['test_accuracy']:.3f}" for v in entry["per_seed"].values())
-        per_seed = per_seed if seeds > 1 else "one fit, no seed"
+        by_seed = sorted(entry["per_seed"].items(), key=lambda kv: int(kv[0]))
+        per_seed = ", ".join(f"{v['test_accuracy']:.3f}" for _, v in by_seed)
+        per_seed = per_seed if by_name(arm).features is None else "one fit, no seed"
         lines.append(
             f"| {arm} | {seeds} | {entry['test_accuracy_mean']:.3f} ± "
             f"{entry['test_accuracy_sd']:.3f} | {_interval(ci['accuracy'])} | "
@@ -172,6 +178,14 @@ def section(study: Study, out_dir: Path, n_resamples: int = 1000) -> tuple[str, 
             f"{_interval(ci['f1_macro'])} | {per_seed} |"
         )
         headline[arm] = f"{entry['test_accuracy_mean']:.3f} ± {entry['test_accuracy_sd']:.3f}"
+    stem = parent.info.run_id[:8]
+    accuracy = {a: [v["test_accuracy"] for v in e["per_seed"].values()] for a, e in table.items()}
+    figures.comparison_figure(accuracy, "test_accuracy").savefig(out_dir / f"{stem}-accuracy.png")
+    lines += ["", f"![accuracy per arm]({stem}-accuracy.png)"]
+    row = {"name": name, "split": first.get("group_by", "?"), **headline}
+    if not tests["pooled"]:
+        lines += ["", "No pairs: one deep arm and no shortcut arms."]
+        return "\n".join(lines), row
     lines += [
         "",
         "Paired differences in test accuracy, A − B (paired bootstrap 95% interval; exact "
@@ -191,16 +205,9 @@ def section(study: Study, out_dir: Path, n_resamples: int = 1000) -> tuple[str, 
             + " | ".join(cells)
             + f" | **{_difference(pooled)}** |"
         )
-    stem = parent.info.run_id[:8]
-    accuracy = {a: [v["test_accuracy"] for v in e["per_seed"].values()] for a, e in table.items()}
-    figures.comparison_figure(accuracy, "test_accuracy").savefig(out_dir / f"{stem}-accuracy.png")
-    if tests["pooled"]:
-        figures.difference_figure(tests["pooled"]).savefig(out_dir / f"{stem}-differences.png")
-        lines += [
-            "",
-            f"![accuracy per arm]({stem}-accuracy.png) ![differences]({stem}-differences.png)",
-        ]
-    return "\n".join(lines), {"name": name, "split": first.get("group_by", "?"), **headline}
+    figures.difference_figure(tests["pooled"]).savefig(out_dir / f"{stem}-differences.png")
+    lines += ["", f"![differences]({stem}-differences.png)"]
+    return "\n".join(lines), row
 
 
 def champion_robustness(name: str) -> str:
@@ -210,12 +217,17 @@ def champion_robustness(name: str) -> str:
         version = client.get_model_version_by_alias(name, registry.CHAMPION)
     except MlflowException:
         return f"No `{name}@{registry.CHAMPION}` in this registry: no robustness table."
-    experiments = [e.experiment_id for e in client.search_experiments()]
     query = (
         f"tags.step = 'evaluate' and tags.model_version = '{name}/{version.version}' and "
         "attributes.status = 'FINISHED'"
     )
-    for run in client.search_runs(experiments, query, order_by=["start_time DESC"]):
+    found = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=query,
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    for run in found:
         try:
             rows = mlflow.artifacts.load_dict(
                 f"runs:/{run.info.run_id}/evaluation/robustness.json"
@@ -276,7 +288,7 @@ def write_report(run_ids, out_dir, model_name: str, n_resamples: int = 1000) -> 
         "",
     ]
     path = out_dir / "report.md"
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text("\n".join(lines))
     tmp.replace(path)
     return path

@@ -263,8 +263,9 @@ def end_lost_run(trial: optuna.trial.FrozenTrial, echo=print) -> None:
         )
         client.set_tag(run_id, "search.status", "KILLED")
         client.set_terminated(run_id, "KILLED")
-    except mlflow.exceptions.MlflowException as error:  # the run was deleted, the server away
-        echo(f"could not end run {run_id} of trial {trial.number}: {error.message}")
+    except Exception as error:  # noqa: BLE001 - inside Optuna's callback: never stop a worker
+        # (the run deleted, the server away, ...); the same-host sweep may still end it.
+        echo(f"could not end run {run_id} of trial {trial.number}: {error}")
 
 
 def _sweep(study, echo) -> None:

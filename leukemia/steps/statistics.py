@@ -21,6 +21,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from .. import figures, metrics
+from ..arms import DEFAULT_DEEP_ARMS
 
 HEADLINE = ("test_accuracy", "test_f1_macro", "test_f1_weighted")
 
@@ -59,7 +60,7 @@ def arm_summary(by_seed: dict) -> dict:
 
 
 def summarise(
-    children: dict[str, dict[int, str]], deep_arms=("baseline", "proposed")
+    children: dict[str, dict[int, str]], deep_arms=DEFAULT_DEEP_ARMS
 ) -> tuple[dict, dict]:
     """Per-arm table and the paired statistics from finished child runs.
 
@@ -73,7 +74,13 @@ def summarise(
     shortcuts = [arm for arm in children if arm.startswith("shortcut")]
     best_shortcut = max(shortcuts, key=lambda a: table[a]["test_accuracy_mean"], default=None)
     deep_arms = [arm for arm in deep_arms if arm in children]
-    seeds = sorted(children[deep_arms[0]])
+    seeds = sorted({seed for arm in deep_arms for seed in children[arm]})
+    missing = [f"{a} seed {s}" for a in deep_arms for s in seeds if s not in children[a]]
+    if missing:
+        raise ValueError(
+            f"every deep arm needs a finished run for every seed to be paired; missing: "
+            f"{', '.join(missing)}"
+        )
     # What each deep arm's model saw, as its runs logged it: the statistics name it.
     preprocessing = {
         arm: {

@@ -1,0 +1,47 @@
+"""The arms table: which preprocessing names which arm, and the --arms option's checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from leukemia.arms import ARMS, DEEP_ARMS, arm_of, by_name, parse_deep_arms
+from leukemia.config import PreprocessConfig
+
+
+def test_every_deep_arm_is_named_by_its_own_preprocessing():
+    for arm in DEEP_ARMS:
+        fields = PreprocessConfig(**by_name(arm).preprocess_fields()).to_dict()
+        assert arm_of(fields) == arm
+
+
+@pytest.mark.parametrize(
+    "fields, arm",
+    [
+        ({"segment": False, "channel": "lab-a"}, "baseline"),  # unsegmented: nothing else counts
+        ({"segment": True, "channel": "gray", "output": "masked"}, "proposed"),
+        ({"segment": True, "channel": "saturation", "output": "mask"}, "proposed"),  # any other
+        ({"segment": "True", "channel": "lab-a", "output": "masked"}, "lab-a"),  # logged strings
+        ({"segment": True, "channel": "saturation", "output": "masked-rgb"}, "masked-rgb"),
+        ({"segment": True, "channel": "lab-a", "output": "masked-rgb"}, "lab-a"),  # first match
+    ],
+)
+def test_arm_of(fields, arm):
+    assert arm_of(fields) == arm
+
+
+def test_shortcut_arms_read_a_deep_arms_images():
+    assert {a.name: a.images for a in ARMS if a.features} == {
+        "shortcut-rgb": "baseline",
+        "shortcut-gray": "baseline",
+        "shortcut-gray-segmented": "proposed",
+    }
+
+
+@pytest.mark.parametrize("text", ["", "baseline,nope", "baseline,baseline", "shortcut-rgb", ","])
+def test_parse_deep_arms_rejects(text):
+    with pytest.raises(ValueError, match="arms must be distinct deep arms from baseline"):
+        parse_deep_arms(text)
+
+
+def test_parse_deep_arms_keeps_order():
+    assert parse_deep_arms(" masked-rgb, baseline ") == ("masked-rgb", "baseline")
