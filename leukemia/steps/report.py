@@ -130,7 +130,7 @@ def section(study: Study, out_dir: Path, n_resamples: int = 1000) -> tuple[str, 
     train_minutes = [(r.info.end_time - r.info.start_time) / 60000 for r in deep_runs]
     config = ", ".join(f"{k} {first.get(f'config.{k}', '?')}" for k in CONFIG_KEYS)
     lines = [
-        f"## {name}",
+        f"## {name}: {first.get('group_by', '?')} split (run {parent.info.run_id[:8]})",
         "",
         f"- parent run `{parent.info.run_id}` (experiment {parent.info.experiment_id}, "
         f"{parent.data.tags.get('step')}), started "
@@ -182,7 +182,8 @@ def section(study: Study, out_dir: Path, n_resamples: int = 1000) -> tuple[str, 
     accuracy = {a: [v["test_accuracy"] for v in e["per_seed"].values()] for a, e in table.items()}
     figures.comparison_figure(accuracy, "test_accuracy").savefig(out_dir / f"{stem}-accuracy.png")
     lines += ["", f"![accuracy per arm]({stem}-accuracy.png)"]
-    row = {"name": name, "split": first.get("group_by", "?"), **headline}
+    row = {"name": f"{name} ({parent.info.run_id[:8]})", "split": first.get("group_by", "?")}
+    row.update(headline)
     if not tests["pooled"]:
         lines += ["", "No pairs: one deep arm and no shortcut arms."]
         return "\n".join(lines), row
@@ -262,7 +263,7 @@ def write_report(run_ids, out_dir, model_name: str, n_resamples: int = 1000) -> 
     sections, headline = [], []
     for study in studies:
         text, row = section(study, out_dir, n_resamples)
-        sections.append(text)
+        sections += [text, ""]
         headline.append(row)
     arms = list(dict.fromkeys(a for row in headline for a in row if a not in ("name", "split")))
     lines = [
