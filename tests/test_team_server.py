@@ -285,11 +285,12 @@ def test_workers_that_start_at_once_all_open_an_empty_optuna_database(postgres):
     assert outcomes == ["opened"] * 4, outcomes
 
 
+GRACE_S = 3
 # A search worker with a short heartbeat (the library's 60 s / 180 s would make this test wait
 # minutes): everything else is `leukemia search` as the compose workers run it.
 WORKER = (
     "import sys; from leukemia import search; "
-    "search.HEARTBEAT_INTERVAL_S, search.HEARTBEAT_GRACE_S = 1, 3; "
+    f"search.HEARTBEAT_INTERVAL_S, search.HEARTBEAT_GRACE_S = 1, {GRACE_S}; "
     "from leukemia.cli import main; main(['search', *sys.argv[1:]], prog_name='leukemia')"
 )
 
@@ -330,8 +331,14 @@ def test_two_search_workers_share_a_study_in_postgresql(server, postgres, tmp_pa
         lost = _wait_until_inside_a_trial(storage, study_name, victim)
         time.sleep(1)  # an epoch or so into it
         assert victim.poll() is None, "the victim left its trial before it could be killed"
+        # Hold the survivor until the victim's heartbeat is past the grace period, so that its
+        # next trial start (not the end-of-study sweep) finds the dead trial, however fast the
+        # survivor's own trials are.
+        os.killpg(survivor.pid, signal.SIGSTOP)
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait(timeout=30)
+        time.sleep(GRACE_S + 2)
+        os.killpg(survivor.pid, signal.SIGCONT)
         assert survivor.wait(timeout=420) == 0, _tail(tmp_path / "worker1.log")
     finally:
         for worker in workers:
