@@ -97,17 +97,32 @@ def train_one_epoch(
     precision = precision or Precision("fp32", torch.device(device).type)
     scaler = precision.scaler()
     set_train_mode(model, freeze_bn_stats)
-    start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
+    bar = _bar(loader, description)
+
+    def steps():
+        for images, labels in bar:
+            images, labels = _to_device(images, labels, device, precision, batch_transform)
+            loss, hits = train_step(model, images, labels, loss_fn, optimizer, precision, scaler)
+            yield loss, hits, len(labels)
+
+    return _tally(steps(), bar)
+
+
+def _bar(loader, description: str):
     # disable=None: a bar on a terminal only; in a log (mlflow run, CI) the epoch lines suffice.
-    bar = tqdm(
+    return tqdm(
         loader, desc=description, unit="batch", leave=False, dynamic_ncols=True, disable=None
     )
-    for images, labels in bar:
-        images, labels = _to_device(images, labels, device, precision, batch_transform)
-        loss, hits = train_step(model, images, labels, loss_fn, optimizer, precision, scaler)
-        total_loss += loss * len(labels)
+
+
+def _tally(steps, bar) -> dict:
+    """Run ``steps`` (one (loss, correct, images) per optimiser step) into the epoch's loss,
+    accuracy, seconds and images/s, with the bar's running figures."""
+    start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
+    for loss, hits, n in steps:
+        total_loss += loss * n
         correct += hits
-        seen += len(labels)
+        seen += n
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
     seconds = time.perf_counter() - start
     return {
@@ -156,30 +171,21 @@ def train_head_epoch(
     set_train_mode(model, freeze_bn_stats=True)
     if any(p.requires_grad for p in model.backbone.parameters()):
         raise ValueError("train_head_epoch needs a frozen backbone (phase 1)")
-    start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
-    bar = tqdm(
-        loader, desc=description, unit="batch", leave=False, dynamic_ncols=True, disable=None
-    )
-    moved = (_to_device(i, labels, device, precision, batch_transform) for i, labels in bar)
-    for group in _groups(moved, chunk_batches):
-        with torch.no_grad(), precision.autocast():
-            features = model.backbone(torch.cat([images for images, _ in group]))
-        sizes = [len(labels) for _, labels in group]
-        for piece, (_, labels) in zip(features.split(sizes), group, strict=True):
-            loss, hits = train_step(
-                model.classify, piece, labels, loss_fn, optimizer, precision, scaler
-            )
-            total_loss += loss * len(labels)
-            correct += hits
-            seen += len(labels)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
-    seconds = time.perf_counter() - start
-    return {
-        "loss": total_loss / seen,
-        "accuracy": correct / seen,
-        "seconds": seconds,
-        "images_per_second": seen / seconds,
-    }
+    bar = _bar(loader, description)
+
+    def steps():
+        moved = (_to_device(i, labels, device, precision, batch_transform) for i, labels in bar)
+        for group in _groups(moved, chunk_batches):
+            with torch.no_grad(), precision.autocast():
+                features = model.backbone(torch.cat([images for images, _ in group]))
+            sizes = [len(labels) for _, labels in group]
+            for piece, (_, labels) in zip(features.split(sizes), group, strict=True):
+                step = train_step(
+                    model.classify, piece, labels, loss_fn, optimizer, precision, scaler
+                )
+                yield *step, len(labels)
+
+    return _tally(steps(), bar)
 
 
 @torch.inference_mode()

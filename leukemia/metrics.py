@@ -250,29 +250,12 @@ def bootstrap_ci(
     """Percentile bootstrap interval for accuracy or macro F1, resampling test images.
 
     Returns ``{"estimate", "low", "high"}``; the estimate is the metric on the full test set.
+    ``pooled_bootstrap_ci`` with one model's predictions.
     """
-    if metric not in BOOTSTRAP_METRICS:
-        raise ValueError(f"unsupported metric {metric!r}; choose one of {BOOTSTRAP_METRICS}")
-    _check_bootstrap(n_resamples, confidence)
-    labels = _labels(labels, n_classes)
     predictions = _labels(predictions, n_classes, name="predictions")
-    _same_length(labels=labels, predictions=predictions)
-    if metric == "accuracy":
-        correct = (labels == predictions).astype(np.float64)
-        estimate = correct.mean()
-        values = _resampled_statistics(
-            len(labels), lambda index: correct[index].mean(axis=1), n_resamples, seed
-        )
-    else:
-        estimate = _macro_f1_rows(labels[None], predictions[None], n_classes)[0]
-        values = _resampled_statistics(
-            len(labels),
-            lambda index: _macro_f1_rows(labels[index], predictions[index], n_classes),
-            n_resamples,
-            seed,
-        )
-    low, high = _percentile_interval(values, confidence)
-    return {"estimate": float(estimate), "low": low, "high": high}
+    return pooled_bootstrap_ci(
+        labels, predictions[None], metric, n_resamples, seed, confidence, n_classes
+    )
 
 
 def _correct(values, name: str) -> np.ndarray:
@@ -368,9 +351,10 @@ def pooled_bootstrap_ci(
     confidence: float = 0.95,
     n_classes: int = len(CLASSES),
 ) -> dict:
-    """``bootstrap_ci`` of the mean over seeds: ``predictions`` is (S x N), one row per seed's
-    model on the same N test images; each resample of images scores every seed's model on it
-    and averages. Returns ``{"estimate", "low", "high"}``."""
+    """Percentile bootstrap interval for the mean over seeds of accuracy or macro F1:
+    ``predictions`` is (S x N), one row per seed's model on the same N test images; each
+    resample of images scores every seed's model on it and averages. Returns ``{"estimate",
+    "low", "high"}``; the estimate is the mean of the models' metrics on the full test set."""
     if metric not in BOOTSTRAP_METRICS:
         raise ValueError(f"unsupported metric {metric!r}; choose one of {BOOTSTRAP_METRICS}")
     _check_bootstrap(n_resamples, confidence)
