@@ -16,9 +16,7 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import yaml
-
-from . import images
+from . import images, yamlfile
 from .preprocess import SplitParams
 from .segmentation import MAX_IMAGE_SIZE, SegmentationParams
 
@@ -195,14 +193,9 @@ def _read_yaml(path: str | os.PathLike) -> dict:
             f"{DEFAULT_CONFIG} or {PAPER_CONFIG}"
         )
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        where = getattr(error, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where is not None else ""
-        raise ValueError(
-            f"config file {str(path)!r} is not readable YAML{at}; expected a mapping of "
-            "field: value"
-        ) from None
+        loaded = yamlfile.load(path, f"config file {str(path)!r}") or {}
+    except OSError as error:
+        raise ValueError(f"config file {str(path)!r} cannot be read: {error.strerror}") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of field: value")
     return loaded

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-import yaml
 
+from . import yamlfile
 from .config import PreprocessConfig
 from .segmentation import CHANNELS, KERNEL_SHAPES, OUTPUTS
 
@@ -121,9 +121,9 @@ def load_space(path: str | os.PathLike, objective: str | None = None) -> SearchS
     if not path.is_file():
         raise ValueError(f"search space {str(path)!r} does not exist; expected a search YAML")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
-        raise ValueError(f"search space {str(path)!r} is not readable YAML") from None
+        loaded = yamlfile.load(path, f"search space {str(path)!r}") or {}
+    except OSError as error:
+        raise ValueError(f"search space {str(path)!r} cannot be read: {error.strerror}") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"search space {str(path)!r} must be a mapping with keys {_KEYS}")
     unknown = sorted(set(loaded) - set(_KEYS))
