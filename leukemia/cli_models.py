@@ -3,6 +3,7 @@ group in ``cli``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -248,15 +249,21 @@ def echo_evaluation(result: dict, split: str) -> None:
 def serve_command(model_uri, host, port, max_body_bytes, max_depth):
     """Serve a model as `mlflow models serve --env-manager local` does (same app, same
     /invocations and /ping), behind a guard that answers oversized or deeply nested requests
-    with HTTP 400 instead of MLflow's 500."""
+    with HTTP 400 instead of MLflow's 500. Only a model in leukemia's own format is served:
+    a private copy of its data files, whose MLmodel names leukemia.serving as its only loader;
+    a folder with code, a pickle or another flavor is refused before MLflow reads it."""
     import mlflow
     import uvicorn
     from mlflow.pyfunc import scoring_server
 
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except (mlflow.exceptions.MlflowException, OSError, ValueError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise _Failure(f"cannot load model {model_uri!r}: {first}") from None
-    app = guard.RequestGuard(scoring_server.init(model), max_body_bytes, max_depth)
-    uvicorn.run(app, host=host, port=port)
+    from .serving import served_copy
+
+    with contextlib.ExitStack() as stack:
+        try:
+            folder = stack.enter_context(served_copy(model_uri))
+            model = mlflow.pyfunc.load_model(str(folder))
+        except (mlflow.exceptions.MlflowException, OSError, ValueError) as error:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise _Failure(f"cannot serve model {model_uri!r}: {first}") from None
+        app = guard.RequestGuard(scoring_server.init(model), max_body_bytes, max_depth)
+        uvicorn.run(app, host=host, port=port)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -34,6 +35,9 @@ SPEC_FILE = "model.json"
 # Where a pyfunc model keeps the two files: data/model (this format), artifacts/ (models logged
 # before it, whose served_model.py is never run by leukemia).
 MODEL_SUBFOLDERS = ("", "data/model", "artifacts")
+# Largest files read: EfficientNet-B7's weights are about 260 MB; a spec is a few hundred bytes.
+MAX_WEIGHTS_BYTES = 4 << 30
+MAX_SPEC_BYTES = 1 << 20
 
 
 class ModelFileError(ValueError):
@@ -190,12 +194,70 @@ def find_folder(path: str | os.PathLike, source: str | None = None) -> Path:
     )
 
 
+def read_regular(path: str | os.PathLike, limit: int, where: str) -> bytes:
+    """The bytes of ``path`` if it is a regular file (or a link to one) of at most ``limit``
+    bytes. A FIFO, device or socket is refused without waiting on it (opened non-blocking, its
+    type read from the open descriptor), and reading stops past ``limit``: a link to /dev/zero
+    or a file still growing is refused, not read to the end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        raise ModelFileError(f"{where} cannot be opened ({error_summary(error)})") from None
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ModelFileError(f"{where} is not a regular file; expected a file leukemia wrote")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ModelFileError(
+            f"{where} is larger than {limit} bytes; expected a file leukemia wrote"
+        )
+    return data
+
+
+def copy_checked(source: str | os.PathLike, target: str | os.PathLike, limits: dict) -> Path:
+    """Copy the folder ``source`` into the new folder ``target``: only the files ``limits``
+    names (relative POSIX path -> largest size in bytes), each a regular file, read once with
+    ``read_regular``. What is copied is what the caller then checks and loads, so a file
+    changed in ``source`` afterwards changes nothing. Raises ``ModelFileError`` naming the
+    first unexpected entry (a code folder, a pickle, a link to a folder, a FIFO)."""
+    source, target = Path(source), Path(target)
+    found = []
+    for root, folders, files in os.walk(source, followlinks=False):
+        for name in folders + files:
+            path = Path(root, name)
+            relative = path.relative_to(source).as_posix()
+            if path.is_symlink() and path.is_dir():
+                raise ModelFileError(f"{relative!r} in {str(source)!r} links to a folder")
+            if name in files:
+                found.append(relative)
+            elif not any(allowed.startswith(relative + "/") for allowed in limits):
+                raise ModelFileError(
+                    f"{str(source)!r} holds a folder {relative!r} that leukemia does not write; "
+                    f"expected only {sorted(limits)}"
+                )
+    unexpected = sorted(set(found) - set(limits))
+    if unexpected:
+        raise ModelFileError(
+            f"{str(source)!r} holds {unexpected[:5]}, files leukemia does not write; expected "
+            f"only {sorted(limits)}"
+        )
+    target.mkdir(mode=0o700)
+    for relative in found:
+        data = read_regular(source / relative, limits[relative], f"{relative} of {str(source)!r}")
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_bytes(data)
+    return target
+
+
 def read_spec(folder: str | os.PathLike, source: str | None = None) -> ModelSpec:
     path = Path(folder, SPEC_FILE)
     where = f"{SPEC_FILE} of {source or str(folder)!r}"
+    raw = read_regular(path, MAX_SPEC_BYTES, where)
     try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        values = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise ModelFileError(f"{where} is not readable JSON ({error_summary(error)})") from None
     try:
         return ModelSpec.from_json(values)
@@ -208,15 +270,18 @@ def load(
 ) -> tuple[Classifier, ModelSpec]:
     """The classifier (eval mode, on ``device``) and its spec from a folder holding both files."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_tensors
 
     source = source or str(folder)
     spec = read_spec(folder, source)
     classifier = create_classifier(
         spec.model, num_classes=spec.num_classes, dropout=spec.dropout, pretrained="none"
     )
+    raw = read_regular(
+        Path(folder, WEIGHTS_FILE), MAX_WEIGHTS_BYTES, f"{WEIGHTS_FILE} of {source!r}"
+    )
     try:
-        state = load_file(str(Path(folder, WEIGHTS_FILE)))
+        state = load_tensors(raw)
     except (SafetensorError, OSError, ValueError) as error:
         raise ModelFileError(
             f"{WEIGHTS_FILE} of {source!r} is not a readable safetensors file "

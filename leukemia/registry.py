@@ -345,7 +345,7 @@ def resolve(source: str, scratch: str | os.PathLike) -> tuple[Path, str]:
         single = scheme == "runs" and "/" not in rest
         uri = f"runs:/{rest}/{RUN_MODEL}" if single else f"{scheme}:/{rest}"
         try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(scratch))
+            local = _local_artifacts(uri, scratch)
         except MlflowException as error:
             message = " ".join(str(error.message).split()).rstrip(".")
             raise ValueError(
@@ -359,6 +359,40 @@ def resolve(source: str, scratch: str | os.PathLike) -> tuple[Path, str]:
             f"{EXPECTED_SOURCE}"
         )
     return path, str(path.resolve())
+
+
+def _local_artifacts(uri: str, scratch: str | os.PathLike) -> str:
+    """The folder holding a model's artifacts: in place where the artifact store is a local
+    folder (nothing is copied, so a FIFO or a link to a device planted in the store is met by
+    ``model_files.read_regular``, not by a copy that waits on it forever), else downloaded into
+    ``scratch``. ``runs:/<id>/<name>`` means the model the run logged under that name."""
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    if uri.startswith("runs:/"):
+        run_id, _, name = uri[len("runs:/") :].partition("/")
+        run = MlflowClient().get_run(run_id)
+        logged = (
+            mlflow.search_logged_models(
+                experiment_ids=[run.info.experiment_id],
+                filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
+                output_format="list",
+            )
+            if re.fullmatch(r"[\w.-]+", name)
+            else []
+        )
+        if logged:
+            uri = f"models:/{logged[0].model_id}"
+    if uri.startswith("models:/"):
+        underlying = ModelsArtifactRepository.get_underlying_uri(uri)
+    else:
+        underlying = RunsArtifactRepository.get_underlying_uri(uri)
+    if re.match(r"^(file:|/)", underlying):
+        local = Path(local_file_uri_to_path(underlying))
+        if local.is_dir():
+            return str(local)
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(scratch))
 
 
 def alias_version(source: str) -> str | None:

@@ -20,8 +20,10 @@ string column ``image``) before ``predict`` runs, so arrays reach ``predict`` on
 from __future__ import annotations
 
 import base64
+import contextlib
+import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, DataType, Schema
 
-from . import images, model_files
+from . import images, model_files, yamlfile
 from .data import CLASSES, prob_column
 from .inference import IMAGE_COLUMN, InvalidRequest, LeukemiaModel
 from .model import Classifier
@@ -125,3 +127,80 @@ def _load_pyfunc(data_path: str) -> ServedModel:
     """MLflow's entry into a served model (``loader_module``): ``data_path`` is the model's
     ``data/model`` folder."""
     return ServedModel.from_folder(data_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving: only a folder in this format
+
+# Every file a model folder logged by ``log_served_model`` holds (MLflow adds
+# registered_model_meta when it downloads a registered version), with its largest size.
+_SMALL = 16 << 20
+SERVED_FILES = {
+    "MLmodel": model_files.MAX_SPEC_BYTES,
+    "conda.yaml": model_files.MAX_SPEC_BYTES,
+    "python_env.yaml": model_files.MAX_SPEC_BYTES,
+    "requirements.txt": model_files.MAX_SPEC_BYTES,
+    "input_example.json": _SMALL,
+    "serving_input_example.json": _SMALL,
+    "registered_model_meta": model_files.MAX_SPEC_BYTES,
+    f"data/model/{model_files.WEIGHTS_FILE}": model_files.MAX_WEIGHTS_BYTES,
+    f"data/model/{model_files.SPEC_FILE}": model_files.MAX_SPEC_BYTES,
+}
+# The python_function flavor's keys that MLflow may write for a loader_module model.
+_FLAVOR_KEYS = {"loader_module", "data", "code", "env", "python_version", "streamable"}
+
+
+def check_mlmodel(path: str | os.PathLike, source: str) -> None:
+    """Refuse an ``MLmodel`` that would make MLflow run anything but this module: exactly one
+    flavor, ``python_function``, whose ``loader_module`` is ``leukemia.serving`` with data in
+    ``data/model``, and no code paths, python model, artifacts or model config."""
+    where = f"MLmodel of {source!r}"
+    raw = model_files.read_regular(path, model_files.MAX_SPEC_BYTES, where)
+    try:
+        described = yamlfile.loads(raw.decode("utf-8"), where)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise model_files.ModelFileError(f"{where} is not readable: {error}") from None
+    flavors = described.get("flavors") if isinstance(described, dict) else None
+    if not isinstance(flavors, dict) or set(flavors) != {"python_function"}:
+        named = sorted(flavors) if isinstance(flavors, dict) else flavors
+        raise model_files.ModelFileError(
+            f"{where} names the flavors {named!r}; expected only python_function (a model "
+            "logged by leukemia train)"
+        )
+    flavor = flavors["python_function"]
+    if not isinstance(flavor, dict):
+        raise model_files.ModelFileError(f"{where}: python_function must be a mapping")
+    expected = {"loader_module": __name__, "data": "data/model", "code": None}
+    wrong = {k: flavor.get(k) for k, v in expected.items() if flavor.get(k) != v}
+    unknown = sorted(set(flavor) - _FLAVOR_KEYS)
+    if wrong or unknown:
+        raise model_files.ModelFileError(
+            f"{where} has python_function {wrong or ''}"
+            f"{' and keys ' + str(unknown) if unknown else ''}"
+            f"; expected loader_module {__name__}, data data/model and no code, python_model "
+            "or artifacts: leukemia serves only models in its own format"
+        )
+
+
+@contextlib.contextmanager
+def served_copy(source: str) -> Iterator[Path]:
+    """A private, checked copy of the served model ``source`` (a model URI or a folder holding
+    ``MLmodel``), for ``mlflow.pyfunc.load_model``: only the files ``SERVED_FILES`` names,
+    regular and within their sizes, and an ``MLmodel`` whose only loader is this module
+    (``check_mlmodel``). ``mlflow models serve`` itself imports whatever an ``MLmodel`` names;
+    this is what ``leukemia serve`` adds. Removed on exit. Raises ``ValueError``."""
+    from . import registry
+
+    with tempfile.TemporaryDirectory(prefix="leukemia-serve-") as scratch:
+        download = Path(scratch, "download")
+        download.mkdir()
+        local, _ = registry.resolve(source, download)
+        if not Path(local, "MLmodel").is_file():
+            raise model_files.ModelFileError(
+                f"{source!r} holds no MLmodel; expected a served model (models:/NAME@ALIAS, "
+                "runs:/RUN_ID/classifier, or a folder downloaded from one)"
+            )
+        copy = model_files.copy_checked(local, Path(scratch, "model"), SERVED_FILES)
+        check_mlmodel(copy / "MLmodel", source)
+        model_files.read_spec(copy / "data" / "model", source)  # a clear line before MLflow
+        yield copy

@@ -19,6 +19,7 @@ import pytest
 from leukemia.guard import RequestGuard, json_depth
 
 from .test_model_files import _request, logged  # noqa: F401 - the logged-model fixture
+from .test_serve_format import _model_copy
 
 
 def test_json_depth_ignores_brackets_inside_strings():
@@ -74,7 +75,8 @@ def test_the_guard_refuses_before_the_app_and_passes_the_rest_unchanged():
 
 @pytest.mark.slow
 def test_leukemia_serve_answers_images_and_refuses_deep_json_with_400(logged, tmp_path):  # noqa: F811
-    _, folder = logged
+    _, original = logged
+    folder = _model_copy(original, tmp_path / "model")
     port = _free_port()
     venv_bin = Path(sys.executable).parent
     log = tmp_path / "serve.log"
