@@ -115,7 +115,7 @@ def search_command(
         loaded = search_lib.load_space(_resolved(space), objective)
         fixed = tuple(sorted(parse_overrides(ctx.args).items()))
         loaded = dataclasses.replace(loaded, overrides=fixed)
-        name = study_name or Path(space).stem
+        name = search_lib.check_study_name(study_name or Path(space).stem)
         search_step.best_config(loaded, {})  # the base and the --FIELD overrides load
         if seeds:
             compare_step.find_project()  # confirm launches `mlflow run -e train`: fail now

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -207,11 +208,9 @@ def open_storage(spec: str, warn=print, on_stale=None):
     a journal file path (several processes on one machine). ``on_stale(trial)`` is called for
     each trial an RDB storage's heartbeat fails (after its retry is queued)."""
     if "://" not in spec:
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+        from .journal import open_journal
 
-        Path(spec).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(spec)))
+        return open_journal(spec, warn)
     if spec.startswith("sqlite:"):
         warn(
             "SQLite storage is for one worker; for several on one machine use a journal file "
@@ -276,10 +275,26 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
 
 
+_STUDY_NAME = re.compile(r"\w[\w.-]{0,127}")
+
+
+def check_study_name(name: str) -> str:
+    """``name`` if it is a name: a letter, digit or underscore, then those, dots and dashes, at
+    most 128 characters. It becomes a folder under ``searches/``, so a separator, ``..`` or an
+    absolute path would write elsewhere."""
+    if not isinstance(name, str) or not _STUDY_NAME.fullmatch(name):
+        raise ValueError(
+            f"study name {name!r} is not a name; expected letters, digits, '_', '.' and '-' "
+            "(no path separators, not starting with '.' or '-', at most 128 characters)"
+        )
+    return name
+
+
 def create_or_load(storage, name: str, space: SearchSpace) -> tuple[optuna.Study, bool]:
     """The study ``name`` and whether this call created it: created if absent, loaded
     otherwise (the storage lets one of N workers that start at once create it). A study of that
     name made for another space is refused."""
+    check_study_name(name)
     options = {
         "storage": storage,
         "study_name": name,

@@ -323,7 +323,7 @@ def report(study: optuna.Study, space, echo=print) -> dict | None:
         for name, figure in _figures(study):
             figure.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
         client.log_artifacts(parent_id, str(folder))
-    local = Path(RESULTS_DIR, study.study_name)
+    local = Path(RESULTS_DIR, search_lib.check_study_name(study.study_name))
     local.mkdir(parents=True, exist_ok=True)
     partial = local / f".best.yaml.{os.getpid()}"
     partial.write_text(text)
