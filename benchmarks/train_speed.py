@@ -282,7 +282,6 @@ def load_setup(args: argparse.Namespace):
     config = TrainConfig(
         model=args.model,
         pretrained="none",  # the weights' values do not change the speed
-        image_size=args.image_size,
         batch_size=args.batch_size,
         unfreeze_last=args.unfreeze_last,
         precision=args.precision,
@@ -299,7 +298,7 @@ def main() -> None:
     args = parse_args()
     try:
         config, device, precision = load_setup(args)
-        classifier = build_classifier(config).to(device)
+        classifier = build_classifier(config, args.image_size).to(device)
     except ValueError as error:
         raise SystemExit(f"{Path(__file__).name}: error: {error}") from None
     if precision.channels_last:

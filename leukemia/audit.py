@@ -4,14 +4,16 @@ split), and the split itself. Pure: arrays and dicts in, rows and a JSON-ready d
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from . import data
-
-if TYPE_CHECKING:
-    from .preprocess import SplitParams
+from .split import (
+    SplitParams,
+    UnionFind,
+    assign_groups,
+    duplicate_pairs,
+    stratified_group_split,
+)
 
 
 def rows_and_audit(
@@ -44,11 +46,11 @@ def rows_and_audit(
     labels = [files[i].label for i in keep]
     sha = [records[i]["sha256"] for i in keep]
     dh = [records[i]["dhash"] for i in keep]
-    exact, near = data.duplicate_pairs(sha, dh, split.near_duplicate_distance)
+    exact, near = duplicate_pairs(sha, dh, split.near_duplicate_distance)
 
     if manifest_rows is None:
-        groups = data.assign_groups(paths, exact + near, split.group_by, split.block_size)
-        splits = data.stratified_group_split(labels, groups, split.fractions, split.seed)
+        groups = assign_groups(paths, exact + near, split.group_by, split.block_size)
+        splits = stratified_group_split(labels, groups, split.fractions, split.seed)
     else:
         by_path = {r["path"]: r for r in manifest_rows}
         changed = [p for p, s in zip(paths, sha) if by_path[p]["sha256"] != s]
@@ -101,7 +103,7 @@ def rows_and_audit(
 
 
 def _duplicate_groups(paths, classes, pairs) -> list[dict]:
-    union = data.UnionFind(len(paths))
+    union = UnionFind(len(paths))
     for i, j, _ in pairs:
         union.union(i, j)
     members: dict[int, list[int]] = {}

@@ -10,10 +10,10 @@ import click
 
 from . import cli_models, cli_report, cli_search, processes, synthetic, tracking
 from . import options as cli_options
-from .config import TrainConfig, load_experiment
+from .config import TRAIN_FIELDS, TrainConfig, load_experiment
 from .data import DatasetError
 from .options import Failure as _Failure
-from .registry import DEFAULT_NAME
+from .registry import DEFAULT_NAME, PROMOTION_METRIC
 from .steps import compare as compare_step
 from .steps import main as main_step
 from .steps import preprocess as preprocess_step
@@ -61,7 +61,12 @@ def main():
 
 @main.command("synth")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--per-class", type=click.IntRange(min=1), default=60, help="Images per class.")
+@click.option(
+    "--per-class",
+    type=click.IntRange(min=1),
+    default=preprocess_step.SYNTHETIC_PER_CLASS,
+    help="Images per class.",
+)
 @click.option("--seed", type=int, default=0, help="Seed: same seed, same images.")
 @click.option(
     "--size",
@@ -78,17 +83,10 @@ def synth_command(out, per_class, seed, size):
     click.echo(f"{4 * per_class} synthetic images in {path}")
 
 
-def _preprocess_overrides(options: dict) -> dict:
-    """Take the ``PreprocessConfig`` fields out of ``options``; the ones given (not None)."""
-    given = {k: options.pop(k) for k in cli_options.PREPROCESS_FIELDS if k in options}
-    return {k: v for k, v in given.items() if v is not None}
-
-
-def _experiment(config_path, options: dict, training_overrides: dict | None = None):
-    """(TrainConfig, PreprocessConfig) from the YAML and the options given; removes the
-    ``PreprocessConfig`` fields from ``options``."""
+def _experiment(config_path, overrides: dict):
+    """(TrainConfig, PreprocessConfig) from the YAML and the ``--field VALUE`` overrides."""
     try:
-        return load_experiment(config_path, training_overrides, _preprocess_overrides(options))
+        return load_experiment(config_path, overrides)
     except ValueError as error:
         raise _Failure(str(error)) from None
 
@@ -101,12 +99,19 @@ def _preprocess(*args) -> tuple:
         raise _Failure(str(error)) from None
 
 
-@main.command("preprocess")
-@cli_options.preprocess_options
-@cli_options.segment_option(
-    "true: the paper's segmented images (proposed arm); false: the baseline arm."
+_OVERRIDABLE = {
+    "context_settings": {"ignore_unknown_options": True, "allow_extra_args": True},
+    "epilog": cli_options.config_fields_help(),
+}
+
+
+@main.command(
+    "preprocess",
+    context_settings=_OVERRIDABLE["context_settings"],
+    epilog=cli_options.config_fields_help(train=False),
 )
-@cli_options.config_path_option("whose preprocess block (and image_size) to use")
+@cli_options.preprocess_options
+@cli_options.config_path_option("whose preprocessing fields (preprocess block) to use")
 @click.option(
     "--out-dir",
     callback=cli_options.empty_is_none,
@@ -121,7 +126,9 @@ def _preprocess(*args) -> tuple:
     help="Reuse this manifest.csv's split exactly (same images, same splits).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
 def preprocess_command(
+    ctx,
     data_dir,
     synthetic_per_class,
     synthetic_seed,
@@ -130,16 +137,19 @@ def preprocess_command(
     manifest,
     as_json,
     experiment,
-    image_size,
     workers,
-    **options,
 ):
-    """Audit, split and segment a dataset; log it to MLflow. Cached by input and options."""
-    config, pre = _experiment(config_path, options)
+    """Audit, split and segment a dataset; log it to MLflow. Cached by input and options.
+
+    Preprocessing fields are given as --field VALUE (e.g. --kernel-size 9 --segment false)."""
+    overrides = cli_options.parse_overrides(ctx.args)
+    training = sorted(set(overrides) & set(TRAIN_FIELDS))
+    if training:
+        raise _Failure(f"preprocess takes preprocessing fields only, got {training}")
+    _, pre = _experiment(config_path, overrides)
     data_dir = preprocess_step.resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
     out_dir = out_dir or preprocess_step.DEFAULT_OUT_DIR
-    size = image_size or config.image_size
-    result, seconds = _preprocess(data_dir, out_dir, manifest, pre, size, workers)
+    result, seconds = _preprocess(data_dir, out_dir, manifest, pre, workers)
     run_id = preprocess_step.log(result, seconds, experiment)
     if as_json:
         click.echo(
@@ -157,17 +167,8 @@ def preprocess_command(
         click.echo(f"MLflow run {run_id}")
 
 
-_OVERRIDABLE = {
-    "context_settings": {"ignore_unknown_options": True, "allow_extra_args": True},
-    "epilog": cli_options.config_fields_help(),
-}
-
-
 @main.command("train", **_OVERRIDABLE)
-@cli_options.preprocess_options(training=True)
-@cli_options.segment_option(
-    "true: train on segmented images (proposed arm); false: on raw images (baseline)."
-)
+@cli_options.preprocess_options
 @cli_options.config_path_option("of the training and preprocessing settings")
 @click.option(
     "--seed",
@@ -212,12 +213,12 @@ def train_command(
     resume,
     experiment,
     workers,
-    **options,
 ):
     """Train the paper's two-phase classifier on one arm, tracked in MLflow.
 
-    Any config field can be overridden as --field VALUE (e.g. --phase1_epochs 5), which is
-    what `mlflow run -P field=VALUE` passes. The dataset is preprocessed first (cached).
+    Any config field can be overridden as --field VALUE (e.g. --phase1_epochs 5, --segment
+    false), which is what `mlflow run -P field=VALUE` passes. The dataset is preprocessed first
+    (cached).
     """
     from .model import PretrainedWeightsError
     from .steps import train as train_step
@@ -225,11 +226,11 @@ def train_command(
     overrides = cli_options.parse_overrides(ctx.args)
     if seed is not None:
         overrides["seed"] = seed
-    config, pre = _experiment(config_path, options, overrides)
+    config, pre = _experiment(config_path, overrides)
     origin = {"config": config_path, "data_dir": data_dir}
     data_dir = preprocess_step.resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
     out_dir = out_dir or preprocess_step.DEFAULT_OUT_DIR
-    result, seconds = _preprocess(data_dir, out_dir, manifest, pre, config.image_size, workers)
+    result, seconds = _preprocess(data_dir, out_dir, manifest, pre, workers)
     click.echo(preprocess_step.summary(result, seconds))
     try:
         train_step.run_training(
@@ -248,7 +249,7 @@ def train_command(
 
 
 @main.command("compare", **_OVERRIDABLE)
-@cli_options.preprocess_options(training=True)
+@cli_options.preprocess_options
 @cli_options.study_options
 @click.pass_context
 def compare_command(ctx, data_dir, synthetic_per_class, synthetic_seed, experiment, **options):
@@ -287,14 +288,12 @@ def _echo_links(parent, comparison) -> None:
 def _plan(ctx, study_args: dict, options: dict, data_dir, per_class: int, seed: int):
     """The checked study plan and the dataset folder; the preprocessing fields of ``options``
     and ``seeds`` leave their dicts, ``config_path`` and ``workers`` join ``study_args``."""
-    preprocess_overrides = _preprocess_overrides(options)
     study_args["workers"] = options["workers"]
     try:
         plan = compare_step.plan(
             study_args["config_path"],
             study_args.pop("seeds"),
             cli_options.parse_overrides(ctx.args),
-            preprocess_overrides,
             study_args.pop("arms"),
         )
     except ValueError as error:
@@ -303,9 +302,9 @@ def _plan(ctx, study_args: dict, options: dict, data_dir, per_class: int, seed: 
 
 
 @main.command("main", **_OVERRIDABLE)
-@cli_options.preprocess_options(training=True)
+@cli_options.preprocess_options
 @cli_options.study_options
-@click.option("--metric", default="test_f1_macro", help="Promotion metric.")
+@click.option("--metric", default=PROMOTION_METRIC, help="Promotion metric.")
 @click.option("--min-delta", type=click.FloatRange(min=0), default=0.0, help="Promotion margin.")
 @click.pass_context
 def main_command(

@@ -12,8 +12,9 @@ import click
 from . import guard
 from . import options as cli_options
 from .data import DatasetError
+from .metrics import N_RESAMPLES
 from .options import Failure as _Failure
-from .registry import CHAMPION, DEFAULT_NAME
+from .registry import CHAMPION, DEFAULT_NAME, PROMOTION_METRIC, RECALL_TOLERANCE
 from .steps import evaluate as evaluate_step
 from .steps import preprocess as preprocess_step
 
@@ -23,7 +24,7 @@ from .steps import preprocess as preprocess_step
     "candidate", metavar="[VERSION]", required=False, callback=cli_options.empty_is_none
 )
 @click.option("--name", default=DEFAULT_NAME, help="Registered model name.")
-@click.option("--metric", default="test_f1_macro", help="Test metric the candidate must beat.")
+@click.option("--metric", default=PROMOTION_METRIC, help="Test metric the candidate must beat.")
 @click.option(
     "--min-delta",
     type=float,
@@ -33,7 +34,7 @@ from .steps import preprocess as preprocess_step
 @click.option(
     "--recall-tolerance",
     type=float,
-    default=0.05,
+    default=RECALL_TOLERANCE,
     help="Largest drop in any class's recall that still allows promotion.",
 )
 @click.option(
@@ -180,7 +181,9 @@ def predict_command(image_files, model_uri, as_json):
     help="Also score darkened, brightened, noisy, blurred and JPEG-30 test images.",
 )
 @click.option("--gradcam-per-class", type=click.IntRange(min=0), default=2)
-@click.option("--bootstrap", type=click.IntRange(min=0), default=1000, help="Resamples (0: none).")
+@click.option(
+    "--bootstrap", type=click.IntRange(min=0), default=N_RESAMPLES, help="Resamples (0: none)."
+)
 @click.option("--experiment", default=None, help="MLflow experiment.")
 def evaluate_command(
     model_uri, manifest, data_dir, split, robustness, gradcam_per_class, bootstrap, experiment

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 from mlflow.exceptions import MlflowException
 
+from .metrics import N_RESAMPLES
 from .options import DEFAULT_NAME
 from .options import Failure as _Failure
 from .steps import report as report_step
@@ -28,7 +29,7 @@ from .steps import report as report_step
 @click.option(
     "--bootstrap",
     type=click.IntRange(min=1),
-    default=1000,
+    default=N_RESAMPLES,
     show_default=True,
     help="Bootstrap resamples for the intervals.",
 )

@@ -22,7 +22,9 @@ DEFAULT_STORAGE = "searches/optuna.journal"
     default=preprocess_step.SYNTHETIC,
     help="Dataset folder, or 'synthetic' for generated data.",
 )
-@click.option("--synthetic-per-class", type=click.IntRange(min=1), default=60)
+@click.option(
+    "--synthetic-per-class", type=click.IntRange(min=1), default=preprocess_step.SYNTHETIC_PER_CLASS
+)
 @click.option("--synthetic-seed", type=int, default=0)
 @click.option(
     "--space",

@@ -1,10 +1,12 @@
 """Experiment configuration: dataclass defaults (the paper) -> experiment YAML -> overrides.
 
-An experiment YAML holds ``TrainConfig`` fields at the top level and, optionally, a
-``preprocess:`` mapping of ``PreprocessConfig`` fields. One frozen config of each comes out and
-is logged whole. Unknown keys are an error that lists the valid ones. These dataclasses are the
-only place a default is declared: the command-line options and the MLproject parameters leave
-a value unset ("") to take it from here (tests/test_config.py checks that they do).
+Two frozen dataclasses declare every setting, each once: ``TrainConfig`` (the model and its
+training) and ``PreprocessConfig`` (what changes the images a model sees). An experiment YAML
+holds their fields at the top level, or preprocessing's in a ``preprocess:`` block; overrides
+(``--field VALUE`` on the command line, ``-P field=value`` under ``mlflow run``, a search
+trial's values) set any field by name. One config of each comes out and is logged whole.
+Unknown keys are an error that lists the valid ones. Nothing else declares a setting: the
+command-line help and the MLproject's parameters are read from these dataclasses.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import dataclasses
 import math
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import images, yamlfile
-from .preprocess import SplitParams
-from .segmentation import MAX_IMAGE_SIZE, SegmentationParams
+from .preprocess import MAX_UNREADABLE
+from .segmentation import CHANNELS, FOREGROUNDS, KERNEL_SHAPES, SegmentationParams
+from .split import GROUP_BY, SplitParams
 
 _SEGMENTATION = SegmentationParams()  # the paper's operator, declared in segmentation.py
 
@@ -38,8 +41,7 @@ class TrainConfig:
     model: str = "efficientnet_b4"
     pretrained: str = "imagenet"  # imagenet | none | path to a local state dict
     dropout: float = 0.4
-    # Data (paper: 224 x 224, batch 8).
-    image_size: int = 224
+    # Data (paper: batch 8; the 224 x 224 resize is preprocessing's, PreprocessConfig).
     batch_size: int = 8
     # Optimiser (paper: AdamW, lr 1e-4, weight decay 1e-4, constant rate, both phases).
     phase1_lr: float = 1e-4
@@ -61,7 +63,7 @@ class TrainConfig:
     seed: int = 42
 
     def __post_init__(self):
-        _positive = ("image_size", "batch_size", "phase1_epochs")
+        _positive = ("batch_size", "phase1_epochs")
         for name in _positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -73,8 +75,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
-        if self.image_size > MAX_IMAGE_SIZE:
-            raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {self.image_size}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not 0 <= self.dropout < 1:
@@ -94,30 +94,72 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _setting(default, help: str):
+    """A field with the one line of help every command-line listing shows for it."""
+    return field(default=default, metadata={"help": help})
+
+
+_SPLIT = SplitParams()  # the paper's split, declared in split.py
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Everything preprocessing decides besides the image size (``TrainConfig.image_size``)."""
+    """Everything that changes the images a model sees, declared once: the experiment YAML's
+    ``preprocess:`` block (or top-level keys of these names), ``--field VALUE`` on every command
+    that preprocesses and ``-P field=value`` under ``mlflow run`` all set these fields; the
+    defaults are the libraries' (``SegmentationParams``, ``SplitParams``): the paper's."""
 
+    image_size: int = _setting(_SEGMENTATION.image_size, "Images are resized to this square side.")
     # Segmentation (paper: gray Otsu, cells as foreground, 5 x 5 ellipse closing, gray inside).
-    segment: bool = _SEGMENTATION.segment  # false: the baseline arm's resized RGB images
-    channel: str = _SEGMENTATION.channel  # gray | saturation | lab-a
-    foreground: str = _SEGMENTATION.foreground  # auto | dark | bright
-    kernel_size: int = _SEGMENTATION.kernel_size
-    kernel_shape: str = _SEGMENTATION.kernel_shape  # ellipse | rect | cross
-    output: str = _SEGMENTATION.output  # masked | mask
+    segment: bool = _setting(
+        _SEGMENTATION.segment,
+        "true: the paper's segmented images (proposed arm); false: resized RGB (baseline arm).",
+    )
+    channel: str = _setting(
+        _SEGMENTATION.channel, f"Channel Otsu thresholds: {', '.join(CHANNELS)}."
+    )
+    foreground: str = _setting(
+        _SEGMENTATION.foreground,
+        f"Which side of t* is foreground ({', '.join(FOREGROUNDS)}); auto: the stained cells "
+        "(dark in gray, bright in saturation and lab-a); 'bright' in gray is the paper's text.",
+    )
+    kernel_size: int = _setting(
+        _SEGMENTATION.kernel_size, "Side of the closing's structuring element (odd)."
+    )
+    kernel_shape: str = _setting(
+        _SEGMENTATION.kernel_shape, f"Shape of the structuring element: {', '.join(KERNEL_SHAPES)}."
+    )
+    output: str = _setting(
+        _SEGMENTATION.output,
+        "masked: gray with background 0; mask: the closed mask as 0/255; masked-rgb: the "
+        "original colours inside the mask, background 0.",
+    )
     # Split (paper: 70/15/15; duplicates always kept in one split).
-    split_fractions: str = "0.7,0.15,0.15"
-    split_seed: int = 42
-    group_by: str = "image"  # image | index-block
-    block_size: int = 24
-    near_duplicate_distance: int = 4
+    split_fractions: str = _setting(
+        ",".join(f"{f:g}" for f in _SPLIT.fractions), "train,val,test fractions (sum to 1)."
+    )
+    split_seed: int = _setting(_SPLIT.seed, "Seed of the split (--seed seeds training).")
+    group_by: str = _setting(
+        _SPLIT.group_by,
+        f"{' or '.join(GROUP_BY)}; image: the paper's split (duplicates still kept together); "
+        "index-block: runs of block_size consecutive file numbers stay together.",
+    )
+    block_size: int = _setting(_SPLIT.block_size, "File numbers per pseudo-patient block.")
+    near_duplicate_distance: int = _setting(
+        _SPLIT.near_duplicate_distance,
+        "Largest dHash Hamming distance (of 64 bits) counted near-duplicate.",
+    )
     # Input checks.
-    max_unreadable: float = 0.01
-    max_pixels: int = images.DEFAULT_MAX_PIXELS
+    max_unreadable: float = _setting(
+        MAX_UNREADABLE, "Fail when more than this fraction of image files is unreadable."
+    )
+    max_pixels: int = _setting(
+        images.DEFAULT_MAX_PIXELS, "Larger images are skipped as unreadable (decompression bombs)."
+    )
 
     def __post_init__(self):
         # The libraries' own checks, in one place each.
-        self.segmentation(224)
+        self.segmentation()
         self.split()
         if not 0 <= self.max_unreadable <= 1:
             raise ValueError(f"max_unreadable must be in [0, 1], got {self.max_unreadable}")
@@ -135,9 +177,9 @@ class PreprocessConfig:
             near_duplicate_distance=self.near_duplicate_distance,
         )
 
-    def segmentation(self, image_size: int) -> SegmentationParams:
+    def segmentation(self) -> SegmentationParams:
         return SegmentationParams(
-            image_size=image_size,
+            image_size=self.image_size,
             segment=self.segment,
             channel=self.channel,
             foreground=self.foreground,
@@ -201,40 +243,62 @@ def _read_yaml(path: str | os.PathLike) -> dict:
     return loaded
 
 
-def _layered(cls, layers: list[tuple[str, dict]]):
-    """``cls`` from its defaults and each (source, mapping) layer in turn."""
+def _layered(cls, layers: list[dict]):
+    """``cls`` from its defaults and each mapping of its fields in turn."""
     types = {f.name: type(f.default) for f in fields(cls)}
     values: dict = {}
-    for source, layer in layers:
-        if not isinstance(layer, dict):
-            raise ValueError(f"{source} must be a mapping of field: value")
-        unknown = sorted(set(layer) - set(types))
-        if unknown:
-            raise ValueError(
-                f"unknown config key(s) {unknown} in {source}; valid keys: {', '.join(types)}"
-            )
+    for layer in layers:
         for key, value in layer.items():
             values[key] = _coerce(key, value, types[key])
     return cls(**values)
 
 
+TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
+PREPROCESS_FIELDS = tuple(f.name for f in fields(PreprocessConfig))
+
+
+def split_fields(values: dict, source: str) -> tuple[dict, dict]:
+    """``values`` as (``TrainConfig`` fields, ``PreprocessConfig`` fields), each key going to the
+    dataclass that declares it; an unknown key raises, listing the valid ones."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{source} must be a mapping of field: value")
+    unknown = sorted(set(values) - set(TRAIN_FIELDS) - set(PREPROCESS_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {unknown} in {source}; valid keys: "
+            f"{', '.join(TRAIN_FIELDS + PREPROCESS_FIELDS)}"
+        )
+    train = {k: v for k, v in values.items() if k in TRAIN_FIELDS}
+    return train, {k: v for k, v in values.items() if k in PREPROCESS_FIELDS}
+
+
 def load_experiment(
-    path: str | os.PathLike | None = None,
-    overrides: dict | None = None,
-    preprocess_overrides: dict | None = None,
+    path: str | os.PathLike | None = None, overrides: dict | None = None
 ) -> tuple[TrainConfig, PreprocessConfig]:
-    """Defaults, then the YAML file at ``path`` (if any), then the overrides; validated."""
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (``--field VALUE``,
+    ``-P field=value``, a search trial's values); validated. A key names a field of either
+    dataclass, wherever it is given: the YAML's top level and its ``preprocess:`` block are one
+    namespace (a field in both is an error)."""
     loaded = _read_yaml(path) if path is not None else {}
-    train_layer = {k: v for k, v in loaded.items() if k != "preprocess"}
-    train = _layered(
-        TrainConfig, [(f"config file {str(path)!r}", train_layer), ("overrides", overrides or {})]
-    )
+    where = f"config file {str(path)!r}"
+    top = {k: v for k, v in loaded.items() if k != "preprocess"}
+    block = loaded.get("preprocess") or {}
+    train_top, preprocess_top = split_fields(top, where)
+    block_train, block_preprocess = split_fields(block, f"the preprocess block of {str(path)!r}")
+    if block_train:
+        raise ValueError(
+            f"the preprocess block of {str(path)!r} holds training fields {sorted(block_train)}; "
+            "put them at the top level"
+        )
+    twice = sorted(set(preprocess_top) & set(block_preprocess))
+    if twice:
+        raise ValueError(
+            f"{twice} given both at the top level and in the preprocess block of {where}"
+        )
+    train_given, preprocess_given = split_fields(overrides or {}, "the overrides")
+    train = _layered(TrainConfig, [train_top, train_given])
     preprocess = _layered(
-        PreprocessConfig,
-        [
-            (f"the preprocess block of {str(path)!r}", loaded.get("preprocess") or {}),
-            ("preprocessing options", preprocess_overrides or {}),
-        ],
+        PreprocessConfig, [{**preprocess_top, **block_preprocess}, preprocess_given]
     )
     return train, preprocess
 

@@ -35,6 +35,8 @@ _METRIC_KEY = re.compile(r"^[A-Za-z0-9_]*$")
 # ---------------------------------------------------------------------------------------------
 # Validation
 
+N_RESAMPLES = 1000  # bootstrap resamples every interval uses unless told otherwise
+
 
 def _labels(labels, n_classes: int, name: str = "labels") -> np.ndarray:
     labels = np.asarray(labels)
@@ -242,7 +244,7 @@ def bootstrap_ci(
     labels,
     predictions,
     metric: str = "accuracy",
-    n_resamples: int = 1000,
+    n_resamples: int = N_RESAMPLES,
     seed: int = 0,
     confidence: float = 0.95,
     n_classes: int = len(CLASSES),
@@ -294,7 +296,7 @@ def paired_bootstrap_difference(
     labels,
     predictions_a,
     predictions_b,
-    n_resamples: int = 1000,
+    n_resamples: int = N_RESAMPLES,
     seed: int = 0,
     confidence: float = 0.95,
     n_classes: int = len(CLASSES),
@@ -318,7 +320,7 @@ def paired_bootstrap_difference(
 
 
 def pooled_bootstrap_difference(
-    correct_a, correct_b, n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+    correct_a, correct_b, n_resamples: int = N_RESAMPLES, seed: int = 0, confidence: float = 0.95
 ) -> dict:
     """Percentile interval for mean-over-seeds accuracy(a) - accuracy(b) on one test set.
 
@@ -346,7 +348,7 @@ def pooled_bootstrap_ci(
     labels,
     predictions,
     metric: str = "accuracy",
-    n_resamples: int = 1000,
+    n_resamples: int = N_RESAMPLES,
     seed: int = 0,
     confidence: float = 0.95,
     n_classes: int = len(CLASSES),

@@ -1,6 +1,6 @@
-"""The command line's options, declared once: the preprocessing options every preprocessing
-command shares (unset by default: ``PreprocessConfig`` decides), the study options, and the
-``-P key=value`` overrides ``mlflow run`` passes."""
+"""The command line's shared options: where preprocessing reads from, the study options, and
+the ``--field VALUE`` overrides (``-P field=value`` under ``mlflow run``) that set any field of
+``TrainConfig`` or ``PreprocessConfig``, the one place each setting is declared."""
 
 from __future__ import annotations
 
@@ -8,41 +8,14 @@ from dataclasses import fields as dataclass_fields
 
 import click
 
+from .arms import DEFAULT_DEEP_ARMS
 from .config import DEFAULT_CONFIG, PAPER_CONFIG, PreprocessConfig, TrainConfig
-from .preprocess import SplitParams
 from .registry import DEFAULT_NAME
-from .segmentation import (
-    CHANNELS,
-    FOREGROUNDS,
-    KERNEL_SHAPES,
-    MAX_IMAGE_SIZE,
-    OUTPUTS,
-    check_kernel_size,
-)
-from .steps.preprocess import SYNTHETIC
+from .steps.preprocess import DEFAULT_OUT_DIR, SYNTHETIC, SYNTHETIC_PER_CLASS
 
 
 class Failure(click.ClickException):
     """A one-line error on stderr and exit code 1, for errors found in the data."""
-
-
-def odd_kernel(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return check_kernel_size(value)
-    except ValueError as error:
-        raise click.BadParameter(str(error).replace("kernel_size ", "")) from None
-
-
-def fractions(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        SplitParams(fractions=value)
-    except ValueError as error:
-        raise click.BadParameter(str(error)) from None
-    return value
 
 
 class OrConfig(click.ParamType):
@@ -62,29 +35,11 @@ class OrConfig(click.ParamType):
         return self.inner.get_metavar(param, ctx) if ctx is not None else None
 
 
-def config_option(*names: str, field: str, type: click.ParamType, help: str, **kwargs):
-    """An option for a ``PreprocessConfig`` field: unset by default, so that the config decides;
-    the help shows the dataclass default."""
-    default = getattr(PreprocessConfig, field)
-    return click.option(
-        *names,
-        field,
-        type=OrConfig(type),
-        default=None,
-        show_default=False,
-        help=f"{help} [default: from --config, else {default}]",
-        **kwargs,
-    )
-
-
-def preprocess_options(function=None, *, training: bool = False):
-    """The options shared by every command that preprocesses (preprocess, main, train).
-
-    ``training``: the image size comes from the training config. The split's seed is
-    ``--split-seed`` everywhere (``--seed`` seeds training). Options of ``PreprocessConfig``
-    fields are unset by default: the experiment config (or its defaults) decides."""
-    if function is None:
-        return lambda f: preprocess_options(f, training=training)
+def preprocess_options(function):
+    """The options every command that preprocesses shares (preprocess, train, compare, main):
+    where the images come from, how many processes, which experiment. What preprocessing does
+    is set by ``PreprocessConfig``'s fields, given as ``--field VALUE`` (``config_fields_help``
+    lists them)."""
     options = [
         click.option(
             "--data-dir",
@@ -95,97 +50,10 @@ def preprocess_options(function=None, *, training: bool = False):
         click.option(
             "--synthetic-per-class",
             type=click.IntRange(min=1),
-            default=60,
+            default=SYNTHETIC_PER_CLASS,
             help="Images per class when --data-dir is 'synthetic'.",
         ),
         click.option("--synthetic-seed", type=int, default=0, help="Seed of the synthetic data."),
-        None
-        if training
-        else click.option(
-            "--image-size",
-            type=OrConfig(click.IntRange(8, MAX_IMAGE_SIZE)),
-            default=None,
-            show_default=False,
-            help=f"Images are resized to this square side [default: from --config, else "
-            f"{TrainConfig.image_size}].",
-        ),
-        config_option(
-            "--channel",
-            field="channel",
-            type=click.Choice(CHANNELS),
-            help="Channel Otsu thresholds: grayscale, HSV saturation or LAB a*.",
-        ),
-        config_option(
-            "--foreground",
-            field="foreground",
-            type=click.Choice(FOREGROUNDS),
-            help="Which side of t* is foreground. auto: the stained cells (dark in gray, bright "
-            "in saturation and lab-a); 'bright' in gray is the paper's literal text.",
-        ),
-        config_option(
-            "--kernel-size",
-            field="kernel_size",
-            type=click.INT,
-            callback=odd_kernel,
-            help="Side of the closing's structuring element (odd).",
-        ),
-        config_option(
-            "--kernel-shape",
-            field="kernel_shape",
-            type=click.Choice(tuple(KERNEL_SHAPES)),
-            help="Shape of the structuring element.",
-        ),
-        config_option(
-            "--output",
-            field="output",
-            type=click.Choice(OUTPUTS),
-            help="masked: gray with background 0; mask: the closed mask as 0/255; masked-rgb: "
-            "the original colours inside the mask, background 0.",
-        ),
-        config_option(
-            "--split-fractions",
-            field="split_fractions",
-            type=click.STRING,
-            callback=fractions,
-            help="train,val,test fractions (sum to 1).",
-        ),
-        config_option(
-            "--split-seed",
-            field="split_seed",
-            type=click.IntRange(min=0),
-            help="Seed of the split.",
-        ),
-        config_option(
-            "--group-by",
-            field="group_by",
-            type=click.Choice(["image", "index-block"]),
-            help="image: the paper's split (duplicates still kept together); index-block: runs "
-            "of --block-size consecutive file numbers stay together as pseudo-patients.",
-        ),
-        config_option(
-            "--block-size",
-            field="block_size",
-            type=click.IntRange(min=1),
-            help="File numbers per pseudo-patient block.",
-        ),
-        config_option(
-            "--near-duplicate-distance",
-            field="near_duplicate_distance",
-            type=click.IntRange(0, 64),
-            help="Largest dHash Hamming distance (of 64 bits) counted near-duplicate.",
-        ),
-        config_option(
-            "--max-unreadable",
-            field="max_unreadable",
-            type=click.FloatRange(0, 1),
-            help="Fail when more than this fraction of image files is unreadable.",
-        ),
-        config_option(
-            "--max-pixels",
-            field="max_pixels",
-            type=click.IntRange(min=1),
-            help="Larger images are skipped as unreadable (decompression bombs).",
-        ),
         click.option(
             "--workers", type=click.IntRange(min=0), default=0, help="Processes; 0 uses every core."
         ),
@@ -196,16 +64,8 @@ def preprocess_options(function=None, *, training: bool = False):
         ),
     ]
     for option in reversed(options):
-        if option is not None:
-            function = option(function)
+        function = option(function)
     return function
-
-
-def segment_option(help: str):
-    return config_option("--segment", field="segment", type=click.BOOL, help=help)
-
-
-PREPROCESS_FIELDS = tuple(f.name for f in dataclass_fields(PreprocessConfig))
 
 
 def empty_is_none(ctx, param, value):
@@ -227,13 +87,18 @@ def config_path_option(what: str):
     )
 
 
-def config_fields_help() -> str:
-    """The epilog of the commands that take ``--FIELD VALUE`` overrides: every ``TrainConfig``
-    field with its code default (the paper's value)."""
-    rows = [f"  --{f.name} {f.default!r}" for f in dataclass_fields(TrainConfig)]
+def config_fields_help(train: bool = True) -> str:
+    """The epilog of the commands that take ``--field VALUE``: every field with its code
+    default (the paper's value), preprocessing's with its help."""
+    rows = [f"  --{f.name} {f.default!r}" for f in dataclass_fields(TrainConfig)] if train else []
+    rows += [
+        f"  --{f.name} {f.default!r}: {f.metadata['help']}"
+        for f in dataclass_fields(PreprocessConfig)
+    ]
     return (
-        "Config fields (--FIELD VALUE, or -P FIELD=VALUE under mlflow run; they override "
-        "--config, whose values override these defaults, the paper's):\n\n\b\n" + "\n".join(rows)
+        "Config fields (--field VALUE or --field-name VALUE, or -P field=value under mlflow run; "
+        "they override --config, whose values override these defaults, the paper's):\n\n\b\n"
+        + "\n".join(rows)
     )
 
 
@@ -250,7 +115,8 @@ def parse_overrides(args: list[str]) -> dict:
             if not rest or rest[0].startswith("--"):
                 raise click.UsageError(f"override --{key} has no value; expected --{key} VALUE")
             value = rest.pop(0)
-        overrides[key.replace("-", "_")] = value
+        if value != "":  # what MLproject passes for a parameter left unset
+            overrides[key.replace("-", "_")] = value
     return overrides
 
 
@@ -260,12 +126,12 @@ def study_options(function):
         config_path_option("for every arm"),
         click.option(
             "--seeds",
-            default="42",
+            default=str(TrainConfig.seed),
             help="Comma-separated training seeds; every arm trains once per seed (3+ advised).",
         ),
         click.option(
             "--arms",
-            default="baseline,proposed",
+            default=",".join(DEFAULT_DEEP_ARMS),
             show_default=True,
             help="Comma-separated deep arms: baseline (raw RGB), proposed (gray Otsu + closing), "
             "lab-a (Otsu on LAB a), masked-rgb (stain colour inside the mask). Each other arm "
@@ -274,7 +140,7 @@ def study_options(function):
         click.option(
             "--out-dir",
             type=click.Path(file_okay=False),
-            default="processed",
+            default=DEFAULT_OUT_DIR,
             help="Store of every arm's preprocessed images (one folder per option set).",
         ),
         click.option(

@@ -36,34 +36,13 @@ from . import data, images
 from .audit import rows_and_audit
 from .preview import write_preview
 from .segmentation import SegmentationParams, preprocess_planes
+from .split import SplitParams
 from .store import OutputStore
 
 # Bump when a change to this module or to segmentation.py changes what is written.
 PIPELINE_VERSION = 1
 OWNER_MARK = "leukemia preprocess"
-
-
-@dataclass(frozen=True)
-class SplitParams:
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    seed: int = 42
-    group_by: str = "image"
-    block_size: int = 24
-    near_duplicate_distance: int = 4
-
-    def __post_init__(self):
-        object.__setattr__(self, "fractions", data.parse_fractions(self.fractions))
-        if self.group_by not in ("image", "index-block"):
-            raise ValueError(
-                f"unsupported group_by, got {self.group_by!r}; expected image or index-block"
-            )
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if not 0 <= self.near_duplicate_distance <= 64:
-            raise ValueError(
-                "near_duplicate_distance must be 0..64 bits of the 64-bit dHash, "
-                f"got {self.near_duplicate_distance}"
-            )
+MAX_UNREADABLE = 0.01  # more unreadable files than this fraction fails the run
 
 
 @dataclass
@@ -232,15 +211,16 @@ def preprocess(
     data_dir,
     out_dir,
     seg: SegmentationParams = SegmentationParams(),
-    split: SplitParams = SplitParams(),
+    split: SplitParams | None = None,
     manifest: str | os.PathLike | None = None,
-    max_unreadable: float = 0.01,
+    max_unreadable: float = MAX_UNREADABLE,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
     workers: int = 0,
     progress: bool = True,
     preview_per_class: int = 3,
 ) -> PreprocessResult:
     """Audit, split and preprocess the dataset in ``data_dir`` into ``out_dir`` (cached)."""
+    split = split or SplitParams()
     if not 0 <= max_unreadable <= 1:
         raise ValueError(f"max_unreadable must be a fraction in [0, 1], got {max_unreadable}")
     root, folders = data.resolve_root(data_dir)
@@ -338,6 +318,15 @@ def _files_in_manifest(files, rows, root) -> list[data.ImageFile]:
             f"e.g. {wrong[0]!r}"
         )
     return [by_path[p] for p in sorted({r["path"] for r in rows})]
+
+
+def stored_segmentation(out_dir: str | os.PathLike) -> dict:
+    """The segmentation options a preprocess output folder was made with (its ``params.json``);
+    ``ValueError`` when the folder is not one."""
+    params = _read_params(Path(out_dir))
+    if not params or not isinstance(params.get("segmentation"), dict):
+        raise ValueError(f"{str(out_dir)!r} is not a preprocess output (no params.json of ours)")
+    return params["segmentation"]
 
 
 def _read_params(out_dir: Path) -> dict | None:

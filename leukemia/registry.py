@@ -32,6 +32,8 @@ DEFAULT_NAME = "leukemia-classifier"  # the registered model every command uses 
 CHAMPION, CHALLENGER = "champion", "challenger"
 RECALL_PREFIX = "test_recall_"
 LOCK_SUFFIX = ".promotion-lock"
+PROMOTION_METRIC = "test_f1_macro"  # the test metric a candidate must beat the champion on
+RECALL_TOLERANCE = 0.05  # the largest drop in any class's recall that still allows promotion
 LOCK_STALE_S = 60.0  # a promotion takes about a second; a lock this old was left by a kill
 LOCK_WAIT_S = 120.0
 
@@ -157,9 +159,9 @@ def _metric(version, metric: str) -> float:
 def decide(
     name: str = DEFAULT_NAME,
     candidate: str | None = None,
-    metric: str = "test_f1_macro",
+    metric: str = PROMOTION_METRIC,
     min_delta: float = 0.0,
-    recall_tolerance: float = 0.05,
+    recall_tolerance: float = RECALL_TOLERANCE,
     force: bool = False,
 ) -> Decision:
     """Whether ``candidate`` (a version number or alias; default ``@challenger``) should
@@ -300,9 +302,9 @@ def _remove_if_stale(client: MlflowClient, lock: str, stale_s: float) -> None:
 def decide_and_promote(
     name: str = DEFAULT_NAME,
     candidate: str | None = None,
-    metric: str = "test_f1_macro",
+    metric: str = PROMOTION_METRIC,
     min_delta: float = 0.0,
-    recall_tolerance: float = 0.05,
+    recall_tolerance: float = RECALL_TOLERANCE,
     force: bool = False,
     dry_run: bool = False,
 ) -> Decision:

@@ -19,7 +19,6 @@ it may take), so a bad space fails before any trial starts.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -32,10 +31,8 @@ from pathlib import Path
 import optuna
 
 from . import yamlfile
-from .config import PreprocessConfig
+from .config import PREPROCESS_FIELDS
 from .segmentation import CHANNELS, KERNEL_SHAPES, OUTPUTS
-
-_PREPROCESS_FIELDS = {f.name for f in dataclasses.fields(PreprocessConfig)}
 
 
 @dataclass(frozen=True)
@@ -95,7 +92,7 @@ class SearchSpace:
         overrides included."""
         chosen: dict[str, dict] = {"train": {}, "preprocess": {}}
         for name, value in self.overrides:
-            chosen["preprocess" if name in _PREPROCESS_FIELDS else "train"][name] = value
+            chosen["preprocess" if name in PREPROCESS_FIELDS else "train"][name] = value
         for name, value in params.items():
             chosen[DIMENSIONS[name].target][name] = value
         return chosen["train"], chosen["preprocess"]

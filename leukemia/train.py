@@ -26,6 +26,7 @@ from . import model as m
 from .config import TrainConfig
 from .data import CLASSES, DatasetError
 from .datasets import BatchTransform, ManifestDataset, class_weights
+from .preprocess import stored_segmentation
 
 STATE_FILE = "state.pt"
 # Images per backbone pass in phase 1 (``engine.train_head_epoch``) and per evaluation batch:
@@ -155,15 +156,16 @@ def load_state(work_dir) -> dict | None:
         ) from None
 
 
-def build_classifier(config: TrainConfig) -> m.Classifier:
-    """The configured classifier, checked against the image size (downloads ImageNet weights
-    when asked, so a failure surfaces before any training or tracking starts)."""
+def build_classifier(config: TrainConfig, image_size: int) -> m.Classifier:
+    """The configured classifier, checked against the image size it will see (downloads
+    ImageNet weights when asked, so a failure surfaces before any training or tracking
+    starts)."""
     m.check_model_name(config.model)
     seed_everything(config.seed)  # the head's (and a from-scratch backbone's) initial weights
     classifier = m.create_classifier(
         config.model, num_classes=len(CLASSES), dropout=config.dropout, pretrained=config.pretrained
     )
-    m.check_image_size(classifier.backbone, config.image_size)
+    m.check_image_size(classifier.backbone, image_size)
     return classifier
 
 
@@ -221,7 +223,9 @@ def train(
     precision = precision or engine.resolve_precision(config.precision, device)
     as_served = engine.Precision("fp32", device.type)
     seed_everything(config.seed)
-    classifier = (classifier or build_classifier(config)).to(device)
+    if classifier is None:
+        classifier = build_classifier(config, stored_segmentation(processed_dir)["image_size"])
+    classifier = classifier.to(device)
     if precision.channels_last:
         classifier = classifier.to(memory_format=torch.channels_last)
     mean, std = normalisation(classifier)

@@ -145,10 +145,12 @@ def compare_note(table: dict, tests: dict, seeds, what: str) -> str:
     return "\n".join(lines)
 
 
-def train_note(arm: str, seed: int, origin: dict, config, metrics: dict | None = None) -> str:
+def train_note(
+    arm: str, seed: int, origin: dict, config, segmentation: dict, metrics: dict | None = None
+) -> str:
     """A train run's description: which arm, data and config; its test metrics once known."""
     lines = [
-        f"**{arm} arm**, seed {seed}: `{config.model}` at {config.image_size} px, batch "
+        f"**{arm} arm**, seed {seed}: `{config.model}` at {segmentation['image_size']} px, batch "
         f"{config.batch_size}, config `{origin.get('config', '?')}`, data "
         f"`{origin.get('data_dir', '?')}` (manifest {origin.get('manifest_hash', '?')[:12]}).",
         "",

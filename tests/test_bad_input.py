@@ -67,15 +67,15 @@ def test_broken_and_looping_symlinks_are_listed_as_unreadable(dataset_copy, trac
     ("args", "expected"),
     [
         (["preprocess", "--kernel-size", "100001"], "odd integer from 1 to 255, got 100001"),
-        (["preprocess", "--image-size", "1000000"], "1000000 is not in the range 8<=x<=2048"),
+        (["preprocess", "--image-size", "1000000"], "from 8 to 2048 pixels, got 1000000"),
         (["synth", "out", "--size", "1000000"], "1000000 is not in the range 32<=x<=4096"),
         (["train", "--phase1_lr", "inf"], "phase1_lr must be a finite number > 0, got inf"),
         (["train", "--phase2_lr", "nan"], "phase2_lr must be a finite number > 0, got nan"),
         (["train", "--weight_decay", "nan"], "weight_decay must be a finite number >= 0"),
         (["train", "--weight_decay", "inf"], "weight_decay must be a finite number >= 0"),
         (["train", "--seed", "-1"], "Invalid value for '--seed': -1 is not in the range x>=0"),
-        (["train", "--split-seed", "-1"], "'--split-seed': -1 is not in the range x>=0"),
-        (["train", "--image_size", "5000"], "image_size must be at most 2048, got 5000"),
+        (["train", "--split-seed", "-1"], "split_seed must be >= 0, got -1"),
+        (["train", "--image_size", "5000"], "image_size must be from 8 to 2048 pixels, got 5000"),
     ],
 )
 def test_out_of_range_options_are_one_line_errors(args, expected, tracking_uri):

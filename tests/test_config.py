@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -80,35 +81,44 @@ def test_paper_yaml_states_the_papers_preprocessing():
     )
 
 
-def test_cli_and_mlproject_leave_every_default_to_the_config():
-    """A default lives in the dataclasses only: a CLI option or MLproject parameter that
-    declared its own could disagree with them (kernel_size was written in five places)."""
-    import dataclasses
-
+def test_a_setting_is_declared_by_its_dataclass_only():
+    """No command option or MLproject parameter declares a preprocessing field (kernel_size
+    was once written in six places): each is a --field VALUE override, listed in the help from
+    the dataclass with its default and help."""
     import yaml
 
     from leukemia.cli import main
-    from leukemia.config import PreprocessConfig
+    from leukemia.config import PREPROCESS_FIELDS, PreprocessConfig
 
-    fields = [f.name for f in dataclasses.fields(PreprocessConfig)]
-    for name in ("preprocess", "train", "compare", "main"):
-        params = {p.name: p for p in main.commands[name].params}
-        for field in fields:
-            if field == "segment" and name in ("compare", "main"):
-                continue  # a study runs both arms
-            assert field in params, (name, field)
-            assert params[field].default is None, (name, field, params[field].default)
-            assert f"else {getattr(PreprocessConfig, field)}]" in params[field].help
+    for name in ("preprocess", "train", "compare", "main", "search"):
+        command = main.commands[name]
+        declared = {p.name for p in command.params}
+        assert not declared & set(PREPROCESS_FIELDS), name
+        assert command.context_settings.get("ignore_unknown_options"), name
+    epilog = main.commands["train"].epilog
+    for field in dataclasses.fields(PreprocessConfig):
+        assert f"--{field.name} {field.default!r}: {field.metadata['help']}" in epilog
     project = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
-    for name in ("preprocess", "train", "compare", "main"):
-        declared = project[name]["parameters"]
-        for field in fields:
-            if field == "segment" and name in ("compare", "main"):
-                continue
-            assert declared[field] == {"type": "string", "default": ""}, (name, field)
-            flag = "--" + field.replace("_", "-")
-            assert f"{flag} {{{field}}}" in project[name]["command"], (name, flag)
-    assert project["train"]["parameters"]["seed"] == {"type": "string", "default": ""}
+    for name, entry in project.items():
+        assert not set(entry.get("parameters", {})) & set(PREPROCESS_FIELDS), name
+
+
+def test_fields_route_by_name_wherever_they_are_given(tmp_path):
+    from leukemia.config import load_experiment
+
+    path = tmp_path / "c.yaml"
+    path.write_text("image_size: 96\nbatch_size: 4\npreprocess:\n  kernel_size: 7\n")
+    train, pre = load_experiment(path, {"channel": "lab-a", "phase1_lr": "0.01"})
+    assert (pre.image_size, pre.kernel_size, pre.channel) == (96, 7, "lab-a")
+    assert (train.batch_size, train.phase1_lr) == (4, 0.01)
+    path.write_text("image_size: 96\npreprocess:\n  image_size: 64\n")
+    with pytest.raises(ValueError, match="both at the top level and in the preprocess block"):
+        load_experiment(path)
+    path.write_text("preprocess:\n  batch_size: 4\n")
+    with pytest.raises(ValueError, match="holds training fields"):
+        load_experiment(path)
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['kernel'\] in the overrides"):
+        load_experiment(None, {"kernel": 3})
 
 
 def test_a_preprocess_block_flows_into_the_run_and_options_win(tmp_path, tracking_uri):

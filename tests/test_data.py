@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leukemia import data
+from leukemia import data, split
 
 RELEASE_3256 = ("Benign", "Early", "Pre", "Pro")
 RELEASE_3242 = ("Benign", "[Malignant] early Pre-B", "[Malignant] Pre-B", "[Malignant] Pro-B")
@@ -96,10 +96,10 @@ def test_list_images_filters_suffixes_and_sorts(tmp_path):
 def test_duplicate_pairs_exact_and_near():
     sha = ["a", "b", "a", "c", "d"]
     dh = [0b0, 0b1111 << 20, 0b0, 0b0111 << 20, (2**64 - 1)]
-    exact, near = data.duplicate_pairs(sha, dh, max_distance=1)
+    exact, near = split.duplicate_pairs(sha, dh, max_distance=1)
     assert exact == [(0, 2, 0)]
     assert near == [(1, 3, 1)]
-    _, none = data.duplicate_pairs(sha, dh, max_distance=0)
+    _, none = split.duplicate_pairs(sha, dh, max_distance=0)
     assert none == []
 
 
@@ -108,15 +108,15 @@ def test_index_blocks_and_duplicates_share_groups():
         "Pre/WBC-Malignant-Pre-001.jpg",
         "Pre/x.jpg",
     ]
-    assert data.file_number(paths[1]) == 24
-    assert data.file_number("Pre/x.jpg") is None
-    by_image = data.assign_groups(paths, [(0, 4, 0)], "image")
+    assert split.file_number(paths[1]) == 24
+    assert split.file_number("Pre/x.jpg") is None
+    by_image = split.assign_groups(paths, [(0, 4, 0)], "image")
     assert by_image == [0, 1, 2, 3, 0, 4, 5]
-    by_block = data.assign_groups(paths, [], "index-block", block_size=24)
+    by_block = split.assign_groups(paths, [], "index-block", block_size=24)
     # 1 and 24 share a block, 25 and 48 the next; the same number in another folder does not.
     assert by_block == [0, 0, 1, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="unsupported group_by"):
-        data.assign_groups(paths, [], "patient")
+        split.assign_groups(paths, [], "patient")
 
 
 @pytest.mark.parametrize(
@@ -132,18 +132,18 @@ def test_index_blocks_and_duplicates_share_groups():
 )
 def test_bad_fractions(text, message):
     with pytest.raises(ValueError, match=message):
-        data.parse_fractions(text)
+        split.parse_fractions(text)
 
 
 def test_stratified_split_singletons_hits_exact_counts():
     labels = [0] * 336 + [1] * 649 + [2] * 648 + [3] * 540
-    splits = data.stratified_group_split(labels, list(range(len(labels))), (0.7, 0.15, 0.15), 1)
+    splits = split.stratified_group_split(labels, list(range(len(labels))), (0.7, 0.15, 0.15), 1)
     for label, n in Counter(labels).items():
         counts = Counter(s for s, lab in zip(splits, labels) if lab == label)
         assert abs(counts["val"] - 0.15 * n) <= 1 and abs(counts["test"] - 0.15 * n) <= 1
         assert sum(counts.values()) == n
-    again = data.stratified_group_split(labels, list(range(len(labels))), (0.7, 0.15, 0.15), 1)
-    other = data.stratified_group_split(labels, list(range(len(labels))), (0.7, 0.15, 0.15), 2)
+    again = split.stratified_group_split(labels, list(range(len(labels))), (0.7, 0.15, 0.15), 1)
+    other = split.stratified_group_split(labels, list(range(len(labels))), (0.7, 0.15, 0.15), 2)
     assert splits == again and splits != other
 
 
@@ -151,10 +151,10 @@ def test_groups_never_straddle_splits():
     rng = np.random.default_rng(0)
     groups = np.repeat(np.arange(120), rng.integers(1, 6, 120)).tolist()
     labels = [g % 4 for g in groups]
-    splits = data.stratified_group_split(labels, groups, (0.7, 0.15, 0.15), 0)
+    splits = split.stratified_group_split(labels, groups, (0.7, 0.15, 0.15), 0)
     split_of = {}
-    for group, split in zip(groups, splits):
-        assert split_of.setdefault(group, split) == split
+    for group, name in zip(groups, splits):
+        assert split_of.setdefault(group, name) == name
     fractions = Counter(splits)
     assert 0.6 < fractions["train"] / len(splits) < 0.8
 

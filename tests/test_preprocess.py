@@ -18,8 +18,9 @@ import pytest
 
 from leukemia import images, synthetic
 from leukemia.data import DatasetError
-from leukemia.preprocess import SplitParams, preprocess
+from leukemia.preprocess import preprocess
 from leukemia.segmentation import SegmentationParams, preprocess_image
+from leukemia.split import SplitParams
 
 from .conftest import REAL_DATA, requires_real_data
 

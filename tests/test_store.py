@@ -15,8 +15,9 @@ import pytest
 
 from leukemia import synthetic
 from leukemia.data import DatasetError
-from leukemia.preprocess import SplitParams, preprocess
+from leukemia.preprocess import preprocess
 from leukemia.segmentation import SegmentationParams
+from leukemia.split import SplitParams
 from leukemia.store import OutputStore, StoreError
 
 

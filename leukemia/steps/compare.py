@@ -180,7 +180,6 @@ def plan(
     config_path,
     seeds: str,
     overrides: dict,
-    preprocess_overrides: dict,
     arms: str = ",".join(DEFAULT_DEEP_ARMS),
 ) -> Plan:
     """Check seeds, arms, configs, preprocessing and the project; raise ``ValueError`` if
@@ -190,9 +189,7 @@ def plan(
     project = find_project()
     configs = {}
     for seed in seed_list:
-        configs[seed], pre = load_experiment(
-            config_path, {**overrides, "seed": seed}, preprocess_overrides
-        )
+        configs[seed], pre = load_experiment(config_path, {**overrides, "seed": seed})
     study = Plan(seed_list, configs, pre, overrides, project, deep)
     for arm in deep:
         # The arm's fields must be valid with the study's, and together name this arm: a run
@@ -228,7 +225,6 @@ def compare(
 ) -> Comparison:
     """The deep arms x seeds as ``mlflow run -e train`` children of the active run, the
     shortcut arms, and the statistics (``statistics``)."""
-    image_size = study.configs[study.seeds[0]].image_size
     # Every arm splits the same files with the same options: the same split, checked below.
     # Every child gets the same data_dir, config and out_dir (and no manifest), so the only
     # parameters that differ between them are the ones that mean something: the arm's
@@ -237,7 +233,7 @@ def compare(
     needed = dict.fromkeys([*study.arms, *(a.images for a in SHORTCUT_ARMS if shortcuts)])
     for arm in needed:
         made[arm], seconds = preprocess_step.run(
-            data_dir, out_dir, None, study.arm_preprocess(arm), image_size, workers
+            data_dir, out_dir, None, study.arm_preprocess(arm), workers
         )
         echo(f"{arm} images: " + preprocess_step.summary(made[arm], seconds))
     first = study.arms[0]

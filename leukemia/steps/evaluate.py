@@ -96,7 +96,7 @@ def run(
     split: str = "test",
     robustness: bool = True,
     gradcam_per_class: int = 2,
-    bootstrap: int = 1000,
+    bootstrap: int = metrics.N_RESAMPLES,
     experiment: str | None = None,
     seed: int = 0,
     batch_size: int = 32,

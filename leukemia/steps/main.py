@@ -65,7 +65,7 @@ def run_study(
         return StudyResult(comparison, best, promotion, None)
     try:
         evaluated = evaluate_step.run(
-            f"models:/{name}@{registry.CHAMPION}", comparison.manifest, bootstrap=1000, nested=True
+            f"models:/{name}@{registry.CHAMPION}", comparison.manifest, nested=True
         )
     except ValueError as error:
         echo(f"evaluation of the champion skipped: {error}")

@@ -17,6 +17,7 @@ from ..config import PreprocessConfig
 from ..preprocess import PreprocessResult, preprocess
 
 SYNTHETIC = "synthetic"  # --data-dir value: the generated demo data
+SYNTHETIC_PER_CLASS = 60  # the demo's images per class: minutes on a CPU
 
 
 def cache_dir() -> Path:
@@ -44,17 +45,16 @@ def run(
     out_dir,
     manifest,
     pre: PreprocessConfig,
-    image_size: int,
     workers: int = 0,
     progress: bool = True,
 ) -> tuple[PreprocessResult, float]:
-    """Preprocess ``data_dir`` with ``pre`` at ``image_size``; returns the result and seconds.
-    Raises ``DatasetError``, ``FileExistsError`` or ``ValueError`` for bad input."""
+    """Preprocess ``data_dir`` with ``pre``; returns the result and seconds. Raises
+    ``DatasetError``, ``FileExistsError`` or ``ValueError`` for bad input."""
     start = time.perf_counter()
     result = preprocess(
         data_dir,
         out_dir,
-        seg=pre.segmentation(image_size),
+        seg=pre.segmentation(),
         split=pre.split(),
         manifest=manifest,
         max_unreadable=pre.max_unreadable,

@@ -119,7 +119,9 @@ def _values(runs, key: str, where: str = "params") -> str:
     return ", ".join(found)
 
 
-def section(study: Study, out_dir: Path, n_resamples: int = 1000) -> tuple[str, dict]:
+def section(
+    study: Study, out_dir: Path, n_resamples: int = metrics.N_RESAMPLES
+) -> tuple[str, dict]:
     """One parent's markdown section (figures written to ``out_dir``) and its headline row."""
     parent, children = study.parent, study.children
     table, tests = study_stats.summarise(children, study.deep_arms)
@@ -128,7 +130,9 @@ def section(study: Study, out_dir: Path, n_resamples: int = 1000) -> tuple[str, 
     split = ", ".join(f"{k} {first.get(k, '?')}" for k in SPLIT_PARAMS)
     name = parent.data.tags.get("mlflow.runName", parent.info.run_id)
     train_minutes = [(r.info.end_time - r.info.start_time) / 60000 for r in deep_runs]
-    config = ", ".join(f"{k} {first.get(f'config.{k}', '?')}" for k in CONFIG_KEYS)
+    config = ", ".join(
+        f"{k} {first.get(f'config.{k}', first.get(f'preprocess.{k}', '?'))}" for k in CONFIG_KEYS
+    )
     lines = [
         f"## {name}: {first.get('group_by', '?')} split (run {parent.info.run_id[:8]})",
         "",
@@ -255,7 +259,7 @@ def champion_robustness(name: str) -> str:
     )
 
 
-def write_report(run_ids, out_dir, model_name: str, n_resamples: int = 1000) -> Path:
+def write_report(run_ids, out_dir, model_name: str, n_resamples: int = metrics.N_RESAMPLES) -> Path:
     """``report.md`` (and figures) in ``out_dir`` for the parents ``run_ids``; returns its path."""
     studies = [load_study(r) for r in run_ids]  # every id checked before anything is written
     out_dir = Path(out_dir)

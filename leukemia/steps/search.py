@@ -106,7 +106,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         train_overrides, preprocess_overrides = self.space.suggest(trial)
         config, pre = load_experiment(
-            resolve_config_path(self.space.base), train_overrides, preprocess_overrides
+            resolve_config_path(self.space.base), {**train_overrides, **preprocess_overrides}
         )
         client = MlflowClient()
         tags = {
@@ -144,9 +144,7 @@ class Objective:
             shutil.rmtree(Path(self.work_root) / run_id, ignore_errors=True)
 
     def _train(self, trial, config, pre, run_id) -> float:
-        result, _ = preprocess_step.run(
-            self.data_dir, self.out_dir, None, pre, config.image_size, self.workers
-        )
+        result, _ = preprocess_step.run(self.data_dir, self.out_dir, None, pre, self.workers)
         mlflow.set_tag("data.processed_dir", str(Path(result.out_dir).resolve()))
         values: dict[int, float] = {}
 
@@ -285,7 +283,7 @@ def best_config(space, best_params: dict) -> dict:
     """A complete experiments config: the base's every field, with the best values in."""
     train_overrides, preprocess_overrides = space.split(best_params)
     config, pre = load_experiment(
-        resolve_config_path(space.base), train_overrides, preprocess_overrides
+        resolve_config_path(space.base), {**train_overrides, **preprocess_overrides}
     )
     return {**config.to_dict(), "preprocess": pre.to_dict()}
 

@@ -20,7 +20,7 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from .. import figures, metrics
+from .. import figures, metrics, registry
 from ..arms import DEFAULT_DEEP_ARMS
 
 HEADLINE = ("test_accuracy", "test_f1_macro", "test_f1_weighted")
@@ -177,7 +177,7 @@ def format_table(table: dict, tests: dict) -> str:
     return "\n".join(lines)
 
 
-def registered_version(run_ids, metric: str = "test_f1_macro") -> str | None:
+def registered_version(run_ids, metric: str = registry.PROMOTION_METRIC) -> str | None:
     """The registered version (number) of the best of ``run_ids`` by ``metric``."""
     client = MlflowClient()
     runs = [client.get_run(run_id) for run_id in run_ids]

@@ -100,7 +100,7 @@ def run_training(
     run's description and tags: where the settings and images came from."""
     processed_dir = Path(processed_dir)
     rows = read_manifest(processed_dir / "manifest.csv")
-    classifier = training.build_classifier(config)
+    classifier = training.build_classifier(config, segmentation["image_size"])
     device = training.resolve_device(config.device)
     precision = engine.resolve_precision(config.precision, device)
     training.check_training_split([int(r["label"]) for r in rows if r["split"] == "train"])
@@ -140,7 +140,9 @@ def run_training(
                 # `mlflow run -P resume=<id>` made a run of its own; point it at the real one.
                 mlflow.tracking.MlflowClient().set_tag(launched_by, "resumed_run_id", run_id)
             echo(f"MLflow run {run_id} ({arm} arm, {device}, {precision.name})")
-            ui.describe(run_id, ui.train_note(arm, config.seed, origin, config), name=name)
+            ui.describe(
+                run_id, ui.train_note(arm, config.seed, origin, config, segmentation), name=name
+            )
             version = _train_and_log(
                 config,
                 processed_dir,
@@ -157,7 +159,9 @@ def run_training(
             final = mlflow.get_run(run_id).data.metrics
             if version is not None:
                 origin["registered"] = f"{register_as} version {version} (@challenger)"
-            ui.describe(run_id, ui.train_note(arm, config.seed, origin, config, final))
+            ui.describe(
+                run_id, ui.train_note(arm, config.seed, origin, config, segmentation, final)
+            )
     except KeyboardInterrupt:
         if run_id:
             mlflow.tracking.MlflowClient().set_terminated(run_id, "KILLED")
