@@ -4,7 +4,9 @@ A deep arm trains the EfficientNet on one kind of preprocessed image: ``baseline
 resized RGB images, ``proposed`` on the paper's segmentation (gray Otsu, 5 x 5 ellipse
 closing, gray inside the mask), ``lab-a`` on the same segmentation thresholded on the LAB a
 channel (stain colour separates cells from the background better than brightness), and
-``masked-rgb`` on the colours inside the paper's mask (segmentation that keeps stain colour).
+``masked-rgb`` on the colours inside the paper's mask (segmentation that keeps stain colour),
+and ``gray`` on the whole grayscale image (colour lost, no segmentation: it separates what
+segmentation costs from what losing colour costs).
 A shortcut arm fits colour or brightness histograms + logistic regression on one arm's
 images, to show how far stain colour alone goes.
 """
@@ -39,6 +41,7 @@ ARMS = (
     Arm("proposed", segment=True),
     Arm("lab-a", segment=True, preprocessing=(("channel", "lab-a"),)),
     Arm("masked-rgb", segment=True, preprocessing=(("output", "masked-rgb"),)),
+    Arm("gray", segment=True, preprocessing=(("output", "gray"),)),
     Arm("shortcut-rgb", segment=False, features="rgb"),
     Arm("shortcut-gray", segment=False, features="gray"),
     Arm("shortcut-gray-segmented", segment=True, features="gray"),

@@ -132,7 +132,7 @@ class PreprocessConfig:
     output: str = _setting(
         _SEGMENTATION.output,
         "masked: gray with background 0; mask: the closed mask as 0/255; masked-rgb: the "
-        "original colours inside the mask, background 0.",
+        "original colours inside the mask, background 0; gray: the whole grayscale image.",
     )
     # Split (paper: 70/15/15; duplicates always kept in one split).
     split_fractions: str = _setting(

@@ -8,7 +8,7 @@ from dataclasses import fields as dataclass_fields
 
 import click
 
-from .arms import DEFAULT_DEEP_ARMS
+from .arms import DEEP_ARMS, DEFAULT_DEEP_ARMS
 from .config import DEFAULT_CONFIG, PAPER_CONFIG, PreprocessConfig, TrainConfig
 from .registry import DEFAULT_NAME
 from .steps.preprocess import DEFAULT_OUT_DIR, SYNTHETIC, SYNTHETIC_PER_CLASS
@@ -133,9 +133,9 @@ def study_options(function):
             "--arms",
             default=",".join(DEFAULT_DEEP_ARMS),
             show_default=True,
-            help="Comma-separated deep arms: baseline (raw RGB), proposed (gray Otsu + closing), "
-            "lab-a (Otsu on LAB a), masked-rgb (stain colour inside the mask). Each other arm "
-            "is paired with baseline, and every one with the best shortcut arm.",
+            help=f"Comma-separated deep arms, from {', '.join(DEEP_ARMS)} (leukemia/arms.py "
+            "says what each trains on). Each other arm is paired with baseline, and every one "
+            "with the best shortcut arm.",
         ),
         click.option(
             "--out-dir",

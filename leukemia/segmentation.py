@@ -9,8 +9,9 @@ Per image (uint8 RGB, H x W x 3):
    holds the values <= t and class 1 the values > t;
 4. binary mask A: the class the cells fall in (``dark``: values <= t*, ``bright``: values > t*);
 5. closing I = (A dilate B) erode B with B a ``kernel_size`` structuring element, once;
-6. output ``masked`` = ``np.where(I, gray, 0)`` replicated to 3 channels, or ``mask`` = I as 0/255
-   in 3 channels.
+6. output ``masked`` = ``np.where(I, gray, 0)`` replicated to 3 channels, ``mask`` = I as 0/255
+   in 3 channels, ``masked-rgb`` = the RGB image inside I, or ``gray`` = the grayscale image
+   itself in 3 channels (steps 3-5 unused).
 
 On bright-field smears the stained cells are darker than the background, so ``dark`` makes the
 cells the foreground; the paper's text ("pixels above t* are foreground") is ``bright``.
@@ -27,8 +28,9 @@ CHANNELS = ("gray", "saturation", "lab-a")
 FOREGROUNDS = ("auto", "dark", "bright")
 KERNEL_SHAPES = {"ellipse": cv2.MORPH_ELLIPSE, "rect": cv2.MORPH_RECT, "cross": cv2.MORPH_CROSS}
 # masked: gray * mask (the paper); mask: the closed mask as 0/255; masked-rgb: the original
-# colours inside the closed mask, background 0 (the paper's segmentation, stain colour kept).
-OUTPUTS = ("masked", "mask", "masked-rgb")
+# colours inside the closed mask, background 0 (the paper's segmentation, stain colour kept);
+# gray: the whole grayscale image, no mask (what losing colour costs, without segmentation).
+OUTPUTS = ("masked", "mask", "masked-rgb", "gray")
 # Where the stained cells sit in each channel: darker than the background in grayscale, more
 # saturated and more magenta (higher a*) than the pale background in the other two.
 _CELLS_ARE = {"gray": "dark", "saturation": "bright", "lab-a": "bright"}
@@ -175,6 +177,8 @@ def segment(rgb: np.ndarray, params: SegmentationParams = SegmentationParams()) 
     mask, t = _closed_mask(resized, gray, params)
     if not params.segment:
         output = resized
+    elif params.output == "gray":
+        output = cv2.merge([gray] * 3)
     elif params.output == "masked-rgb":
         output = resized * mask[:, :, None]
     else:
@@ -212,6 +216,8 @@ def preprocess_planes(rgb: np.ndarray, params: SegmentationParams = Segmentation
     gray = to_gray(resized)
     if not params.segment:
         return resized, gray
+    if params.output == "gray":
+        return gray, gray
     mask, _ = _closed_mask(resized, gray, params)
     if params.output == "masked-rgb":
         return resized * mask[:, :, None], gray

@@ -188,6 +188,21 @@ def test_channels_polarity_and_outputs():
     np.testing.assert_array_equal(baseline, seg.resize(rgb, 64))
 
 
+def test_gray_output_is_the_whole_grayscale_image_in_three_channels():
+    """The gray arm's input: OpenCV's weights on the resized image, no mask, in each channel;
+    what preprocess stores (one plane) and what serving computes (three) agree."""
+    params = SegmentationParams(output="gray", image_size=64)
+    rgb, _ = synthetic.make_image(3, "Pro-B", 0)
+    resized = seg.resize(rgb, 64).astype(np.float64)
+    expected = np.round(resized @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+    plane, _ = seg.preprocess_planes(rgb, params)
+    assert plane.shape == (64, 64)
+    assert np.abs(plane.astype(int) - expected).max() <= 1  # OpenCV's fixed-point rounding
+    served = seg.preprocess_image(rgb, params)
+    assert served.shape == (64, 64, 3) and all((served[:, :, c] == plane).all() for c in range(3))
+    np.testing.assert_array_equal(seg.segment(rgb, params)["output"], served)
+
+
 def test_masked_rgb_keeps_the_colours_inside_the_closed_mask():
     """The reference: the paper's closed mask (numpy Otsu, the 5x5 ellipse) times the resized
     RGB image, channel by channel; what preprocess stores and what serving computes agree."""
