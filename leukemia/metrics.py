@@ -223,9 +223,33 @@ def _macro_f1_rows(labels: np.ndarray, predictions: np.ndarray, n_classes: int) 
     return f1.mean(axis=1)
 
 
-def _resampled_statistics(n: int, statistic, n_resamples: int, seed: int) -> np.ndarray:
-    """``statistic(index)`` over (R, n) blocks of bootstrap indices; shape (n_resamples,)."""
+def _group_members(groups, n: int) -> list[np.ndarray]:
+    """The item indices of each group (``groups``: one id per item, any hashable values)."""
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or len(groups) != n:
+        raise ValueError(f"groups must give one group per item ({n}), got shape {groups.shape}")
+    _, inverse = np.unique(groups.astype(str), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
+
+
+def _resampled_statistics(
+    n: int, statistic, n_resamples: int, seed: int, groups=None
+) -> np.ndarray:
+    """``statistic(index)`` over (R, n) blocks of bootstrap indices; shape (n_resamples,).
+
+    With ``groups`` (one id per item) the groups are resampled instead of the items (the
+    cluster bootstrap): each resample draws as many groups as there are, with replacement, and
+    takes every item of each, so items that were held out together (an index block, duplicates)
+    vary together. ``statistic`` then gets one (1, m) index per resample, m varying."""
     rng = np.random.default_rng(seed)
+    if groups is not None:
+        members = _group_members(groups, n)
+        values = np.empty(n_resamples)
+        for r in range(n_resamples):
+            drawn = rng.integers(0, len(members), size=len(members))
+            values[r] = statistic(np.concatenate([members[k] for k in drawn])[None])[0]
+        return values
     block = max(1, _BOOTSTRAP_BLOCK // n)
     values = []
     for start in range(0, n_resamples, block):
@@ -248,15 +272,17 @@ def bootstrap_ci(
     seed: int = 0,
     confidence: float = 0.95,
     n_classes: int = len(CLASSES),
+    groups=None,
 ) -> dict:
-    """Percentile bootstrap interval for accuracy or macro F1, resampling test images.
+    """Percentile bootstrap interval for accuracy or macro F1, resampling test images (or,
+    with ``groups``, the groups they were held out in).
 
     Returns ``{"estimate", "low", "high"}``; the estimate is the metric on the full test set.
     ``pooled_bootstrap_ci`` with one model's predictions.
     """
     predictions = _labels(predictions, n_classes, name="predictions")
     return pooled_bootstrap_ci(
-        labels, predictions[None], metric, n_resamples, seed, confidence, n_classes
+        labels, predictions[None], metric, n_resamples, seed, confidence, n_classes, groups
     )
 
 
@@ -300,8 +326,10 @@ def paired_bootstrap_difference(
     seed: int = 0,
     confidence: float = 0.95,
     n_classes: int = len(CLASSES),
+    groups=None,
 ) -> dict:
-    """Percentile interval for accuracy(a) - accuracy(b), resampling images jointly.
+    """Percentile interval for accuracy(a) - accuracy(b), resampling images jointly (or the
+    groups of ``groups``).
 
     Resampling both classifiers' results for the same images keeps their correlation, so the
     interval is narrower than one built from two independent intervals.
@@ -313,21 +341,27 @@ def paired_bootstrap_difference(
     _same_length(labels=labels, predictions_a=predictions_a, predictions_b=predictions_b)
     difference = (predictions_a == labels).astype(np.float64) - (predictions_b == labels)
     values = _resampled_statistics(
-        len(labels), lambda index: difference[index].mean(axis=1), n_resamples, seed
+        len(labels), lambda index: difference[index].mean(axis=1), n_resamples, seed, groups
     )
     low, high = _percentile_interval(values, confidence)
     return {"difference": float(difference.mean()), "low": low, "high": high}
 
 
 def pooled_bootstrap_difference(
-    correct_a, correct_b, n_resamples: int = N_RESAMPLES, seed: int = 0, confidence: float = 0.95
+    correct_a,
+    correct_b,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+    groups=None,
 ) -> dict:
     """Percentile interval for mean-over-seeds accuracy(a) - accuracy(b) on one test set.
 
     ``correct_a`` (S_a x N) and ``correct_b`` (S_b x N): whether each seed's model got each of
     the same N test images right (one row for a model without seeds). The per-image difference
     d_i = mean_s a[s, i] - mean_s b[s, i] is resampled over images, so the interval covers the
-    test sample's noise for the seeds' average, with the models' correlation kept.
+    test sample's noise for the seeds' average, with the models' correlation kept. With
+    ``groups`` the groups are resampled (``_resampled_statistics``).
     """
     _check_bootstrap(n_resamples, confidence)
     rows = [np.atleast_2d(np.asarray(c, dtype=bool)) for c in (correct_a, correct_b)]
@@ -338,7 +372,7 @@ def pooled_bootstrap_difference(
         )
     difference = rows[0].mean(axis=0) - rows[1].mean(axis=0)
     values = _resampled_statistics(
-        len(difference), lambda index: difference[index].mean(axis=1), n_resamples, seed
+        len(difference), lambda index: difference[index].mean(axis=1), n_resamples, seed, groups
     )
     low, high = _percentile_interval(values, confidence)
     return {"difference": float(difference.mean()), "low": low, "high": high}
@@ -352,8 +386,10 @@ def pooled_bootstrap_ci(
     seed: int = 0,
     confidence: float = 0.95,
     n_classes: int = len(CLASSES),
+    groups=None,
 ) -> dict:
-    """Percentile bootstrap interval for the mean over seeds of accuracy or macro F1:
+    """Percentile bootstrap interval for the mean over seeds of accuracy or macro F1 (with
+    ``groups``, resampling the groups the test images were held out in):
     ``predictions`` is (S x N), one row per seed's model on the same N test images; each
     resample of images scores every seed's model on it and averages. Returns ``{"estimate",
     "low", "high"}``; the estimate is the mean of the models' metrics on the full test set."""
@@ -371,6 +407,6 @@ def pooled_bootstrap_ci(
         return np.mean([_macro_f1_rows(labels[index], row[index], n_classes) for row in rows], 0)
 
     estimate = statistic(np.arange(len(labels))[None])[0]
-    values = _resampled_statistics(len(labels), statistic, n_resamples, seed)
+    values = _resampled_statistics(len(labels), statistic, n_resamples, seed, groups)
     low, high = _percentile_interval(values, confidence)
     return {"estimate": float(estimate), "low": low, "high": high}

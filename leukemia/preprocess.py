@@ -320,13 +320,13 @@ def _files_in_manifest(files, rows, root) -> list[data.ImageFile]:
     return [by_path[p] for p in sorted({r["path"] for r in rows})]
 
 
-def stored_segmentation(out_dir: str | os.PathLike) -> dict:
-    """The segmentation options a preprocess output folder was made with (its ``params.json``);
-    ``ValueError`` when the folder is not one."""
+def stored_options(out_dir: str | os.PathLike, part: str = "segmentation") -> dict:
+    """The options a preprocess output folder was made with (its ``params.json``), ``part``
+    ``segmentation`` or ``split``; ``ValueError`` when the folder is not one."""
     params = _read_params(Path(out_dir))
-    if not params or not isinstance(params.get("segmentation"), dict):
+    if not params or not isinstance(params.get(part), dict):
         raise ValueError(f"{str(out_dir)!r} is not a preprocess output (no params.json of ours)")
-    return params["segmentation"]
+    return params[part]
 
 
 def _read_params(out_dir: Path) -> dict | None:

@@ -26,7 +26,7 @@ from . import model as m
 from .config import TrainConfig
 from .data import CLASSES, DatasetError
 from .datasets import BatchTransform, ManifestDataset, class_weights
-from .preprocess import stored_segmentation
+from .preprocess import stored_options
 
 STATE_FILE = "state.pt"
 # Images per backbone pass in phase 1 (``engine.train_head_epoch``) and per evaluation batch:
@@ -224,7 +224,7 @@ def train(
     as_served = engine.Precision("fp32", device.type)
     seed_everything(config.seed)
     if classifier is None:
-        classifier = build_classifier(config, stored_segmentation(processed_dir)["image_size"])
+        classifier = build_classifier(config, stored_options(processed_dir)["image_size"])
     classifier = classifier.to(device)
     if precision.channels_last:
         classifier = classifier.to(memory_format=torch.channels_last)

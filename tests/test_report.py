@@ -3,11 +3,14 @@ it: every number in the report recomputed here from the runs' logged predictions
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
 
 from leukemia import metrics
+from leukemia.data import read_manifest
 from leukemia.steps.statistics import logged_predictions
 
 from .test_study import TINY, invoke, venv_on_path  # noqa: F401 - a fixture
@@ -48,7 +51,17 @@ def test_compare_more_arms_and_report_them(tracking_uri, tmp_path, monkeypatch, 
         frames = [logged_predictions(r) for r in dict.fromkeys(children[arm].values())]
         return np.array([(f["predicted"] == f["label"]).to_numpy() for f in frames])
 
-    expected = metrics.pooled_bootstrap_difference(correct("masked-rgb"), correct("baseline"))
+    # The unit resampled is the group each test image was held out in, from the manifest.
+    first = mlflow.get_run(children["baseline"]["1"])  # the first deep arm's first seed
+    manifest = Path(first.data.tags["data.processed_dir"], "manifest.csv")
+    group_of = {row["path"]: row["group"] for row in read_manifest(manifest)}
+    paths = logged_predictions(first.info.run_id).index
+    groups = [group_of[p] for p in paths]
+    unit = f"the {len(set(groups))} held-out groups (images, a duplicate group as one)"
+    assert statistics["resampled"] == unit
+    expected = metrics.pooled_bootstrap_difference(
+        correct("masked-rgb"), correct("baseline"), groups=groups
+    )
     assert statistics["pooled"]["masked-rgb_vs_baseline"] == pytest.approx(expected)
     mean = correct("masked-rgb").mean() - correct("baseline").mean()
     assert expected["difference"] == pytest.approx(mean)
@@ -59,6 +72,7 @@ def test_compare_more_arms_and_report_them(tracking_uri, tmp_path, monkeypatch, 
     low, high = expected["low"], expected["high"]
     row = f"**{expected['difference']:+.3f} [{low:+.3f}, {high:+.3f}]**"
     assert "| masked-rgb − baseline |" in report and row in report, report
+    assert f"The 95% intervals resample {statistics['resampled']} with these" in report
     accuracy = correct("baseline").mean(axis=1)
     assert f"| baseline | 2 | {accuracy.mean():.3f} ± {accuracy.std(ddof=1):.3f} |" in report
     assert "No `leukemia-classifier@champion` in this registry" in report  # compare promotes none

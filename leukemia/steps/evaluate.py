@@ -135,9 +135,13 @@ def run(
         no_interval = f"no interval: {len(labels)} image(s) cannot be resampled"
     else:
         predictions = probabilities.argmax(axis=1)
+        # The groups the images were held out in (duplicates, index blocks) are resampled.
+        manifest_rows = read_manifest(manifest_path)
+        group_of = {row["path"]: row.get("group") or row["path"] for row in manifest_rows}
+        groups = [group_of[path] for path in clean_result["paths"]]
         for metric in metrics.BOOTSTRAP_METRICS:
             intervals[metric] = metrics.bootstrap_ci(
-                labels, predictions, metric, n_resamples=bootstrap, seed=seed
+                labels, predictions, metric, n_resamples=bootstrap, seed=seed, groups=groups
             )
     table = evaluation.robustness_table(results)
     samples = gradcam.gradcam_samples(manifest_path, root, split, bundle, gradcam_per_class)

@@ -1,14 +1,14 @@
-"""The ``report`` step: a markdown report of one or more study parents (``compare`` or
-``main`` runs), computed from what their runs logged, so nothing in it is typed by hand.
+"""The ``report`` step: a markdown report of one or more study parents (``compare`` or ``main``
+runs), computed from what their runs logged, so nothing in it is typed by hand.
 
-For each parent: where the data came from (split, manifest hash), the config, the code
-commit, the hardware and the wall time; per arm, mean and sd over seeds of test accuracy and
-macro F1 with 95% intervals (``metrics.pooled_bootstrap_ci``: test images resampled, every
-seed's model scored on each resample); every deep arm against ``baseline`` and against the best
-shortcut arm, per seed (difference with its paired bootstrap interval, exact McNemar p) and
-pooled over seeds (``statistics.summarise``). Then the robustness table of the registered
-model's ``@champion`` from its latest ``evaluate`` run. Figures: accuracy per arm and seed,
-and the pooled differences with their intervals.
+For each parent: where the data came from (split, manifest hash), the config, the code commit,
+the hardware and the wall time; per arm, mean and sd over seeds of test accuracy and macro F1
+with 95% intervals (``metrics.pooled_bootstrap_ci``: the groups the test images were held out in
+resampled, ``statistics.held_out_groups``, every seed's model scored on each); every deep arm
+against ``baseline`` and against the best shortcut arm, per seed (difference with its paired
+bootstrap interval, exact McNemar p) and pooled over seeds (``statistics.summarise``). Then the
+robustness table of the registered model's ``@champion`` from its latest ``evaluate`` run.
+Figures: accuracy per arm and seed, and the pooled differences with their intervals.
 """
 
 from __future__ import annotations
@@ -126,6 +126,10 @@ def section(
     parent, children = study.parent, study.children
     table, tests = study_stats.summarise(children, study.deep_arms)
     deep_runs = [study.runs[r] for arm in study.deep_arms for r in children[arm].values()]
+    groups, _ = study_stats.held_out_groups(
+        deep_runs[0].info.run_id,
+        study_stats.logged_predictions(deep_runs[0].info.run_id).index,
+    )
     first = deep_runs[0].data.params
     split = ", ".join(f"{k} {first.get(k, '?')}" for k in SPLIT_PARAMS)
     name = parent.data.tags.get("mlflow.runName", parent.info.run_id)
@@ -152,9 +156,9 @@ def section(
         f"{_values(deep_runs, 'runtime.device')}, precision "
         f"{_values(deep_runs, 'runtime.precision')}",
         "",
-        "Test split. The 95% intervals resample the test images with these trained models held "
-        "fixed: they cover the test sample, not a new training run (the sd over seeds shows "
-        "that). Many pairs are tested at once, so a single p near 0.05 says little.",
+        f"Test split. The 95% intervals resample {tests['resampled']} with these trained "
+        "models held fixed: they cover the test sample, not a new training run (the sd over "
+        "seeds shows that). Many pairs are tested at once, so a single p near 0.05 says little.",
         "",
         "| arm | seeds | accuracy, mean ± sd | 95% interval | F1 macro, mean ± sd | 95% interval "
         "| accuracy per seed |",
@@ -167,8 +171,9 @@ def section(
         index = frames[0].index
         labels = frames[0]["label"].to_numpy()
         rows = [f.loc[index, "predicted"].to_numpy() for f in frames]
+        held = None if groups is None else groups.loc[index].to_numpy()
         ci = {
-            m: metrics.pooled_bootstrap_ci(labels, rows, m, n_resamples=n_resamples)
+            m: metrics.pooled_bootstrap_ci(labels, rows, m, n_resamples=n_resamples, groups=held)
             for m in ("accuracy", "f1_macro")
         }
         seeds = len(frames)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import statistics as stats
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -22,6 +23,8 @@ from mlflow.tracking import MlflowClient
 
 from .. import figures, metrics, registry
 from ..arms import DEFAULT_DEEP_ARMS
+from ..data import read_manifest
+from ..preprocess import stored_options
 
 HEADLINE = ("test_accuracy", "test_f1_macro", "test_f1_weighted")
 
@@ -31,16 +34,53 @@ def logged_predictions(run_id: str) -> pd.DataFrame:
     return pd.read_csv(io.StringIO(text)).set_index("path").sort_index()
 
 
-def paired(a: pd.DataFrame, b: pd.DataFrame, seed: int) -> tuple[dict, dict]:
+def held_out_groups(run_id: str, paths: pd.Index) -> tuple[pd.Series | None, str]:
+    """The group each of ``paths`` (a train run's test images) was held out in, from the
+    manifest the run trained on (its ``group`` column: duplicates, and with ``group_by
+    index-block`` whole blocks of file numbers), and the resampling unit in words. None, and
+    images as the unit, where that manifest is not on this machine."""
+    folder = MlflowClient().get_run(run_id).data.tags.get("data.processed_dir")
+    manifest = Path(folder, "manifest.csv") if folder else None
+    if manifest is None or not manifest.is_file():
+        return None, "test images (the run's manifest is not on this machine, so not its groups)"
+    group_of = {row["path"]: row["group"] for row in read_manifest(manifest)}
+    if any(path not in group_of for path in paths):
+        return None, "test images (the run's manifest does not list every test image)"
+    groups = pd.Series([group_of[p] for p in paths], index=paths)
+    try:
+        split = stored_options(folder, "split")
+    except ValueError:
+        split = {}
+    count = groups.nunique()
+    if split.get("group_by") == "index-block":
+        unit = (
+            f"the {count} held-out groups (blocks of {split.get('block_size')} consecutive file "
+            "numbers, with their duplicates)"
+        )
+    else:
+        unit = f"the {count} held-out groups (images, a duplicate group as one)"
+    return groups, unit
+
+
+def paired(
+    a: pd.DataFrame, b: pd.DataFrame, seed: int, groups: pd.Series | None = None
+) -> tuple[dict, dict]:
     """Two models' predictions on the same test images (``logged_predictions``): the exact
-    McNemar test of A vs B and the paired bootstrap interval of accuracy(A) - accuracy(B)."""
+    McNemar test of A vs B and the paired bootstrap interval of accuracy(A) - accuracy(B),
+    resampling ``groups`` (``held_out_groups``) where given."""
     if not a.index.equals(b.index):
         raise ValueError("the two models were tested on different images; cannot pair them")
     labels = a["label"].to_numpy()
     predicted_a, predicted_b = a["predicted"].to_numpy(), b["predicted"].to_numpy()
     return (
         metrics.mcnemar_exact(predicted_a == labels, predicted_b == labels),
-        metrics.paired_bootstrap_difference(labels, predicted_a, predicted_b, seed=seed),
+        metrics.paired_bootstrap_difference(
+            labels,
+            predicted_a,
+            predicted_b,
+            seed=seed,
+            groups=None if groups is None else groups.loc[a.index].to_numpy(),
+        ),
     )
 
 
@@ -100,7 +140,10 @@ def summarise(
     if best_shortcut is not None:
         short = logged_predictions(next(iter(children[best_shortcut].values())))
         predictions[best_shortcut] = dict.fromkeys(seeds, short)
+    first = predictions[deep_arms[0]][seeds[0]].index
+    groups, unit = held_out_groups(children[deep_arms[0]][seeds[0]], first)
     tests = {
+        "resampled": unit,
         "deep_arms": deep_arms,
         "best_shortcut": best_shortcut,
         "preprocessing": preprocessing,
@@ -112,7 +155,8 @@ def summarise(
         entry = {}
         for a, b in pairs:
             frame_a = predictions[a][seed]
-            mcnemar, difference = paired(frame_a, predictions[b][seed].loc[frame_a.index], seed)
+            frame_b = predictions[b][seed].loc[frame_a.index]
+            mcnemar, difference = paired(frame_a, frame_b, seed, groups)
             entry[f"{a}_vs_{b}"] = {**mcnemar, **difference}
         tests["per_seed"][str(seed)] = entry
     for a, b in pairs:
@@ -121,7 +165,9 @@ def summarise(
             [(f.loc[index, "predicted"] == f.loc[index, "label"]).to_numpy() for f in by.values()]
             for by in (predictions[a], predictions[b])
         ]
-        tests["pooled"][f"{a}_vs_{b}"] = metrics.pooled_bootstrap_difference(*correct)
+        tests["pooled"][f"{a}_vs_{b}"] = metrics.pooled_bootstrap_difference(
+            *correct, groups=None if groups is None else groups.loc[index].to_numpy()
+        )
     return table, tests
 
 
