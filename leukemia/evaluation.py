@@ -166,7 +166,12 @@ def _probabilities(bundle: Bundle, inputs: Sequence[np.ndarray], batch_size: int
     if len(inputs) == 0:
         return np.zeros((0, len(bundle.classes)))
     return inference.probabilities(
-        bundle.classifier, bundle.transform, bundle.device, np.stack(inputs), batch_size
+        bundle.classifier,
+        bundle.transform,
+        bundle.device,
+        np.stack(inputs),
+        batch_size,
+        bundle.served.spec.temperature,
     )
 
 

@@ -206,7 +206,9 @@ class LeukemiaModel:
 
     def _predict_preprocessed(self, batch: np.ndarray) -> pd.DataFrame:
         """N x S x S x 3 uint8 model inputs -> the output DataFrame."""
-        probs = probabilities(self.model, self.transform, self.device, batch, self.batch_size)
+        probs = probabilities(
+            self.model, self.transform, self.device, batch, self.batch_size, self.spec.temperature
+        )
         labels = np.asarray(self.classes, dtype=object)[probs.argmax(axis=1)]
         return pd.DataFrame(
             {
@@ -223,15 +225,20 @@ def model_batch(pixels: np.ndarray, transform, device) -> torch.Tensor:
 
 
 def probabilities(
-    model: Classifier, transform, device, inputs: np.ndarray, batch_size: int
+    model: Classifier,
+    transform,
+    device,
+    inputs: np.ndarray,
+    batch_size: int,
+    temperature: float = 1.0,
 ) -> np.ndarray:
-    """N x S x S x 3 uint8 model inputs -> (N, C) float64 softmax, ``batch_size`` at a time:
-    what the served model returns, and what evaluation scores."""
+    """N x S x S x 3 uint8 model inputs -> (N, C) float64 softmax(logits / ``temperature``),
+    ``batch_size`` at a time: what the served model returns, and what evaluation scores."""
     chunks = []
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):
             logits = model(model_batch(inputs[start : start + batch_size], transform, device))
-            chunks.append(torch.softmax(logits.double(), dim=1).cpu())
+            chunks.append(torch.softmax(logits.double() / temperature, dim=1).cpu())
     if not chunks:
         return np.zeros((0, model.head.out_features))
     return torch.cat(chunks).numpy()

@@ -118,6 +118,57 @@ def expected_calibration_error(labels, probabilities, bins: int = ECE_BINS) -> f
     return float(np.sum(counts / counts.sum() * np.abs(accuracy - mean_confidence)))
 
 
+def brier_score(labels, probabilities) -> float:
+    """Multi-class Brier score: the mean over images of sum_k (p_k - [y = k])^2 (0 is perfect,
+    2 the worst), scikit-learn's ``brier_score_loss`` on one-hot labels times the classes."""
+    labels, probabilities = checked_labels_and_probabilities(labels, probabilities)
+    one_hot = np.eye(probabilities.shape[1])[labels]
+    return float(np.mean(np.sum((probabilities - one_hot) ** 2, axis=1)))
+
+
+def temperature_scaled(probabilities, temperature: float) -> np.ndarray:
+    """softmax(log p / T): the probabilities the logits divided by ``temperature`` give (log p
+    differs from the logits by a constant per row, which softmax ignores). (N, C) -> (N, C)."""
+    logits = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-300, None))
+    scaled = logits / temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+def fit_temperature(labels, probabilities) -> float:
+    """Temperature scaling (Guo et al., 2017): the T in ``TEMPERATURE_BOUNDS`` minimising the
+    negative log-likelihood of ``temperature_scaled(probabilities, T)`` on held-out images (the
+    validation split). One number: the predicted class never changes, only the confidence."""
+    from scipy.optimize import minimize_scalar
+
+    labels, probabilities = checked_labels_and_probabilities(labels, probabilities)
+    rows = np.arange(len(labels))
+
+    def nll(log_t: float) -> float:
+        scaled = temperature_scaled(probabilities, float(np.exp(log_t)))
+        return float(-np.mean(np.log(np.clip(scaled[rows, labels], 1e-300, None))))
+
+    low, high = np.log(TEMPERATURE_BOUNDS)
+    found = minimize_scalar(nll, bounds=(low, high), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(found.x))
+
+
+def calibration_summary(labels, probabilities, temperature: float) -> dict:
+    """ECE and Brier score before and after temperature scaling, and the temperature."""
+    scaled = temperature_scaled(probabilities, temperature)
+    return {
+        "temperature": float(temperature),
+        "ece_uncalibrated": expected_calibration_error(labels, probabilities),
+        "ece_calibrated": expected_calibration_error(labels, scaled),
+        "brier_uncalibrated": brier_score(labels, probabilities),
+        "brier_calibrated": brier_score(labels, scaled),
+    }
+
+
 def _one_vs_rest_auc(labels: np.ndarray, probabilities: np.ndarray, class_names) -> dict:
     # AUC is undefined when a class is absent from the labels or is every label.
     auc = {}
@@ -178,6 +229,7 @@ def classification_metrics(labels, probabilities, class_names=CLASSES, loss=None
         "roc_auc": auc,
         "roc_auc_macro": float(np.mean(defined_auc)) if defined_auc else None,
         "ece": expected_calibration_error(labels, probabilities),
+        "brier": brier_score(labels, probabilities),
     }
 
 
@@ -190,7 +242,7 @@ def flat_metrics(metrics: dict, prefix: str = "test_") -> dict[str, float]:
     if not _METRIC_KEY.match(prefix):
         raise ValueError(f"prefix must contain only [A-Za-z0-9_], got {prefix!r}")
     names = ("accuracy", "loss", "f1_macro", "f1_weighted", "f1_micro", "precision_macro")
-    names += ("recall_macro", "roc_auc_macro", "ece")
+    names += ("recall_macro", "roc_auc_macro", "ece", "brier")
     flat = {f"{prefix}{k}": float(metrics[k]) for k in names if metrics[k] is not None}
     for class_name, value in metrics["recall"].items():
         flat[f"{prefix}recall_{slug(class_name)}"] = float(value)

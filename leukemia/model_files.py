@@ -6,8 +6,9 @@ two files:
 - ``weights.safetensors``: the state dict of the whole ``Classifier`` (backbone and head), read
   with ``safetensors`` (a header and raw tensors: nothing in it can run);
 - ``model.json``: a ``ModelSpec``: ``{"model": timm name, "dropout", "num_classes", "classes",
-  "mean", "std", "segmentation": SegmentationParams.to_dict(), "max_pixels"}``, every value
-  checked for type and range before use.
+  "mean", "std", "segmentation": SegmentationParams.to_dict(), "max_pixels", "temperature"}``,
+  every value checked for type and range before use (``temperature``, the calibration fitted
+  on the validation split, is 1.0 for files written before it existed).
 
 The code that turns them into a model is the installed ``leukemia`` package; nothing here
 imports MLflow or unpickles anything.
@@ -86,6 +87,7 @@ class ModelSpec:
     std: tuple[float, float, float]
     segmentation: SegmentationParams
     max_pixels: int = images.DEFAULT_MAX_PIXELS
+    temperature: float = 1.0  # probabilities are softmax(logits / temperature)
 
     def __post_init__(self):
         if not isinstance(self.model, str):
@@ -104,6 +106,7 @@ class ModelSpec:
             for value in values:
                 _number(name, value, 1e-6 if name == "std" else -10.0, 10.0)
         _integer("max_pixels", self.max_pixels, 1, 2**40)
+        _number("temperature", self.temperature, 0.01, 100.0)
         object.__setattr__(self, "segmentation", segmentation_params(self.segmentation))
         for name in ("classes", "mean", "std"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -120,6 +123,7 @@ class ModelSpec:
         segmentation: dict | SegmentationParams,
         classes: Sequence[str] = CLASSES,
         max_pixels: int = images.DEFAULT_MAX_PIXELS,
+        temperature: float = 1.0,
     ) -> ModelSpec:
         return cls(
             model=model_name,
@@ -130,6 +134,7 @@ class ModelSpec:
             std=tuple(float(v) for v in std),
             segmentation=segmentation_params(segmentation),
             max_pixels=int(max_pixels),
+            temperature=float(temperature),
         )
 
     def to_json(self) -> dict:
@@ -142,6 +147,7 @@ class ModelSpec:
             "std": list(self.std),
             "segmentation": self.segmentation.to_dict(),
             "max_pixels": self.max_pixels,
+            "temperature": self.temperature,
         }
 
     @classmethod
@@ -149,7 +155,8 @@ class ModelSpec:
         expected = [f.name for f in fields(cls)]
         if not isinstance(values, dict):
             raise ValueError(f"expected a JSON object with keys {expected}")
-        missing = [k for k in expected if k not in values]
+        optional = ("temperature",)  # absent from files written before calibration
+        missing = [k for k in expected if k not in values and k not in optional]
         unknown = sorted(set(values) - set(expected))
         if missing or unknown:
             raise ValueError(

@@ -378,4 +378,6 @@ def train(
         "precision": precision.name,
         "mean": mean,
         "std": std,
+        # The final model on the validation split, as served (fp32): what calibration fits.
+        "validation": engine.evaluate(classifier, val_loader, loss_fn, device, as_served, plain),
     }

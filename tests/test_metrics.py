@@ -397,3 +397,38 @@ def test_singleton_groups_give_the_image_bootstrap_distribution():
 def test_groups_must_match_the_items():
     with pytest.raises(ValueError, match=r"one group per item \(3\)"):
         metrics.bootstrap_ci([0, 1, 2], [0, 1, 2], groups=["a", "b"])
+
+
+def test_brier_score_matches_scikit_learn_one_vs_rest():
+    from sklearn.metrics import brier_score_loss
+
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet(np.ones(4), 50)
+    labels = rng.integers(0, 4, 50)
+    per_class = sum(brier_score_loss(labels == k, probabilities[:, k]) for k in range(4))
+    assert metrics.brier_score(labels, probabilities) == pytest.approx(per_class)
+    assert metrics.brier_score([0, 1], [[1, 0, 0, 0], [0, 1, 0, 0]]) == 0.0
+    assert metrics.brier_score([0], [[0, 1, 0, 0]]) == 2.0
+
+
+def test_temperature_scaling_recovers_the_temperature_that_made_overconfident_logits():
+    """Labels drawn from softmax(z); a model reporting softmax(3 z) is overconfident by 3:
+    the fitted T is about 3, the predicted classes do not change, ECE and NLL drop."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 1.5, (4000, 4))
+    true = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(4, p=p) for p in true])
+    reported = metrics.temperature_scaled(true, 1 / 3)  # softmax(3 z)
+    temperature = metrics.fit_temperature(labels, reported)
+    assert temperature == pytest.approx(3.0, rel=0.08)
+    calibrated = metrics.temperature_scaled(reported, temperature)
+    assert (calibrated.argmax(1) == reported.argmax(1)).all()
+    np.testing.assert_allclose(calibrated, true, atol=0.05)
+    summary = metrics.calibration_summary(labels, reported, temperature)
+    assert summary["ece_calibrated"] < summary["ece_uncalibrated"] / 2
+    assert summary["brier_calibrated"] < summary["brier_uncalibrated"]
+    # T = 1 changes nothing; 1/T undoes T.
+    np.testing.assert_allclose(metrics.temperature_scaled(true, 1.0), true, atol=1e-12)
+    np.testing.assert_allclose(
+        metrics.temperature_scaled(metrics.temperature_scaled(true, 2.0), 0.5), true, atol=1e-9
+    )

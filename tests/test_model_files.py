@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -247,3 +248,30 @@ def test_mlflow_models_serve_refuses_a_pickle_in_place_of_the_weights(logged, tm
     assert done.returncode != 0
     assert "not a readable safetensors file" in done.stdout + done.stderr
     assert not marker.exists()
+
+
+def test_the_temperature_is_data_and_older_files_load_uncalibrated(logged, tmp_path):
+    """model.json's temperature (fitted in training) divides the logits; a file written before
+    it existed loads with T = 1; a bad value is refused."""
+    classifier, original = logged
+    folder = tmp_path / "model"
+    shutil.copytree(original / "data" / "model", folder)
+    values = json.loads((folder / model_files.SPEC_FILE).read_text())
+    values.pop("temperature", None)
+    (folder / model_files.SPEC_FILE).write_text(json.dumps(values))
+    from leukemia.inference import LeukemiaModel
+
+    plain = LeukemiaModel.from_folder(folder).predict(_request(3))
+    assert model_files.read_spec(folder).temperature == 1.0
+    (folder / model_files.SPEC_FILE).write_text(json.dumps({**values, "temperature": 2.0}))
+    scaled = LeukemiaModel.from_folder(folder).predict(_request(3))
+    columns = [c for c in plain.columns if c.startswith("prob_")]
+    from leukemia.metrics import temperature_scaled
+
+    np.testing.assert_allclose(
+        scaled[columns].to_numpy(), temperature_scaled(plain[columns].to_numpy(), 2.0), atol=1e-9
+    )
+    assert (scaled["label"] == plain["label"]).all()
+    (folder / model_files.SPEC_FILE).write_text(json.dumps({**values, "temperature": 0}))
+    with pytest.raises(ModelFileError, match=r"temperature must be in \[0.01, 100.0\]"):
+        model_files.read_spec(folder)

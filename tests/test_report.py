@@ -73,6 +73,10 @@ def test_compare_more_arms_and_report_them(tracking_uri, tmp_path, monkeypatch, 
     row = f"**{expected['difference']:+.3f} [{low:+.3f}, {high:+.3f}]**"
     assert "| masked-rgb − baseline |" in report and row in report, report
     assert f"The 95% intervals resample {statistics['resampled']} with these" in report
+    # Calibration, from the runs' metrics: temperature and ECE before and after, per deep arm.
+    runs = [mlflow.get_run(r).data.metrics for r in children["baseline"].values()]
+    ece = np.mean([m["test_ece"] for m in runs]), np.mean([m["test_ece_calibrated"] for m in runs])
+    assert f"| {ece[0]:.3f} → {ece[1]:.3f} |" in report, report
     accuracy = correct("baseline").mean(axis=1)
     assert f"| baseline | 2 | {accuracy.mean():.3f} ± {accuracy.std(ddof=1):.3f} |" in report
     assert "No `leukemia-classifier@champion` in this registry" in report  # compare promotes none

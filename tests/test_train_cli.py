@@ -92,7 +92,14 @@ def test_a_train_run_leaves_everything_in_mlflow(tracking_uri, tmp_path, monkeyp
     assert "checkpoint/weights.safetensors" in names
     assert not [n for n in names if n.endswith((".pkl", ".pth", ".pt", ".py"))], names
     assert not [n for n in names if n.startswith("model/")], "no pickled mlflow.pytorch copy"
-    model = evaluate_step.load_bundle(f"runs:/{run_id}").classifier
+    bundle = evaluate_step.load_bundle(f"runs:/{run_id}")
+    # Calibration: the temperature fitted on validation is the served model's, and the test
+    # split's ECE and Brier score are logged before and after it.
+    assert bundle.served.spec.temperature == pytest.approx(metrics["calibration_temperature"])
+    assert 0.05 <= metrics["calibration_temperature"] <= 20
+    for key in ("test_ece", "test_ece_calibrated", "test_brier", "test_brier_calibrated"):
+        assert 0 <= metrics[key] <= 2, key
+    model = bundle.classifier
     with torch.inference_mode():
         assert model(torch.zeros(3, 3, 64, 64)).shape == (3, 4)
     predictions = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/predictions.csv")

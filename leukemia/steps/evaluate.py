@@ -181,6 +181,17 @@ def run(
             paths=clean_result["paths"],
             artifact_dir="evaluation",
         )
+        # The served probabilities are calibrated (softmax(logits / T), T fitted on the
+        # validation split in training); dividing log p by 1/T undoes it, for the "before".
+        temperature = bundle.served.spec.temperature
+        before = metrics.temperature_scaled(probabilities, 1 / temperature)
+        mlflow.log_metrics(
+            {
+                "calibration_temperature": temperature,
+                f"{split}_ece_uncalibrated": metrics.expected_calibration_error(labels, before),
+                f"{split}_brier_uncalibrated": metrics.brier_score(labels, before),
+            }
+        )
         mlflow.log_metrics(
             {
                 f"{split}_{metric}_ci_{side}": interval[side]

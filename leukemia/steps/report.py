@@ -119,6 +119,37 @@ def _values(runs, key: str, where: str = "params") -> str:
     return ", ".join(found)
 
 
+def _calibration_lines(study: Study) -> list[str]:
+    """Per deep arm, the test split's ECE and Brier score before and after the temperature
+    each run fitted on its validation split (mean over seeds); runs logged before calibration
+    existed are left out."""
+    rows = []
+    for arm in study.deep_arms:
+        runs = [study.runs[r].data.metrics for r in study.children[arm].values()]
+        keys = ("calibration_temperature", "test_ece", "test_ece_calibrated")
+        keys += ("test_brier", "test_brier_calibrated")
+        if not runs or any(k not in m for m in runs for k in keys):
+            continue
+        mean = {k: stats.fmean(m[k] for m in runs) for k in keys}
+        rows.append(
+            f"| {arm} | {mean['calibration_temperature']:.2f} | {mean['test_ece']:.3f} → "
+            f"{mean['test_ece_calibrated']:.3f} | {mean['test_brier']:.3f} → "
+            f"{mean['test_brier_calibrated']:.3f} |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "Calibration on the test split, mean over seeds: temperature scaling fitted on the "
+        "validation split and stored with each model (the served probabilities are the "
+        "calibrated ones; the predicted class is unchanged).",
+        "",
+        "| arm | temperature | ECE before → after | Brier before → after |",
+        "| --- | --- | --- | --- |",
+        *rows,
+    ]
+
+
 def section(
     study: Study, out_dir: Path, n_resamples: int = metrics.N_RESAMPLES
 ) -> tuple[str, dict]:
@@ -187,6 +218,7 @@ def section(
             f"{_interval(ci['f1_macro'])} | {per_seed} |"
         )
         headline[arm] = f"{entry['test_accuracy_mean']:.3f} ± {entry['test_accuracy_sd']:.3f}"
+    lines += _calibration_lines(study)
     stem = parent.info.run_id[:8]
     accuracy = {a: [v["test_accuracy"] for v in e["per_seed"].values()] for a, e in table.items()}
     figures.comparison_figure(accuracy, "test_accuracy").savefig(out_dir / f"{stem}-accuracy.png")

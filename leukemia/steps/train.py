@@ -23,7 +23,7 @@ from pathlib import Path
 
 import mlflow
 
-from .. import engine, figures, registry, serving, tracking, ui
+from .. import engine, figures, metrics, registry, serving, tracking, ui
 from .. import train as training
 from ..arms import arm_of
 from ..config import TrainConfig
@@ -198,6 +198,22 @@ def _echo_done(echo, run_id, name, final, register_as, version, experiment_id) -
     echo(f"  look at it (after `mlflow ui`):      {ui.run_url(experiment_id, run_id)}")
 
 
+def _calibrate(validation: dict, test: dict) -> float:
+    """Temperature scaling fitted on the validation split (``metrics.fit_temperature``), stored
+    with the model so the served probabilities are calibrated; logs the temperature and the
+    test split's ECE and Brier score before (``test_ece``, ``test_brier``) and after."""
+    temperature = metrics.fit_temperature(validation["labels"], validation["probabilities"])
+    logged = {"calibration_temperature": temperature}
+    if test:
+        after = metrics.calibration_summary(test["labels"], test["probabilities"], temperature)
+        logged.update(
+            test_ece_calibrated=after["ece_calibrated"],
+            test_brier_calibrated=after["brier_calibrated"],
+        )
+    mlflow.log_metrics(logged)
+    return temperature
+
+
 def _train_and_log(
     config,
     processed_dir,
@@ -222,6 +238,7 @@ def _train_and_log(
     test_paths = [r["path"] for r in rows if r["split"] == "test"]
 
     last_epoch = [already_logged]
+    final_test = {}
 
     def on_epoch(record):
         last_epoch[0] = record["epoch"]
@@ -244,6 +261,7 @@ def _train_and_log(
         )
         tracking.log_evaluation(test, prefix=f"{phase.name}_test_")
         if phase == plan[-1]:
+            final_test.update(test or {})
             report = tracking.log_evaluation(
                 test, prefix="test_", paths=test_paths, artifact_dir="evaluation"
             )
@@ -265,6 +283,7 @@ def _train_and_log(
     if result["history"]:
         curves = figures.curves_figure(result["history"], summary.get("phase2_start_epoch"))
         ui.log_figure_image("curves", curves, last_epoch[0])
+    temperature = _calibrate(result["validation"], final_test)
     spec = ModelSpec.for_classifier(
         model,
         model_name=config.model,
@@ -272,6 +291,7 @@ def _train_and_log(
         mean=result["mean"],
         std=result["std"],
         segmentation=segmentation,
+        temperature=temperature,
     )
     tracking.log_checkpoint(model, spec)
     served = serving.log_served_model(model, spec, name="classifier")
