@@ -8,7 +8,8 @@ channel (stain colour separates cells from the background better than brightness
 and ``gray`` on the whole grayscale image (colour lost, no segmentation: it separates what
 segmentation costs from what losing colour costs).
 A shortcut arm fits colour or brightness histograms + logistic regression on one arm's
-images, to show how far stain colour alone goes.
+images, to show how far stain colour alone goes; ``shortcut-background`` only the colours
+outside the paper's mask, to show how much of the class the background gives away.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ ARMS = (
     Arm("shortcut-rgb", segment=False, features="rgb"),
     Arm("shortcut-gray", segment=False, features="gray"),
     Arm("shortcut-gray-segmented", segment=True, features="gray"),
+    Arm("shortcut-background", segment=False, features="background"),
 )
 DEEP_ARMS = tuple(a.name for a in ARMS if a.features is None)
 DEFAULT_DEEP_ARMS = ("baseline", "proposed")  # the paper's two

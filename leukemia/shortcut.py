@@ -26,10 +26,10 @@ from sklearn.metrics import accuracy_score, log_loss
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from . import images
+from . import images, segmentation
 from .data import CLASSES, SPLITS, DatasetError, read_manifest
 
-KINDS = ("rgb", "gray")
+KINDS = ("rgb", "gray", "background")
 RGB_BINS = 16  # per channel: 3 x 16 bins + 3 means + 3 sds = 54 features
 GRAY_BINS = 32  # 32 bins + mean + sd = 34 features
 MAX_ITER = 2000
@@ -49,9 +49,10 @@ def _check_kind(kind: str) -> None:
 def feature_names(kind: str) -> list[str]:
     """Column names of ``features(..., kind)``: ``r_hist_00`` .. ``b_sd`` or ``gray_hist_00`` .."""
     _check_kind(kind)
-    if kind == "rgb":
+    if kind in ("rgb", "background"):
         hists = [f"{c}_hist_{b:02d}" for c in "rgb" for b in range(RGB_BINS)]
-        return hists + [f"{c}_mean" for c in "rgb"] + [f"{c}_sd" for c in "rgb"]
+        names = hists + [f"{c}_mean" for c in "rgb"] + [f"{c}_sd" for c in "rgb"]
+        return names if kind == "rgb" else [f"bg_{n}" for n in names] + ["bg_fraction"]
     return [f"gray_hist_{b:02d}" for b in range(GRAY_BINS)] + ["gray_mean", "gray_sd"]
 
 
@@ -82,7 +83,11 @@ def features(rgb: np.ndarray, kind: str) -> np.ndarray:
     - ``"gray"`` (34 values): the same with 32 bins (width 8) on the luma
       Y = 0.299 R + 0.587 G + 0.114 B (OpenCV's RGB2GRAY), then mean(Y)/255 and sd(Y)/255.
 
-    Order as in ``feature_names(kind)``. Each histogram sums to 1.
+    - ``"background"`` (55 values): the ``"rgb"`` statistics of the background only, the pixels
+      outside the paper's closed Otsu mask (gray, cells dark, 5 x 5 ellipse: ``segmentation``),
+      then the background's fraction of the image: what the class gives away where no cell is.
+
+    Order as in ``feature_names(kind)``. Each histogram sums to 1 (0 for an empty background).
     """
     _check_kind(kind)
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8:
@@ -96,9 +101,29 @@ def features(rgb: np.ndarray, kind: str) -> np.ndarray:
         return np.concatenate([_histogram(gray, GRAY_BINS), mean.ravel() / 255, sd.ravel() / 255])
     if rgb.ndim == 2:
         rgb = np.repeat(rgb[:, :, None], 3, axis=2)
+    rgb = np.ascontiguousarray(rgb)
+    if kind == "background":
+        return _background_features(rgb)
     hists = [_histogram(rgb[:, :, c], RGB_BINS) for c in range(3)]
-    mean, sd = cv2.meanStdDev(np.ascontiguousarray(rgb))
+    mean, sd = cv2.meanStdDev(rgb)
     return np.concatenate(hists + [mean.ravel() / 255, sd.ravel() / 255])
+
+
+def _background_features(rgb: np.ndarray) -> np.ndarray:
+    """``features(rgb, "background")``: the RGB statistics outside the paper's closed mask."""
+    cells, _ = segmentation.otsu_mask(segmentation.to_gray(rgb), "dark")
+    closed = segmentation.close_mask(cells, segmentation.structuring_element(5, "ellipse"))
+    background = (~closed).astype(np.uint8)
+    count = int(background.sum())
+    if count == 0:
+        return np.zeros(len(feature_names("background")))
+    hists = [
+        cv2.calcHist([rgb[:, :, c]], [0], background, [RGB_BINS], [0, 256]).ravel() / count
+        for c in range(3)
+    ]
+    mean, sd = cv2.meanStdDev(rgb, mask=background)
+    fraction = np.array([count / background.size])
+    return np.concatenate(hists + [mean.ravel() / 255, sd.ravel() / 255, fraction])
 
 
 def load_split_features(

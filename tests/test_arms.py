@@ -35,6 +35,7 @@ def test_shortcut_arms_read_a_deep_arms_images():
         "shortcut-rgb": "baseline",
         "shortcut-gray": "baseline",
         "shortcut-gray-segmented": "proposed",
+        "shortcut-background": "baseline",
     }
 
 

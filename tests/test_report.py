@@ -32,6 +32,7 @@ def test_compare_more_arms_and_report_them(tracking_uri, tmp_path, monkeypatch, 
         "shortcut-rgb",
         "shortcut-gray",
         "shortcut-gray-segmented",
+        "shortcut-background",
     }
     # The arm's preprocessing reached its runs: masked-rgb keeps the colours inside the mask.
     for seed, run_id in children["masked-rgb"].items():

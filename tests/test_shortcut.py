@@ -50,7 +50,7 @@ def _copy(processed, tmp_path, keep=lambda row: True, pixels=None):
 def test_feature_names_match_the_vectors():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
-    for kind, width in [("rgb", 54), ("gray", 34)]:
+    for kind, width in [("rgb", 54), ("gray", 34), ("background", 55)]:
         names = feature_names(kind)
         assert len(names) == len(set(names)) == width
         vector = features(image, kind)
@@ -59,7 +59,38 @@ def test_feature_names_match_the_vectors():
     assert feature_names("rgb")[16] == "g_hist_00" and feature_names("rgb")[47] == "b_hist_15"
     assert feature_names("rgb")[48:] == ["r_mean", "g_mean", "b_mean", "r_sd", "g_sd", "b_sd"]
     assert feature_names("gray")[31:] == ["gray_hist_31", "gray_mean", "gray_sd"]
-    assert KINDS == ("rgb", "gray")
+    assert KINDS == ("rgb", "gray", "background")
+    assert feature_names("background")[0] == "bg_r_hist_00"
+    assert feature_names("background")[-1] == "bg_fraction"
+
+
+def test_background_features_are_the_rgb_statistics_outside_the_closed_mask():
+    """A dark 12 x 12 cell (R 20) on a pale background (R 200, B 230), 32 x 32: the background
+    is what lies outside the closed Otsu mask, here everything but the cell."""
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    image[:, :] = (200, 180, 230)
+    image[10:22, 10:22] = (20, 10, 60)
+    vector = dict(zip(feature_names("background"), features(image, "background")))
+    assert vector["bg_fraction"] == pytest.approx(1 - 144 / 1024)
+    assert vector["bg_r_hist_12"] == 1 and vector["bg_b_hist_14"] == 1  # 200 // 16, 230 // 16
+    assert vector["bg_r_mean"] == pytest.approx(200 / 255) and vector["bg_r_sd"] == 0
+    # Against numpy, with the mask computed independently (threshold, then closing by cv2).
+    rng = np.random.default_rng(2)
+    noisy = np.clip(image.astype(int) + rng.integers(-15, 16, image.shape), 0, 255)
+    noisy = noisy.astype(np.uint8)
+    gray = cv2.cvtColor(noisy, cv2.COLOR_RGB2GRAY)
+    t, _ = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    cells = (gray <= t).astype(np.uint8)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    background = cv2.morphologyEx(cells, cv2.MORPH_CLOSE, kernel) == 0
+    pixels = noisy[background]
+    expected = np.concatenate(
+        [np.histogram(pixels[:, c], bins=16, range=(0, 256))[0] / len(pixels) for c in range(3)]
+        + [pixels.mean(0) / 255, pixels.std(0) / 255, [background.mean()]]
+    )
+    np.testing.assert_allclose(features(noisy, "background"), expected, atol=1e-9)
+    # No background at all: zeros, not a division by zero.
+    assert not features(np.zeros((8, 8, 3), np.uint8), "background").any()
 
 
 def test_rgb_features_of_flat_channels():

@@ -64,7 +64,14 @@ def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_
     assert "#/compare-runs?runs=" in result.output and "compareRunsMode=CHART" in result.output
     arms = sorted(r.data.tags["arm"] for r in children if r.data.tags.get("step") == "train")
     assert arms == sorted(
-        ["baseline", "proposed", "shortcut-rgb", "shortcut-gray", "shortcut-gray-segmented"]
+        [
+            "baseline",
+            "proposed",
+            "shortcut-rgb",
+            "shortcut-gray",
+            "shortcut-gray-segmented",
+            "shortcut-background",
+        ]
     )
     deep = [r for r in children if r.data.tags.get("arm") in ("baseline", "proposed")]
     assert sorted(r.info.run_name for r in deep) == ["baseline seed 42", "proposed seed 42"]
