@@ -40,9 +40,10 @@ class Arm:
 ARMS = (
     Arm("baseline", segment=False),
     Arm("proposed", segment=True),
+    # gray first: its image ignores the channel, so gray with channel lab-a is still gray.
+    Arm("gray", segment=True, preprocessing=(("output", "gray"),)),
     Arm("lab-a", segment=True, preprocessing=(("channel", "lab-a"),)),
     Arm("masked-rgb", segment=True, preprocessing=(("output", "masked-rgb"),)),
-    Arm("gray", segment=True, preprocessing=(("output", "gray"),)),
     Arm("shortcut-rgb", segment=False, features="rgb"),
     Arm("shortcut-gray", segment=False, features="gray"),
     Arm("shortcut-gray-segmented", segment=True, features="gray"),

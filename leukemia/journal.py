@@ -3,7 +3,9 @@
 Optuna's ``JournalFileBackend`` appends one JSON record per line, under a lock file. A crash
 mid-append (disk full, power cut) leaves a last line without its newline; the next append lands
 on the same line and from then on no study in the file loads (``Expecting ',' delimiter``).
-``open_journal`` takes the same lock, so no append is in progress, and then:
+``open_journal`` takes the same lock, so no append is in progress, and then (and again, for
+the torn record, before each of its own appends: another worker may crash while this one
+runs):
 
 - a torn last record (bytes after the last newline) is set aside: the file is first copied
   whole to ``<file>.torn-<UTC time>``, then cut back to its last complete record;
@@ -58,28 +60,69 @@ def check(path: str | os.PathLike, echo: Callable[[str], None] = print) -> None:
             "journal record; expected one JSON record per line: restore the file from a backup "
             "or move it aside to start a new one"
         )
+    _set_aside(path, len(data) - complete, echo)
+
+
+def _set_aside(path: Path, torn: int, echo: Callable[[str], None]) -> None:
+    """Copy the journal whole to ``<file>.torn-<UTC time>-<pid>``, then cut its last ``torn``
+    bytes (a record a crash cut off). The caller holds the journal's lock."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    backup = path.with_name(f"{path.name}.torn-{stamp}")
-    partial = path.with_name(f".{backup.name}.{os.getpid()}")
-    shutil.copyfile(path, partial)
-    with open(partial, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, backup)  # the whole file is safe before it is cut
+    backup = path.with_name(f"{path.name}.torn-{stamp}-{os.getpid()}")
+    partial = path.with_name(f".{backup.name}.partial")
+    try:
+        shutil.copyfile(path, partial)
+        with open(partial, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, backup)  # the whole file is safe before it is cut
+    finally:
+        partial.unlink(missing_ok=True)  # ours, and only there if the copy failed
+    size = path.stat().st_size
     with open(path, "rb+") as handle:
-        handle.truncate(complete)
+        handle.truncate(size - torn)
         os.fsync(handle.fileno())
     echo(
-        f"Optuna journal {path}: its last record was cut off by a crash ({len(data) - complete} "
-        f"bytes); set aside (the file as it was: {backup})"
+        f"Optuna journal {path}: its last record was cut off by a crash ({torn} bytes); set "
+        f"aside (the file as it was: {backup})"
     )
+
+
+def _torn_tail(path: Path) -> int:
+    """How many bytes follow the journal's last newline (0 for a sound or empty file)."""
+    with open(path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        back = min(size, 1 << 20)
+        handle.seek(size - back)
+        tail = handle.read(back)
+    newline = tail.rfind(b"\n")
+    return len(tail) - newline - 1 if newline >= 0 else (size if back == size else 0)
 
 
 def open_journal(path: str | os.PathLike, echo: Callable[[str], None] = print):
     """An Optuna ``JournalStorage`` on the file at ``path`` (created with its folder if
-    absent), checked first (``check``) under the journal's own lock. A journal whose records
-    Optuna cannot replay is a ``ValueError`` naming the file."""
+    absent), checked first (``check``) under the journal's own lock. Each later append checks
+    again, under the same lock, that the file still ends with a complete record: a worker that
+    crashed mid-append while this one ran has its torn record set aside, not appended to. A
+    journal whose records Optuna cannot replay is a ``ValueError`` naming the file."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+    class CheckedBackend(JournalFileBackend):
+        def append_logs(self, logs: list[dict]) -> None:
+            # Optuna's append, with the tail check under the lock it holds for the write.
+            self._lock.acquire()
+            try:
+                torn = _torn_tail(path)
+                if torn:
+                    _set_aside(path, torn, echo)
+                text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
+                with open(path, "ab") as handle:
+                    handle.write(text.encode("utf-8"))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            finally:
+                self._lock.release()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +133,7 @@ def open_journal(path: str | os.PathLike, echo: Callable[[str], None] = print):
     finally:
         lock.release()
     try:
-        return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+        return JournalStorage(CheckedBackend(str(path), lock_obj=lock))
     except (AssertionError, KeyError, ValueError, TypeError) as error:
         # Records that parse but do not replay ("Should not reach."): edited or mixed files.
         raise ValueError(

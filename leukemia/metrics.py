@@ -146,6 +146,9 @@ def fit_temperature(labels, probabilities) -> float:
     from scipy.optimize import minimize_scalar
 
     labels, probabilities = checked_labels_and_probabilities(labels, probabilities)
+    # Softmax in float32 (training's evaluation) underflows to 0 past a logit gap of about 87;
+    # log(0) clipped at 1e-300 would weigh such an image as a gap of 690.
+    probabilities = np.clip(probabilities, np.finfo(np.float32).tiny, None)
     rows = np.arange(len(labels))
 
     def nll(log_t: float) -> float:

@@ -272,17 +272,17 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
 
 
-_STUDY_NAME = re.compile(r"\w[\w.-]{0,127}")
+_STUDY_NAME = re.compile(r"[^./\\\x00-\x1f\x7f-][^/\\\x00-\x1f\x7f]{0,127}")
 
 
 def check_study_name(name: str) -> str:
-    """``name`` if it is a name: a letter, digit or underscore, then those, dots and dashes, at
-    most 128 characters. It becomes a folder under ``searches/``, so a separator, ``..`` or an
-    absolute path would write elsewhere."""
+    """``name`` if it is a name: at most 128 characters, no path separator (``/`` or ``\\``)
+    or control character, not starting with ``.`` or ``-``. It becomes a folder under
+    ``searches/``, so a separator, ``..`` or an absolute path would write elsewhere."""
     if not isinstance(name, str) or not _STUDY_NAME.fullmatch(name):
         raise ValueError(
-            f"study name {name!r} is not a name; expected letters, digits, '_', '.' and '-' "
-            "(no path separators, not starting with '.' or '-', at most 128 characters)"
+            f"study name {name!r} is not a name; expected at most 128 characters without '/', "
+            "'\\' or control characters, not starting with '.' or '-'"
         )
     return name
 

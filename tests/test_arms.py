@@ -24,6 +24,7 @@ def test_every_deep_arm_is_named_by_its_own_preprocessing():
         ({"segment": True, "channel": "saturation", "output": "masked-rgb"}, "masked-rgb"),
         ({"segment": True, "channel": "lab-a", "output": "masked-rgb"}, "lab-a"),  # first match
         ({"segment": True, "channel": "gray", "output": "gray"}, "gray"),
+        ({"segment": True, "channel": "lab-a", "output": "gray"}, "gray"),  # channel unused
     ],
 )
 def test_arm_of(fields, arm):

@@ -43,6 +43,23 @@ def test_a_torn_last_record_is_set_aside_and_the_next_worker_appends_cleanly(tmp
     assert [t.state for t in again.trials] == [optuna.trial.TrialState.COMPLETE] * 3
 
 
+def test_a_worker_that_crashes_mid_append_while_another_runs_loses_nothing(tmp_path):
+    """Worker A has the journal open; worker B dies mid-append (a torn record, its lock gone);
+    A's next append sets the torn record aside first instead of landing on it."""
+    path = tmp_path / "optuna.journal"
+    said = []
+    storage = search_lib.open_storage(str(path), warn=said.append)
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    with open(path, "ab") as handle:  # worker B, killed after writing part of a record
+        handle.write(b'{"op_code":5,"worker_id":"b","trial_id":9,"para')
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    assert len(said) == 1 and "last record was cut off" in said[0]
+    assert len(list(tmp_path.glob("optuna.journal.torn-*"))) == 1
+    again = optuna.load_study(study_name="s", storage=search_lib.open_storage(str(path)))
+    assert [t.state for t in again.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+
+
 def test_a_sound_journal_is_left_as_it_is(tmp_path):
     path = tmp_path / "optuna.journal"
     _study(path, 1)
@@ -88,7 +105,7 @@ def test_the_command_line_says_it_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["../x", "/tmp/abs", "a/b", "..", ".hidden", "", "a\\b", "x" * 200]
+    "name", ["../x", "/tmp/abs", "a/b", "..", ".hidden", "", "a\\b", "x" * 200, "-x", "a\nb"]
 )
 def test_a_study_name_is_a_name(name):
     with pytest.raises(ValueError, match="is not a name"):

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from .. import processes, tracking, ui
 from ..config import resolve_config_path
 from . import compare as compare_step
-from .statistics import arm_summary, logged_predictions, paired
+from .statistics import arm_summary, held_out_groups, logged_predictions, paired
 
 ARMS = ("base", "best")
 
@@ -104,7 +104,8 @@ def _paired(children: dict, seeds) -> dict:
     for seed in seeds:
         best = logged_predictions(children["best"][seed])
         base = logged_predictions(children["base"][seed])
-        mcnemar, difference = paired(best, base, seed)
+        groups, _ = held_out_groups(children["best"][seed], best.index)
+        mcnemar, difference = paired(best, base.loc[best.index], seed, groups)
         per_seed[str(seed)] = {"best_vs_base": mcnemar, "accuracy_difference": difference}
     return {"table": table, "per_seed": per_seed}
 

@@ -172,24 +172,24 @@ def run(
                 "data.manifest_hash": split_fingerprint(read_manifest(manifest_path)),
             }
         )
+        # The served probabilities are calibrated (softmax(logits / T), T fitted on the
+        # validation split in training); dividing log p by 1/T undoes it. As in a train run,
+        # the plain keys and files are the network's own softmax, *_calibrated the served.
+        temperature = bundle.served.spec.temperature
+        own = metrics.temperature_scaled(probabilities, 1 / temperature)
         report = tracking.log_evaluation(
-            {
-                "labels": labels,
-                "probabilities": probabilities,
-            },
+            {"labels": labels, "probabilities": own},
             prefix=f"{split}_",
             paths=clean_result["paths"],
             artifact_dir="evaluation",
         )
-        # The served probabilities are calibrated (softmax(logits / T), T fitted on the
-        # validation split in training); dividing log p by 1/T undoes it, for the "before".
-        temperature = bundle.served.spec.temperature
-        before = metrics.temperature_scaled(probabilities, 1 / temperature)
         mlflow.log_metrics(
             {
                 "calibration_temperature": temperature,
-                f"{split}_ece_uncalibrated": metrics.expected_calibration_error(labels, before),
-                f"{split}_brier_uncalibrated": metrics.brier_score(labels, before),
+                f"{split}_ece_calibrated": metrics.expected_calibration_error(
+                    labels, probabilities
+                ),
+                f"{split}_brier_calibrated": metrics.brier_score(labels, probabilities),
             }
         )
         mlflow.log_metrics(
