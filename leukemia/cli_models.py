@@ -69,7 +69,7 @@ def promote_command(name, candidate, metric, min_delta, recall_tolerance, force,
     else:
         click.echo(
             f"{prefix}{name} version {decision.candidate} not promoted, @champion stays "
-            f"{decision.champion}: {decision.reason}"
+            f"{decision.champion or 'unset'}: {decision.reason}"
         )
 
 

@@ -16,6 +16,7 @@ taken over after ``LOCK_STALE_S``.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import socket
@@ -156,6 +157,11 @@ def _metric(version, metric: str) -> float:
     return float(version.tags[metric])
 
 
+def _drop(old: float, new: float) -> float:
+    """How far a recall falls from ``old`` to ``new``; a NaN new recall falls all the way."""
+    return math.inf if not math.isfinite(new) else old - new
+
+
 def decide(
     name: str = DEFAULT_NAME,
     candidate: str | None = None,
@@ -178,6 +184,17 @@ def decide(
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         champion = None
+    if not math.isfinite(value):  # NaN compares false with everything: it must never win
+        return Decision(
+            name,
+            str(new.version),
+            None if champion is None else str(champion.version),
+            metric,
+            value,
+            None if champion is None else _metric(champion, metric),
+            False,
+            f"{metric} is {value}: a version without a finite {metric} never becomes champion",
+        )
     if champion is None:
         return Decision(
             name,
@@ -213,7 +230,7 @@ def decide(
             f"{metric} {value:.4f} vs champion's {old:.4f}: not better by {min_delta}"
         )
     drops = {
-        key[len(RECALL_PREFIX) :]: float(champion.tags[key]) - float(new.tags[key])
+        key[len(RECALL_PREFIX) :]: _drop(float(champion.tags[key]), float(new.tags[key]))
         for key in champion.tags
         if key.startswith(RECALL_PREFIX) and key in new.tags
     }

@@ -190,3 +190,26 @@ def test_nan_min_delta_is_refused(tracking_uri, tiny_model):
     register(tiny_model, 0.80)
     result, _ = promote("--min-delta", "nan")
     assert result.exit_code == 1 and "min_delta must be a number >= 0, got nan" in result.output
+
+
+def test_a_nan_metric_never_wins(tracking_uri, tiny_model):
+    """A version whose promotion metric or a recall is NaN is never promoted, not even as the
+    first version or with --force; a NaN comparison used to let it through."""
+    register(tiny_model, float("nan"))
+    result, decision = promote()
+    assert (
+        result.exit_code == 0
+        and not decision["promote"]
+        and "never becomes champion" in (decision["reason"])
+    )
+    assert "champion" not in MlflowClient().get_registered_model(NAME).aliases
+    register(tiny_model, 0.5)
+    result, decision = promote()
+    assert decision["promote"] and champion() == "2"
+    register(tiny_model, float("nan"))
+    for extra in ((), ("--force",)):
+        result, decision = promote(*extra)
+        assert not decision["promote"] and champion() == "2", extra
+    register(tiny_model, 0.9, recalls=(0.9, float("nan"), 0.9, 0.9))
+    result, decision = promote()
+    assert not decision["promote"] and "early_pre_b" in decision["reason"] and champion() == "2"
