@@ -324,7 +324,11 @@ def main() -> None:
             drop_last=True,
         )
         augment = BatchTransform(
-            mean, std, augment=True, generator=torch.Generator().manual_seed(0)
+            mean,
+            std,
+            augment=True,
+            generator=torch.Generator().manual_seed(0),
+            colour=config.colour_jitter,
         ).to(device)
         shape = tuple(train_set[0][0].shape)  # from the folder, which --data may size
         batch = random_batch(shape, config.batch_size, device, precision)

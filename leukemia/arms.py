@@ -6,7 +6,9 @@ closing, gray inside the mask), ``lab-a`` on the same segmentation thresholded o
 channel (stain colour separates cells from the background better than brightness), and
 ``masked-rgb`` on the colours inside the paper's mask (segmentation that keeps stain colour),
 and ``gray`` on the whole grayscale image (colour lost, no segmentation: it separates what
-segmentation costs from what losing colour costs).
+segmentation costs from what losing colour costs), and ``colour-jitter`` on the resized RGB
+images with exposure, contrast, saturation, gamma and hue jittered in training (a model that
+cannot lean on the scanner's exposure or the stain batch's colour).
 A shortcut arm fits colour or brightness histograms + logistic regression on one arm's
 images, to show how far stain colour alone goes; ``shortcut-background`` only the colours
 outside the paper's mask, to show how much of the class the background gives away.
@@ -24,6 +26,9 @@ class Arm:
     features: str | None = None  # shortcut arms: "rgb" or "gray" histograms; None: deep
     # Preprocessing fields the arm sets on top of the study's (``PreprocessConfig`` names).
     preprocessing: tuple[tuple[str, str], ...] = ()
+    # Training knobs the arm turns on (``TrainConfig`` names, numbers that are off at 0) with
+    # the value it uses where the study leaves the knob off; a study that sets one keeps its own.
+    training: tuple[tuple[str, float], ...] = ()
 
     @property
     def images(self) -> str:
@@ -36,6 +41,19 @@ class Arm:
         """The ``PreprocessConfig`` fields this arm fixes, ``segment`` included."""
         return {"segment": self.segment, **dict(self.preprocessing)}
 
+    def train_fields(self, config: dict) -> dict:
+        """The ``TrainConfig`` fields this arm sets on a study's ``config`` (its ``to_dict()``):
+        each of its knobs at the arm's value unless the study already turns it on."""
+        return {k: v for k, v in self.training if not _on(config.get(k))}
+
+
+def _on(value) -> bool:
+    """A training knob counts as on when it is a number above 0 (``colour_jitter 0.4``)."""
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return False
+
 
 ARMS = (
     Arm("baseline", segment=False),
@@ -44,6 +62,7 @@ ARMS = (
     Arm("gray", segment=True, preprocessing=(("output", "gray"),)),
     Arm("lab-a", segment=True, preprocessing=(("channel", "lab-a"),)),
     Arm("masked-rgb", segment=True, preprocessing=(("output", "masked-rgb"),)),
+    Arm("colour-jitter", segment=False, training=(("colour_jitter", 0.4),)),
     Arm("shortcut-rgb", segment=False, features="rgb"),
     Arm("shortcut-gray", segment=False, features="gray"),
     Arm("shortcut-gray-segmented", segment=True, features="gray"),
@@ -54,20 +73,24 @@ DEFAULT_DEEP_ARMS = ("baseline", "proposed")  # the paper's two
 SHORTCUT_ARMS = tuple(a for a in ARMS if a.features is not None)
 
 
-def arm_of(segmentation: dict) -> str:
-    """The deep arm a run's preprocessing (``preprocess.*`` values) belongs to, the one name a
-    run, its description and its registered version carry: ``baseline`` unsegmented, else the
-    first named arm whose every field it matches, else ``proposed`` (any other segmentation)."""
-    if not segmentation.get("segment"):
-        return "baseline"
+def arm_of(segmentation: dict, training: dict | None = None) -> str:
+    """The deep arm a run belongs to, the one name a run, its description and its registered
+    version carry, from its preprocessing (``preprocess.*`` values) and training settings
+    (``TrainConfig`` values; none given: the paper's): the first named arm whose segmentation,
+    every preprocessing field and every training knob it matches, else ``proposed`` segmented
+    and ``baseline`` not."""
+    segment = str(segmentation.get("segment")).lower() == "true"  # a bool, or a logged string
+    training = training or {}
     for arm in ARMS:
         if (
             arm.features is None
-            and arm.preprocessing
+            and (arm.preprocessing or arm.training)
+            and arm.segment == segment
             and all(str(segmentation.get(k)) == v for k, v in arm.preprocessing)
+            and all(_on(training.get(k)) for k, _ in arm.training)
         ):
             return arm.name
-    return "proposed"
+    return "proposed" if segment else "baseline"
 
 
 def by_name(name: str) -> Arm:

@@ -54,6 +54,9 @@ class TrainConfig:
     freeze_bn_stats: bool = True  # Keras calls the base model in inference mode
     patience: int = 7  # early stopping on validation loss, best weights restored
     class_weights: bool = True  # w_c = N / (n_c * C)
+    # Not the paper's: colour jitter of strength s in training (exposure, contrast, saturation,
+    # gamma within 1 +/- s, hue within +/- s/4 of a turn), 0 = off; the colour-jitter arm's.
+    colour_jitter: float = 0.0
     # Run.
     # auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported) and on CPUs with native
     # bf16 (AVX512-BF16/AMX), else fp32. Not a choice the paper made; it only changes speed.
@@ -77,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.colour_jitter < 1:  # NaN fails too
+            raise ValueError(f"colour_jitter must be in [0, 1), got {self.colour_jitter}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.precision not in PRECISIONS:

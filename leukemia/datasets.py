@@ -75,14 +75,30 @@ class BatchTransform(torch.nn.Module):
     horizontal and vertical flips, edges filled with the nearest pixel (Keras' default
     ``fill_mode``). The random draws come from ``generator`` (on the CPU), so a seed fixes
     them on every device and a resumed run continues the same sequence.
+
+    ``colour`` > 0 adds colour jitter after the geometry (not the paper's; the ``colour-jitter``
+    arm): per image, exposure, contrast and saturation factors in [1 - colour, 1 + colour], a
+    gamma in the same range and a hue shift within +/- colour / 4 of a turn, applied by
+    torchvision's own functions (``colour_jitter``), so that a model cannot lean on the
+    scanner's exposure or the stain batch's hue.
     """
 
-    def __init__(self, mean, std, augment: bool = False, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        mean,
+        std,
+        augment: bool = False,
+        generator: torch.Generator | None = None,
+        colour: float = 0.0,
+    ):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        if not 0 <= colour < 1:
+            raise ValueError(f"colour jitter must be in [0, 1), got {colour}")
         self.augment = augment
         self.generator = generator
+        self.colour = float(colour)
 
     def affine(self, n: int) -> torch.Tensor:
         """N x 2 x 3 matrices mapping output to input coordinates (``affine_grid``'s way)."""
@@ -115,7 +131,50 @@ class BatchTransform(torch.nn.Module):
             x = torch.nn.functional.grid_sample(
                 x, grid, mode="bilinear", padding_mode="border", align_corners=False
             )
+            if self.colour > 0:
+                x = colour_jitter(x, colour_factors(len(x), self.colour, self.generator))
         return (x - self.mean) / self.std
+
+
+def colour_factors(n: int, strength: float, generator: torch.Generator | None = None) -> dict:
+    """Per-image colour-jitter factors (each an (n,) CPU tensor) for ``colour_jitter``:
+    brightness, contrast, saturation and gamma uniform in [1 - s, 1 + s], hue uniform in
+    [-s/4, s/4] (fractions of a turn; torchvision's range is +/- 0.5)."""
+
+    def uniform(low, high):
+        return torch.rand(n, generator=generator) * (high - low) + low
+
+    s = float(strength)
+    return {
+        "brightness": uniform(1 - s, 1 + s),
+        "contrast": uniform(1 - s, 1 + s),
+        "saturation": uniform(1 - s, 1 + s),
+        "hue": uniform(-s / 4, s / 4),
+        "gamma": uniform(1 - s, 1 + s),
+    }
+
+
+# torchvision's functions, in the order ColorJitter's documentation lists them, then exposure's
+# gamma: the colour maths is torchvision's, this module only draws the factors.
+_COLOUR_STEPS = (
+    ("brightness", v2.functional.adjust_brightness),
+    ("contrast", v2.functional.adjust_contrast),
+    ("saturation", v2.functional.adjust_saturation),
+    ("hue", v2.functional.adjust_hue),
+    ("gamma", v2.functional.adjust_gamma),
+)
+
+
+def colour_jitter(x: torch.Tensor, factors: dict) -> torch.Tensor:
+    """float N x 3 x H x W batch in [0, 1] -> the same with image i's factors (``colour_factors``)
+    applied by torchvision's adjust functions, one image at a time (each has its own factors;
+    a batch of a few dozen costs little next to the network)."""
+    out = []
+    for i, image in enumerate(x):
+        for name, adjust in _COLOUR_STEPS:
+            image = adjust(image, float(factors[name][i]))
+        out.append(image)
+    return torch.stack(out) if out else x
 
 
 def class_weights(labels, num_classes: int = len(CLASSES)) -> torch.Tensor:

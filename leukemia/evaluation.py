@@ -55,7 +55,11 @@ class Bundle:
 
 def bundle_from_folder(folder: Path, source: str) -> Bundle:
     """The model in ``folder`` (``model_files``: its two data files only) as a Bundle."""
-    served = LeukemiaModel.from_folder(folder, source)
+    return bundle_of(LeukemiaModel.from_folder(folder, source), source)
+
+
+def bundle_of(served: LeukemiaModel, source: str) -> Bundle:
+    """A loaded (or just trained) served model as a Bundle."""
     return Bundle(
         classifier=served.model,
         config=served.spec.to_json(),
@@ -112,6 +116,22 @@ def jpeg30(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(buffer, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
+STAIN_HUE_DEGREES = 10
+STAIN_SATURATION = 1.25
+
+
+def stain_shift(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Hue rotated by 10 degrees and saturation x 1.25 (OpenCV's HSV, H in 2-degree units):
+    another stain batch or scanner colour profile."""
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
+    hue = (hsv[..., 0].astype(np.int16) + STAIN_HUE_DEGREES // 2) % 180
+    hsv[..., 0] = hue.astype(np.uint8)
+    hsv[..., 1] = _to_uint8(hsv[..., 1] * np.float32(STAIN_SATURATION))
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+# Each perturbation's noise is seeded by its position here: new ones go at the end, so the
+# numbers of the others do not change.
 PERTURBATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
     "clean": clean,
     "darken": darken,
@@ -119,6 +139,7 @@ PERTURBATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]
     "noise": gaussian_noise,
     "blur": blur,
     "jpeg30": jpeg30,
+    "stain": stain_shift,
 }
 
 
@@ -315,3 +336,10 @@ def robustness_table(results: dict[str, dict]) -> list[dict]:
     for row in rows:
         row["accuracy_drop"] = None if clean_accuracy is None else clean_accuracy - row["accuracy"]
     return rows
+
+
+def worst_case(table: list[dict]) -> dict | None:
+    """The perturbed condition with the lowest accuracy (the arm's "robust" accuracy), or None
+    when the table holds only the clean images."""
+    perturbed = [row for row in table if row["condition"] != "clean"]
+    return min(perturbed, key=lambda row: row["accuracy"]) if perturbed else None

@@ -54,6 +54,7 @@ DIMENSIONS = {
     "weight_decay": Dimension("train", "float", (1e-8, 1.0)),
     "dropout": Dimension("train", "float", (0.0, 0.95)),
     "unfreeze_last": Dimension("train", "int", (1, 1000)),
+    "colour_jitter": Dimension("train", "float", (0.0, 0.95)),
 }
 OBJECTIVES = {"f1_macro": "maximize", "loss": "minimize"}
 PRUNERS = ("median", "hyperband", "none")

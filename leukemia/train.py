@@ -235,7 +235,9 @@ def train(
     check_training_split(train_set.labels)
     val_set = ManifestDataset(processed_dir, "val")
     augment_generator = torch.Generator().manual_seed(config.seed + 1)
-    augment = BatchTransform(mean, std, augment=True, generator=augment_generator).to(device)
+    augment = BatchTransform(
+        mean, std, augment=True, generator=augment_generator, colour=config.colour_jitter
+    ).to(device)
     plain = BatchTransform(mean, std).to(device)
     weights = class_weights(train_set.labels) if config.class_weights else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 
 from leukemia.arms import ARMS, DEEP_ARMS, arm_of, by_name, parse_deep_arms
-from leukemia.config import PreprocessConfig
+from leukemia.config import PreprocessConfig, TrainConfig
 
 
-def test_every_deep_arm_is_named_by_its_own_preprocessing():
+def test_every_deep_arm_is_named_by_its_own_settings():
     for arm in DEEP_ARMS:
         fields = PreprocessConfig(**by_name(arm).preprocess_fields()).to_dict()
-        assert arm_of(fields) == arm
+        training = TrainConfig(**by_name(arm).train_fields(TrainConfig().to_dict())).to_dict()
+        assert arm_of(fields, training) == arm
 
 
 @pytest.mark.parametrize(
@@ -25,10 +26,27 @@ def test_every_deep_arm_is_named_by_its_own_preprocessing():
         ({"segment": True, "channel": "lab-a", "output": "masked-rgb"}, "lab-a"),  # first match
         ({"segment": True, "channel": "gray", "output": "gray"}, "gray"),
         ({"segment": True, "channel": "lab-a", "output": "gray"}, "gray"),  # channel unused
+        ({"segment": "False", "channel": "lab-a", "output": "gray"}, "baseline"),
     ],
 )
 def test_arm_of(fields, arm):
     assert arm_of(fields) == arm
+
+
+@pytest.mark.parametrize(
+    "segment, jitter, arm",
+    [(False, 0.4, "colour-jitter"), (False, "0.1", "colour-jitter"), (False, 0.0, "baseline")]
+    + [(True, 0.4, "proposed"), (False, None, "baseline"), (False, "off", "baseline")],
+)
+def test_a_training_knob_names_an_arm(segment, jitter, arm):
+    assert arm_of({"segment": segment}, {"colour_jitter": jitter}) == arm
+
+
+def test_an_arm_keeps_a_knob_the_study_turned_on():
+    jitter = by_name("colour-jitter")
+    assert jitter.train_fields({"colour_jitter": 0.0}) == {"colour_jitter": 0.4}
+    assert jitter.train_fields({"colour_jitter": 0.2}) == {}
+    assert by_name("baseline").train_fields({"colour_jitter": 0.0}) == {}
 
 
 def test_shortcut_arms_read_a_deep_arms_images():

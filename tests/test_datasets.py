@@ -98,3 +98,75 @@ def test_identity_parameters_leave_the_image_unchanged(processed):
     assert torch.allclose(
         transform(images), BatchTransform((0.5,) * 3, (0.5,) * 3)(images), atol=1e-4
     )
+
+
+IDENTITY = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0, "gamma": 1.0}
+
+
+def _one(name, value):
+    return {k: torch.tensor([value if k == name else v]) for k, v in IDENTITY.items()}
+
+
+@pytest.mark.parametrize(
+    "name, value, enhance",
+    [
+        ("brightness", 1.3, "Brightness"),
+        ("contrast", 0.6, "Contrast"),
+        ("saturation", 1.5, "Color"),
+    ],
+)
+def test_colour_jitter_matches_pil(name, value, enhance):
+    # An independent reference: PIL's ImageEnhance, which torchvision's adjust_* follow.
+    from PIL import Image, ImageEnhance
+
+    from leukemia.datasets import colour_jitter
+
+    rgb = np.random.default_rng(0).integers(30, 220, (5, 5, 3), dtype=np.uint8)
+    x = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    got = colour_jitter(x, _one(name, value))[0].permute(1, 2, 0).numpy() * 255
+    expected = np.asarray(getattr(ImageEnhance, enhance)(Image.fromarray(rgb)).enhance(value))
+    assert np.abs(got - expected.astype(np.float64)).max() <= 2.0
+
+
+def test_colour_jitter_hue_and_gamma_known_answers():
+    import colorsys
+
+    from leukemia.datasets import colour_jitter
+
+    rgb = np.random.default_rng(1).uniform(0.1, 0.9, (4, 4, 3))
+    x = torch.from_numpy(rgb).permute(2, 0, 1).float().unsqueeze(0)
+    gamma = colour_jitter(x, _one("gamma", 0.7))[0].permute(1, 2, 0).numpy()
+    assert np.allclose(gamma, rgb**0.7, atol=1e-5)
+    hue = colour_jitter(x, _one("hue", 0.1))[0].permute(1, 2, 0).numpy()
+    for pixel, shifted in zip(rgb.reshape(-1, 3), hue.reshape(-1, 3)):
+        h, s, v = colorsys.rgb_to_hsv(*pixel)
+        assert np.allclose(shifted, colorsys.hsv_to_rgb((h + 0.1) % 1.0, s, v), atol=1e-4)
+
+
+def test_colour_jitter_is_per_image_and_off_by_default(processed):
+    from leukemia.datasets import BatchTransform, colour_factors
+
+    images = torch.stack([ManifestDataset(processed, "train")[i][0] for i in range(4)])
+    factors = colour_factors(1000, 0.4, torch.Generator().manual_seed(0))
+    assert all(len(v) == 1000 for v in factors.values())
+    assert 0.6 <= float(factors["brightness"].min()) < float(factors["brightness"].max()) <= 1.4
+    assert -0.1 <= float(factors["hue"].min()) < float(factors["hue"].max()) <= 0.1
+
+    def augmented(colour):
+        generator = torch.Generator().manual_seed(0)
+        transform = BatchTransform((0.5,) * 3, (0.5,) * 3, True, generator, colour=colour)
+        return transform(images)
+
+    # colour 0 draws nothing more: the paper's augmentation, number for number.
+    paper = BatchTransform((0.5,) * 3, (0.5,) * 3, True, torch.Generator().manual_seed(0))
+    assert torch.equal(augmented(0.0), paper(images))
+    jittered = augmented(0.4)
+    assert torch.equal(jittered, augmented(0.4)) and not torch.equal(jittered, augmented(0.0))
+    # Two copies of one image in one batch get different colours.
+    same = BatchTransform((0.5,) * 3, (0.5,) * 3, False, colour=0.4)
+    same.augment = True
+    same.affine = lambda n: torch.eye(2, 3).expand(n, 2, 3)
+    pair = same(images[:1].expand(2, -1, -1, -1).contiguous())
+    assert not torch.allclose(pair[0], pair[1])
+    with pytest.raises(ValueError, match=r"colour jitter must be in \[0, 1\), got 1.5"):
+        BatchTransform((0.5,) * 3, (0.5,) * 3, colour=1.5)

@@ -209,7 +209,8 @@ def test_predict_rgb_rejects_what_is_not_an_rgb_image(bundle):
 
 
 def test_perturbations_have_their_known_effects():
-    assert list(PERTURBATIONS) == ["clean", "darken", "brighten", "noise", "blur", "jpeg30"]
+    expected = ["clean", "darken", "brighten", "noise", "blur", "jpeg30", "stain"]
+    assert list(PERTURBATIONS) == expected
     rng = np.random.default_rng(0)
     # 5 x 5 hand-made image: values 0, 5, ..., 370 clipped to 255
     rgb = np.minimum(np.arange(75).reshape(5, 5, 3) * 5, 255).astype(np.uint8)
@@ -242,6 +243,16 @@ def test_perturbations_have_their_known_effects():
     assert compressed.shape == smear.shape and compressed.dtype == np.uint8
     difference = np.abs(compressed.astype(int) - smear)
     assert difference.max() > 0 and difference.mean() < 8
+
+    # Stain: hue + 10 degrees, saturation x 1.25, value kept; checked with colorsys.
+    import colorsys
+
+    pixels = np.array([[[200, 100, 150], [90, 60, 180], [128, 128, 128]]], np.uint8)
+    shifted = PERTURBATIONS["stain"](pixels, rng)
+    for before, after in zip(pixels.reshape(-1, 3) / 255, shifted.reshape(-1, 3) / 255):
+        h, s, v = colorsys.rgb_to_hsv(*before)
+        expected = colorsys.hsv_to_rgb((h + 10 / 360) % 1, min(1.0, s * 1.25), v)
+        np.testing.assert_allclose(after, expected, atol=3 / 255)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -182,6 +182,22 @@ def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_
     assert statistics["preprocessing"]["proposed"]["kernel_size"] == "9"
     assert latest.data.params["preprocess.kernel_size"] == "9"
 
+    # The colour-jitter arm is the baseline's images with a training knob on: the same
+    # preprocessing (the baseline is reused), its own run with colour_jitter 0.4 in its config.
+    jitter = invoke(
+        "compare", *TINY, "--experiment", "study", "--shortcuts", "false",
+        "--arms", "baseline,colour-jitter",
+    )  # fmt: skip
+    assert jitter.exit_code == 0, jitter.output
+    assert "baseline seed 42: reusing finished run" in jitter.output
+    assert "colour-jitter seed 42: mlflow run -e train" in jitter.output
+    (run,) = mlflow.search_runs(
+        experiment_names=["study"], filter_string="tags.arm = 'colour-jitter'", output_format="list"
+    )
+    assert run.info.status == "FINISHED" and run.info.run_name == "colour-jitter seed 42"
+    assert run.data.params["config.colour_jitter"] == "0.4"
+    assert run.data.params["preprocess.segment"] == "False"
+
 
 @pytest.mark.parametrize(
     "args, message",
@@ -192,7 +208,11 @@ def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_
         (["compare", "--arms", "baseline,nope"], "arms must be distinct deep arms from baseline"),
         (
             ["compare", "--channel", "lab-a"],
-            "the proposed arm would train on the lab-a arm's images; name it lab-a in --arms",
+            "the proposed arm would train as the lab-a arm; name it lab-a in --arms",
+        ),
+        (
+            ["compare", "--colour-jitter", "0.3"],
+            "the baseline arm would train as the colour-jitter arm; name it colour-jitter",
         ),
         (["report", "nope"], "no run 'nope' in sqlite:///"),
         (["compare", "--bogus", "3"], "unknown config key(s) ['bogus']"),

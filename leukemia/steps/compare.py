@@ -175,6 +175,11 @@ class Plan:
         """The study's preprocessing with what ``arm`` fixes (segment, channel, output)."""
         return replace(self.preprocess, **by_name(arm).preprocess_fields())
 
+    def arm_config(self, arm: str, seed: int) -> TrainConfig:
+        """The seed's training config with the knobs ``arm`` turns on (colour jitter)."""
+        config = self.configs[seed]
+        return replace(config, **by_name(arm).train_fields(config.to_dict()))
+
 
 def plan(
     config_path,
@@ -194,11 +199,13 @@ def plan(
     for arm in deep:
         # The arm's fields must be valid with the study's, and together name this arm: a run
         # carries the name its preprocessing gives it (``arm_of``), in the registry too.
-        named = arm_of(study.arm_preprocess(arm).to_dict())
+        named = arm_of(
+            study.arm_preprocess(arm).to_dict(), study.arm_config(arm, seed_list[0]).to_dict()
+        )
         if named != arm:
             raise ValueError(
-                f"with this study's preprocessing the {arm} arm would train on the {named} "
-                f"arm's images; name it {named} in --arms (or change the preprocessing options)"
+                f"with this study's settings the {arm} arm would train as the {named} arm; "
+                f"name it {named} in --arms (or change the preprocessing or training options)"
             )
     return study
 
@@ -281,7 +288,7 @@ def compare(
             found = reusable_run(
                 experiment_id,
                 arm,
-                study.configs[seed],
+                study.arm_config(arm, seed),
                 manifest_hash,
                 result.params["segmentation"],
                 registered_model_name,
@@ -292,7 +299,10 @@ def compare(
                 run = found
             else:
                 echo(f"{arm} seed {seed}: mlflow run -e train ...")
-                fields = by_name(arm).preprocess_fields()
+                fields = {
+                    **by_name(arm).preprocess_fields(),
+                    **by_name(arm).train_fields(study.configs[seed].to_dict()),
+                }
                 parameters = {
                     **shared,
                     **{k: str(v).lower() if isinstance(v, bool) else v for k, v in fields.items()},

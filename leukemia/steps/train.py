@@ -10,6 +10,11 @@ Artifacts a training run writes (names other steps rely on):
 - ``curves.png``, ``history.json``: accuracy and loss per epoch, the phase boundary marked;
 - ``evaluation/``: confusion matrix (png, json), classification report (txt, json),
   reliability diagram, ``predictions.csv`` (per test image: label, prediction, probabilities);
+  ``robustness.json`` (the test split's raw images under each perturbation, scored as served:
+  accuracy, F1, ECE per condition) and ``robustness_predictions.csv`` (per test image: label and
+  the predicted class under each condition, what a study pairs across arms);
+- metrics ``robust_<condition>_accuracy``/``_f1_macro`` and ``robust_worst_accuracy`` (the
+  lowest over the perturbed conditions; the tag ``robust_worst_condition`` names it);
 - ``checkpoint/weights.safetensors`` + ``checkpoint/model.json``: the best weights, and what
   rebuilds and preprocesses for them (the served model's two files);
 - ``classifier``: the served pyfunc (raw image in, its own preprocessing, probabilities out),
@@ -22,8 +27,9 @@ import os
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 
-from .. import engine, figures, metrics, registry, serving, tracking, ui
+from .. import engine, evaluation, figures, inference, metrics, registry, serving, tracking, ui
 from .. import train as training
 from ..arms import arm_of
 from ..config import TrainConfig
@@ -114,7 +120,7 @@ def run_training(
     if resume:
         check_resumable(resume, params)
         _check_saved_state(resume, Path(work_root) / resume, echo)
-    arm = arm_of(segmentation)
+    arm = arm_of(segmentation, config.to_dict())
     origin = {
         **(origin or {}),
         "manifest_hash": params["data.manifest_hash"],
@@ -214,6 +220,46 @@ def _calibrate(validation: dict, test: dict) -> float:
     return temperature
 
 
+def _log_robustness(model, spec, processed_dir: Path, device, echo) -> None:
+    """Score the test split's raw images under every perturbation as the served model would
+    (``evaluation.evaluate_manifest``) and log the table, the worst case and each image's
+    predicted class per condition (see the module). A dataset that is no longer where
+    preprocess read it is said in one line and skipped: the run itself is complete."""
+    bundle = evaluation.bundle_of(inference.LeukemiaModel(model.eval(), spec, device), "training")
+    conditions = tuple(evaluation.PERTURBATIONS)
+    try:
+        results = evaluation.evaluate_manifest(
+            bundle, processed_dir / "manifest.csv", None, "test", conditions
+        )
+    except ValueError as error:
+        echo(f"robustness not measured: {error}")
+        return
+    table = evaluation.robustness_table(results)
+    worst = evaluation.worst_case(table)
+    mlflow.log_metrics(
+        {
+            f"robust_{row['condition']}_{metric}": row[metric]
+            for row in table
+            if row["condition"] != "clean"
+            for metric in ("accuracy", "f1_macro")
+        }
+        | {"robust_worst_accuracy": worst["accuracy"]}
+    )
+    mlflow.set_tag("robust_worst_condition", worst["condition"])
+    mlflow.log_dict({"conditions": table}, "evaluation/robustness.json")
+    clean = results["clean"]
+    columns = {"path": clean["paths"], "label": clean["labels"]}
+    columns |= {name: result["probabilities"].argmax(1) for name, result in results.items()}
+    mlflow.log_text(pd.DataFrame(columns).to_csv(index=False), ROBUSTNESS_PREDICTIONS)
+    echo(
+        f"robustness: worst {worst['condition']} {worst['accuracy']:.4f} (clean "
+        f"{table[0]['accuracy']:.4f})"
+    )
+
+
+ROBUSTNESS_PREDICTIONS = "evaluation/robustness_predictions.csv"
+
+
 def _train_and_log(
     config,
     processed_dir,
@@ -295,6 +341,7 @@ def _train_and_log(
     )
     tracking.log_checkpoint(model, spec)
     served = serving.log_served_model(model, spec, name="classifier")
+    _log_robustness(model, spec, processed_dir, runtime[0], echo)
     if not register_as:
         return None
     version = registry.register_run_model(run_id, served.model_uri, register_as)
