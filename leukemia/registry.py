@@ -10,7 +10,11 @@ decides and moves the alias, so two promotions at once cannot leave the worse mo
 champion. The lock is a registered model ``<name>.promotion-lock``: creating a registered model
 is atomic in every MLflow store (a unique name in SQLite, PostgreSQL, or behind a tracking
 server), so the lock holds across processes and machines. A lock left by a killed promotion is
-taken over after ``LOCK_STALE_S``.
+taken over once a waiter has seen the same holder for ``LOCK_STALE_S`` on its own clock (never
+the server's creation time against the waiter's clock: a clock difference would shorten it).
+The alias then moves by compare and set: only if this process still holds the lock and the
+champion is still the one it decided against; a promotion that lost its lock (paused past
+``LOCK_STALE_S``) stops with one line, and one whose champion changed decides again.
 """
 
 from __future__ import annotations
@@ -93,9 +97,11 @@ def _preprocessing_words(seen: dict) -> str:
     """``{"segment": "True", "channel": "gray", "kernel_size": "5", ...}`` -> "gray otsu,
     ellipse 5, masked, 224px"; "raw 224px" for the baseline."""
     size = f"{seen['image_size']}px" if "image_size" in seen else ""
+    stain = "reinhard stain-normalised" if seen.get("stain_norm") == "reinhard" else ""
     if seen.get("segment") not in ("True", "true"):
-        return f"raw {size}".strip() if seen else ""
+        return ", ".join(p for p in (f"raw {size}".strip(), stain) if p) if seen else ""
     parts = [
+        stain,
         f"{seen.get('channel', '?')} otsu",
         f"{seen.get('kernel_shape', '?')} {seen.get('kernel_size', '?')}",
         seen.get("output", "?"),
@@ -106,14 +112,27 @@ def _preprocessing_words(seen: dict) -> str:
 
 def register_run_model(run_id: str, model_uri: str, name: str = DEFAULT_NAME):
     """Register ``model_uri`` (logged by run ``run_id``) as a new version of ``name``, tagged
-    with ``version_tags`` and aliased ``challenger``. Returns the ModelVersion."""
+    with ``version_tags``, and alias it ``challenger`` while it is the newest version. A run
+    registered before it was killed is not registered again; resumed, it gets the alias if no
+    newer version took it meanwhile (``aliased`` says which did). Returns the ModelVersion."""
     client = MlflowClient()
-    for existing in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
-        return existing  # a resumed run that was registered before it was killed: once only
-    tags = version_tags(client.get_run(run_id))
-    version = mlflow.register_model(model_uri, name, tags=tags)
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if found:
+        version = found[0]
+    else:
+        version = mlflow.register_model(model_uri, name, tags=version_tags(client.get_run(run_id)))
+    newest = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    if int(version.version) == newest:
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
     return version
+
+
+def aliased(name: str, alias: str) -> str | None:
+    """The version ``name@alias`` points to now, or None."""
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
 
 
 @dataclass
@@ -252,11 +271,48 @@ def decide(
     return Decision(*common, False, next(iter(blocked.values())))
 
 
-def promote(decision: Decision, dry_run: bool = False) -> Decision:
-    """Apply ``decision``: move ``@champion`` when it says so, and record it as version tags."""
+class ChampionMoved(RuntimeError):
+    """The champion is no longer the one a decision compared with: decide again."""
+
+
+@dataclass(frozen=True)
+class HeldLock:
+    """A promotion lock this process took (``promotion_lock``)."""
+
+    name: str  # the lock's registered model name
+    owner: str
+
+    def held(self, client: MlflowClient) -> bool:
+        try:
+            return client.get_registered_model(self.name).tags.get("owner") == self.owner
+        except MlflowException:
+            return False  # deleted: taken over as stale
+
+
+def _compare(client: MlflowClient, decision: Decision, lock: HeldLock) -> None:
+    """Raise unless ``lock`` is still this process's and the champion is the decision's."""
+    if not lock.held(client):
+        raise ValueError(
+            f"this promotion of {decision.name!r} lost its lock (it paused for more than "
+            f"{LOCK_STALE_S:.0f} s and another promotion took over); @{CHAMPION} not moved, "
+            "nothing recorded: run promote again"
+        )
+    if aliased(decision.name, CHAMPION) != decision.champion:
+        raise ChampionMoved(decision.name)
+
+
+def promote(decision: Decision, dry_run: bool = False, lock: HeldLock | None = None) -> Decision:
+    """Apply ``decision``: move ``@champion`` when it says so, and record it as version tags.
+    With ``lock`` (``promotion_lock``'s), compare and set: nothing moves unless the lock is still
+    held and the champion is still ``decision.champion`` (else ``ValueError`` or
+    ``ChampionMoved``)."""
     if dry_run:
         return decision
     client = MlflowClient()
+    if lock is not None:
+        _compare(client, decision, lock)
+    if decision.promote:
+        client.set_registered_model_alias(decision.name, CHAMPION, decision.candidate)
     record = {
         "promotion.decision": "promoted" if decision.promote else "kept champion",
         "promotion.reason": decision.reason,
@@ -267,19 +323,19 @@ def promote(decision: Decision, dry_run: bool = False) -> Decision:
     }
     for key, value in record.items():
         client.set_model_version_tag(decision.name, decision.candidate, key, value)
-    if decision.promote:
-        client.set_registered_model_alias(decision.name, CHAMPION, decision.candidate)
     return decision
 
 
 @contextlib.contextmanager
 def promotion_lock(name: str, wait_s: float = LOCK_WAIT_S, stale_s: float = LOCK_STALE_S):
-    """Hold the promotion lock of ``name`` (see the module) for the ``with`` block."""
+    """Hold the promotion lock of ``name`` (see the module) for the ``with`` block, which gets
+    the ``HeldLock`` to pass to ``promote``."""
     client = MlflowClient()
     lock = name + LOCK_SUFFIX
     owner = f"{socket.gethostname()}:{os.getpid()}:{time.time():.3f}"
     deadline = time.monotonic() + wait_s
     delay = 0.05
+    seen: dict = {}  # each holder seen -> when this process first saw it (monotonic)
     while True:
         try:
             client.create_registered_model(
@@ -289,7 +345,7 @@ def promotion_lock(name: str, wait_s: float = LOCK_WAIT_S, stale_s: float = LOCK
         except MlflowException as error:
             if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
-        _remove_if_stale(client, lock, stale_s)
+        _remove_if_stale(client, lock, stale_s, seen)
         if time.monotonic() > deadline:
             raise ValueError(
                 f"another promotion of {name!r} holds the lock {lock!r} for more than "
@@ -298,20 +354,30 @@ def promotion_lock(name: str, wait_s: float = LOCK_WAIT_S, stale_s: float = LOCK
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
     try:
-        yield
+        yield HeldLock(lock, owner)
     finally:
         with contextlib.suppress(MlflowException):
             if client.get_registered_model(lock).tags.get("owner") == owner:
                 client.delete_registered_model(lock)
 
 
-def _remove_if_stale(client: MlflowClient, lock: str, stale_s: float) -> None:
+def _holder(client: MlflowClient, lock: str):
     try:
         held = client.get_registered_model(lock)
     except MlflowException:
-        return  # released meanwhile
-    age = time.time() - held.creation_timestamp / 1000
-    if age > stale_s:
+        return None  # released meanwhile
+    return held.tags.get("owner"), held.creation_timestamp
+
+
+def _remove_if_stale(client: MlflowClient, lock: str, stale_s: float, seen: dict) -> None:
+    """Delete ``lock`` once this process has seen the same holder for ``stale_s`` seconds of
+    its own monotonic clock (``seen`` remembers when it first saw each holder)."""
+    holder = _holder(client, lock)
+    if holder is None:
+        return
+    first = seen.setdefault(holder, time.monotonic())
+    # Deleted only if it is still the holder that went stale, not one that took over meanwhile.
+    if time.monotonic() - first > stale_s and _holder(client, lock) == holder:
         with contextlib.suppress(MlflowException):
             client.delete_registered_model(lock)
 
@@ -330,9 +396,17 @@ def decide_and_promote(
     if dry_run:
         return decide(name, candidate, metric, min_delta, recall_tolerance, force)
     _version(MlflowClient(), name, candidate)  # a clear error before waiting for the lock
-    with promotion_lock(name):
-        decision = decide(name, candidate, metric, min_delta, recall_tolerance, force)
-        return promote(decision)
+    with promotion_lock(name) as lock:
+        for _ in range(3):
+            decision = decide(name, candidate, metric, min_delta, recall_tolerance, force)
+            try:
+                return promote(decision, lock=lock)
+            except ChampionMoved:
+                continue  # moved by something that does not take the lock: decide again
+    raise ValueError(
+        f"@{CHAMPION} of {name!r} kept changing while this promotion decided (something moves "
+        "it without the promotion lock); nothing moved: run promote again"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ def tiny_model():
     return create_classifier("test_efficientnet", pretrained="none")
 
 
-def register(tiny_model, f1: float, recalls=(0.9, 0.9, 0.9, 0.9), manifest="m1"):
-    """A finished run with test metrics and a served model, registered like training does."""
+def register(tiny_model, f1: float, recalls=(0.9, 0.9, 0.9, 0.9), manifest="m1", alias=True):
+    """A finished run with test metrics and a served model, registered like training does
+    (``alias=False``: as by a run killed before it set @challenger)."""
     tags = {"step": "train", "arm": "proposed", "preprocess.segment": "True"}
     with mlflow.start_run(tags=tags) as run:
         mlflow.log_params({"data.manifest_hash": manifest, "runtime.git_commit": "abc"})
@@ -42,6 +43,8 @@ def register(tiny_model, f1: float, recalls=(0.9, 0.9, 0.9, 0.9), manifest="m1")
             segmentation=SegmentationParams(image_size=64),
         )
         info = serving.log_served_model(tiny_model, spec)
+    if not alias:
+        return mlflow.register_model(info.model_uri, NAME)
     return registry.register_run_model(run.info.run_id, info.model_uri, NAME)
 
 
@@ -184,6 +187,77 @@ def test_a_stale_promotion_lock_is_taken_over(tracking_uri, tiny_model):
     assert NAME + registry.LOCK_SUFFIX not in {
         m.name for m in MlflowClient().search_registered_models()
     }
+
+
+def test_a_promotion_that_lost_its_lock_moves_nothing(tracking_uri, tiny_model):
+    """Issue 23, item 5: a promotion paused past the stale time after deciding (v2, F1 0.5,
+    over v1) loses the lock to a second one (v3, F1 0.9); when it resumes it must not move
+    @champion back to the worse version."""
+    for f1 in (0.4, 0.5, 0.9):
+        register(tiny_model, f1)
+    MlflowClient().set_registered_model_alias(NAME, "champion", "1")
+    with registry.promotion_lock(NAME) as slow:
+        stalled = registry.decide(NAME, "2")
+        assert stalled.promote and stalled.champion == "1"
+        # ... the slow one pauses; another promotion waits out the stale time and takes over.
+        with registry.promotion_lock(NAME, wait_s=10, stale_s=0.3) as fast:
+            assert registry.promote(registry.decide(NAME, "3"), lock=fast).promote
+        assert champion() == "3"
+        with pytest.raises(ValueError, match="lost its lock .* @champion not moved"):
+            registry.promote(stalled, lock=slow)
+    assert champion() == "3"
+    tags = MlflowClient().get_model_version(NAME, "2").tags
+    assert "promotion.decision" not in tags  # nothing recorded for the stalled decision
+
+
+def test_a_champion_moved_behind_the_lock_is_decided_again(tracking_uri, tiny_model):
+    for f1 in (0.4, 0.9, 0.5):
+        register(tiny_model, f1)
+    client = MlflowClient()
+    client.set_registered_model_alias(NAME, "champion", "1")
+    with registry.promotion_lock(NAME) as lock:
+        decision = registry.decide(NAME, "3")  # 0.5 beats 0.4
+        client.set_registered_model_alias(NAME, "champion", "2")  # moved without the lock
+        with pytest.raises(registry.ChampionMoved):
+            registry.promote(decision, lock=lock)
+    assert champion() == "2"
+    # decide_and_promote decides again: 0.5 does not beat 0.9, @champion stays on version 2.
+    result, decision = promote("3")
+    assert result.exit_code == 0, result.output
+    assert not decision["promote"] and decision["champion"] == "2" and champion() == "2"
+
+
+def test_a_clock_ahead_of_the_server_does_not_shorten_the_lock(
+    tracking_uri, tiny_model, monkeypatch
+):
+    """A live holder's lock, seen by a process whose clock runs an hour ahead of the server's
+    creation timestamps: it is not taken as stale (the wait is measured on the waiter's own
+    clock)."""
+    register(tiny_model, 0.80)
+    MlflowClient().create_registered_model(NAME + registry.LOCK_SUFFIX, tags={"owner": "live"})
+    real_time = time.time
+    monkeypatch.setattr(registry.time, "time", lambda: real_time() + 3600)
+    with pytest.raises(ValueError, match="holds the lock"):
+        with registry.promotion_lock(NAME, wait_s=1.0, stale_s=60):
+            pass
+    assert MlflowClient().get_registered_model(NAME + registry.LOCK_SUFFIX).tags == {
+        "owner": "live"
+    }
+
+
+def test_a_resumed_registration_sets_challenger_or_says_who_has_it(tracking_uri, tiny_model):
+    """Issue 23, item 7: a run killed between registering and setting @challenger, resumed."""
+    register(tiny_model, 0.8)
+    killed = register(tiny_model, 0.7, alias=False)  # version 2, @challenger still on 1
+    assert registry.aliased(NAME, "challenger") == "1"
+    again = registry.register_run_model(killed.run_id, killed.source, NAME)
+    assert again.version == killed.version and registry.aliased(NAME, "challenger") == "2"
+    # A newer version took the alias meanwhile: the resumed run leaves it there.
+    late = register(tiny_model, 0.6, alias=False)  # version 3, killed too
+    register(tiny_model, 0.5)  # version 4
+    registry.register_run_model(late.run_id, late.source, NAME)
+    assert registry.aliased(NAME, "challenger") == "4"
+    assert len(MlflowClient().search_model_versions(f"name = '{NAME}'")) == 4
 
 
 def test_nan_min_delta_is_refused(tracking_uri, tiny_model):
