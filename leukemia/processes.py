@@ -11,6 +11,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import os
+import signal
 import socket
 import threading
 import time
@@ -77,6 +78,11 @@ def stop_when_parent_dies(interval: float = 1.0, grace: float = 20.0) -> None:
     parent = os.environ.get(PARENT_ENV)
     if not parent or parent == token():
         return
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started in the background from a script (bash ignores SIGINT for `&`): the interrupt
+        # below would do nothing and the child would train on, even register, for the grace
+        # period. A child of ours stops with its parent, so it takes SIGINT again.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def watch():
         while not is_gone(parent):
