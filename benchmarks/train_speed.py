@@ -110,6 +110,13 @@ def parse_args() -> argparse.Namespace:
         default=3,
         help="interleaved repeats of the phase-1 and inference figures (best of each)",
     )
+    parser.add_argument(
+        "--in-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode the split once into memory, as training does (--no-in-memory: a PNG "
+        "decoded per item, as before; run both to compare)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     return parser.parse_args()
 
@@ -308,7 +315,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="leukemia-train-speed-") as scratch:
         try:
             data_dir, data_note = prepare_data(args, scratch)
-            train_set = ManifestDataset(data_dir, "train")
+            train_set = ManifestDataset(data_dir, "train", in_memory=args.in_memory)
         except ValueError as error:  # DatasetError included: a bad --data folder
             raise SystemExit(f"{Path(__file__).name}: error: {error}") from None
         loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_set.labels).to(device))
@@ -388,6 +395,7 @@ def main() -> None:
         "image_shape": list(shape),
         "batch_size": config.batch_size,
         "num_workers": config.num_workers,
+        "in_memory": train_set.decoded is not None,
         "steps": args.steps,
         "warmup": args.warmup,
         "data": data_note,
@@ -413,7 +421,8 @@ def print_report(report: dict) -> None:
     print(
         f"device: {report['device']}; torch {report['torch']}, timm {report['timm']}\n"
         f"model: {report['model']}, input {'x'.join(map(str, report['image_shape']))}, "
-        f"batch {report['batch_size']}, loader workers {report['num_workers']}, "
+        f"batch {report['batch_size']}, loader workers {report['num_workers']}, images "
+        f"{'decoded once into memory' if report['in_memory'] else 'decoded per item'}, "
         f"{report['steps']} timed steps after {report['warmup']} warm-up\n"
         f"data: {report['data']}\n"
     )

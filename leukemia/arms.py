@@ -8,7 +8,9 @@ channel (stain colour separates cells from the background better than brightness
 and ``gray`` on the whole grayscale image (colour lost, no segmentation: it separates what
 segmentation costs from what losing colour costs), and ``colour-jitter`` on the resized RGB
 images with exposure, contrast, saturation, gamma and hue jittered in training (a model that
-cannot lean on the scanner's exposure or the stain batch's colour).
+cannot lean on the scanner's exposure or the stain batch's colour), and ``stain-norm`` on the
+resized RGB images with Reinhard stain normalisation to a reference fitted on the training split
+(stored with the model, so the served model applies it).
 A shortcut arm fits colour or brightness histograms + logistic regression on one arm's
 images, to show how far stain colour alone goes; ``shortcut-background`` only the colours
 outside the paper's mask, to show how much of the class the background gives away.
@@ -63,6 +65,7 @@ ARMS = (
     Arm("lab-a", segment=True, preprocessing=(("channel", "lab-a"),)),
     Arm("masked-rgb", segment=True, preprocessing=(("output", "masked-rgb"),)),
     Arm("colour-jitter", segment=False, training=(("colour_jitter", 0.4),)),
+    Arm("stain-norm", segment=False, preprocessing=(("stain_norm", "reinhard"),)),
     Arm("shortcut-rgb", segment=False, features="rgb"),
     Arm("shortcut-gray", segment=False, features="gray"),
     Arm("shortcut-gray-segmented", segment=True, features="gray"),

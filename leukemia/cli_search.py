@@ -3,6 +3,8 @@ validation split, tracked in MLflow (``steps.search``)."""
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .data import DatasetError
@@ -118,6 +120,7 @@ def search_command(
         fixed = tuple(sorted(parse_overrides(ctx.args).items()))
         loaded = dataclasses.replace(loaded, overrides=fixed)
         name = search_lib.check_study_name(study_name or Path(space).stem)
+        search_lib.check_storage_secret(storage, under_mlflow_run="MLFLOW_RUN_ID" in os.environ)
         search_step.best_config(loaded, {})  # the base and the --FIELD overrides load
         if seeds:
             compare_step.find_project()  # confirm launches `mlflow run -e train`: fail now

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import images, yamlfile
 from .preprocess import MAX_UNREADABLE
-from .segmentation import CHANNELS, FOREGROUNDS, KERNEL_SHAPES, SegmentationParams
+from .segmentation import CHANNELS, FOREGROUNDS, KERNEL_SHAPES, STAIN_NORMS, SegmentationParams
 from .split import GROUP_BY, SplitParams
 
 _SEGMENTATION = SegmentationParams()  # the paper's operator, declared in segmentation.py
@@ -139,6 +139,11 @@ class PreprocessConfig:
         "masked: gray with background 0; mask: the closed mask as 0/255; masked-rgb: the "
         "original colours inside the mask, background 0; gray: the whole grayscale image.",
     )
+    stain_norm: str = _setting(
+        _SEGMENTATION.stain_norm,
+        f"{', '.join(STAIN_NORMS)}; reinhard: each resized image's LAB statistics matched to "
+        "a reference fitted on the training split and stored with the model (not the paper's).",
+    )
     # Split (paper: 70/15/15; duplicates always kept in one split).
     split_fractions: str = _setting(
         ",".join(f"{f:g}" for f in _SPLIT.fractions), "train,val,test fractions (sum to 1)."
@@ -191,6 +196,7 @@ class PreprocessConfig:
             kernel_size=self.kernel_size,
             kernel_shape=self.kernel_shape,
             output=self.output,
+            stain_norm=self.stain_norm,
         )
 
     def to_dict(self) -> dict:

@@ -433,6 +433,57 @@ def pooled_bootstrap_difference(
     return {"difference": float(difference.mean()), "low": low, "high": high}
 
 
+def _worst_accuracy(correct: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """(S, K, N) correctness of S models under K conditions, (R, m) image indices -> (R,): per
+    resample, the mean over models of each model's lowest accuracy over the conditions."""
+    return correct[:, :, index].mean(axis=-1).min(axis=1).mean(axis=0)
+
+
+def pooled_worst_case_difference(
+    correct_a,
+    correct_b,
+    groups=None,
+    *,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict:
+    """Percentile interval for the mean-over-seeds worst-case accuracy of a minus b.
+
+    ``correct_a`` (S_a x K x N) and ``correct_b`` (S_b x K x N): whether each seed's model got
+    each of the same N test images right under each of K conditions (perturbations). A model's
+    worst-case ("robust") accuracy is min over k of its accuracy under condition k; the
+    statistic is mean_s worst(a_s) - mean_s worst(b_s). Each resample draws the images (with
+    ``groups``, the groups) once for every model and condition, so the pairing is kept, and the
+    minimum is taken again on the resample (the worst condition may change). Returns
+    ``{"difference", "low", "high", "a", "b"}`` (``a``, ``b``: the two full-sample values).
+    """
+    _check_bootstrap(n_resamples, confidence)
+    arrays = [np.asarray(c, dtype=bool) for c in (correct_a, correct_b)]
+    if (
+        any(a.ndim != 3 or a.size == 0 for a in arrays)
+        or arrays[0].shape[1:] != arrays[1].shape[1:]
+    ):
+        raise ValueError(
+            "correct_a and correct_b must be non-empty (seeds x conditions x images) arrays "
+            f"over the same conditions and images, got shapes {arrays[0].shape} and "
+            f"{arrays[1].shape}"
+        )
+    a, b = arrays
+    n = a.shape[2]
+    full = np.arange(n)[None]
+    values = _resampled_statistics(
+        n,
+        lambda index: _worst_accuracy(a, index) - _worst_accuracy(b, index),
+        n_resamples,
+        seed,
+        groups,
+    )
+    low, high = _percentile_interval(values, confidence)
+    worst_a, worst_b = float(_worst_accuracy(a, full)[0]), float(_worst_accuracy(b, full)[0])
+    return {"difference": worst_a - worst_b, "low": low, "high": high, "a": worst_a, "b": worst_b}
+
+
 def pooled_bootstrap_ci(
     labels,
     predictions,

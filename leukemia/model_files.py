@@ -58,7 +58,13 @@ def segmentation_params(values: dict | SegmentationParams) -> SegmentationParams
         raise ValueError(
             f"unknown segmentation keys {unknown}; expected some of {', '.join(sorted(names))}"
         )
-    return SegmentationParams(**{k: v for k, v in values.items() if k in names})
+    params = SegmentationParams(**{k: v for k, v in values.items() if k in names})
+    if params.stain_norm != "none" and params.stain_reference is None:
+        raise ValueError(
+            f"segmentation has stain_norm {params.stain_norm} but no stain_reference; expected "
+            "the reference preprocess fitted on the training split"
+        )
+    return params
 
 
 def _number(name: str, value, low: float, high: float) -> float:

@@ -26,16 +26,17 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
+import numpy as np
 from tqdm import tqdm
 
 from . import data, images
 from .audit import rows_and_audit
 from .preview import write_preview
-from .segmentation import SegmentationParams, preprocess_planes
+from .segmentation import SegmentationParams, fit_stain_reference, preprocess_planes, resize
 from .split import SplitParams
 from .store import OutputStore
 
@@ -183,17 +184,26 @@ def _start_method() -> str | None:
     """How to start workers, or None to work in this process.
 
     ``fork`` (workers start in milliseconds) only while this process has a single thread:
-    forking a threaded process (after importing torch or MLflow) can copy a held lock and hang
+    forking a threaded process (after importing torch or MLflow, or after OpenCV started its
+    own thread pool, which Python's ``threading`` does not count) can copy a held lock and hang
     a worker. Otherwise ``forkserver``, whose workers re-import the main module, which fails
     when that is not a file (``python -`` reading stdin): then None.
     """
     methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and threading.active_count() == 1:
+    if "fork" in methods and threading.active_count() == 1 and _native_threads() == 1:
         return "fork"
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if main_file is not None and not os.path.isfile(main_file):
         return None
     return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _native_threads() -> int:
+    """This process's threads as the kernel counts them (1 where /proc is absent)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1
 
 
 def default_workers() -> int:
@@ -247,20 +257,20 @@ def preprocess(
         for folder in sorted({str(Path(o).parent) for o in outputs}):
             (tmp / folder).mkdir(parents=True, exist_ok=True)
         tasks = [(i, f.path, outputs[i]) for i, f in enumerate(files)]
-        preview = (write_preview, tmp / "preview.png", root, files, seg, preview_per_class)
-        records = _run_all(
-            tasks,
-            root,
-            tmp,
-            seg,
-            max_pixels,
-            workers or default_workers(),
-            progress,
-            side_job=preview,
-        )
+        # Stain normalisation needs the training split, which needs every image's hash: a
+        # first pass without it (hashes as every arm computes them, so the split is theirs),
+        # then the reference fitted on training images and a second pass that writes them.
+        first = replace(seg, stain_norm="none") if seg.stain_norm != "none" else seg
+        preview = (write_preview, tmp / "preview.png", root, files, first, preview_per_class)
+        run = (root, tmp, first, max_pixels, workers or default_workers(), progress)
+        records = _run_all(tasks, *run, side_job=preview)
         rows, audit = rows_and_audit(
             files, outputs, records, ignored, split, manifest_rows, max_unreadable, root, folders
         )
+        if first is not seg:
+            seg = replace(seg, stain_reference=_fit_stain_reference(root, rows, seg, max_pixels))
+            readable = {r["path"] for r in rows}
+            _run_all([t for t in tasks if t[1] in readable], root, tmp, seg, *run[3:])
         (tmp / "manifest.csv").write_bytes(data.manifest_bytes(rows))
         (tmp / "audit.json").write_text(json.dumps(audit, indent=2, sort_keys=True) + "\n")
         params = {
@@ -284,6 +294,23 @@ def preprocess(
     store.point_latest(final)
     params = _read_params(final)
     return PreprocessResult(final, False, params, params["counts"])
+
+
+STAIN_FIT_IMAGES = 256  # training images the stain reference is fitted on, at most
+
+
+def _fit_stain_reference(root: Path, rows, seg: SegmentationParams, max_pixels: int) -> tuple:
+    """Reinhard's reference (``segmentation.fit_stain_reference``) from the training split
+    only, resized as the model sees them: up to ``STAIN_FIT_IMAGES`` of them, evenly spaced in
+    manifest order."""
+    train = [r for r in rows if r["split"] == "train"]
+    spaced = np.linspace(0, len(train) - 1, min(len(train), STAIN_FIT_IMAGES)).astype(int)
+    chosen = [train[i] for i in sorted(set(spaced))]
+    resized = [
+        resize(images.decode_image((root / r["path"]).read_bytes(), max_pixels), seg.image_size)
+        for r in chosen
+    ]
+    return fit_stain_reference(resized)
 
 
 def _check_not_nested(data_dir, root: Path, out_dir) -> None:

@@ -32,7 +32,7 @@ import optuna
 
 from . import yamlfile
 from .config import PREPROCESS_FIELDS
-from .segmentation import CHANNELS, KERNEL_SHAPES, OUTPUTS
+from .segmentation import CHANNELS, KERNEL_SHAPES, OUTPUTS, STAIN_NORMS
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ DIMENSIONS = {
     "channel": Dimension("preprocess", "choice", choices=CHANNELS),
     "segment": Dimension("preprocess", "choice", choices=(True, False)),
     "output": Dimension("preprocess", "choice", choices=OUTPUTS),
+    "stain_norm": Dimension("preprocess", "choice", choices=STAIN_NORMS),
     "phase1_lr": Dimension("train", "float", (1e-7, 1.0)),
     "phase2_lr": Dimension("train", "float", (1e-7, 1.0)),
     "weight_decay": Dimension("train", "float", (1e-8, 1.0)),
@@ -232,16 +233,37 @@ def open_storage(spec: str, warn=print, on_stale=None):
         raise ValueError(f"cannot open Optuna storage {redacted(spec)!r}: {first}") from None
 
 
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)[^&#]*", re.IGNORECASE)
+
+
 def redacted(url: str) -> str:
-    """``url`` with everything between ``user:`` and the host's ``@`` as ``***``: messages end
-    up in logs. Not parsed (a malformed URL is what errors are about): the last ``@`` ends the
-    credentials, so a password holding ``@``, ``:`` or ``/`` is hidden whole."""
+    """``url`` with everything between ``user:`` and the host's ``@``, and the value of a
+    ``password=`` query parameter, as ``***``: messages end up in logs. Not parsed (a malformed
+    URL is what errors are about): the last ``@`` ends the credentials, so a password holding
+    ``@``, ``:``, ``/`` or ``?`` is hidden whole (more is hidden if the query holds an ``@``)."""
+    url = _QUERY_PASSWORD.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
     credentials, at, host = rest.rpartition("@")
     if not sep or not at or ":" not in credentials:
         return url
     user = credentials.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}"
+
+
+def holds_password(url: str) -> bool:
+    """Whether a storage URL carries a password (``user:pw@`` or ``?password=``)."""
+    return redacted(url) != url
+
+
+def check_storage_secret(url: str, under_mlflow_run: bool) -> None:
+    """Refuse a password in the storage URL under ``mlflow run``, which prints the command and
+    logs every ``-P`` value as a run parameter, so the password would stay in the store."""
+    if under_mlflow_run and holds_password(url):
+        raise ValueError(
+            f"the storage URL {redacted(url)!r} holds a password, and `mlflow run` prints and "
+            "logs -P values as run parameters; drop it from the URL and give it through "
+            "PGPASSWORD or ~/.pgpass (PostgreSQL reads both)"
+        )
 
 
 def _rdb_storage(spec: str, on_stale):
@@ -288,10 +310,27 @@ def check_study_name(name: str) -> str:
     return name
 
 
-def create_or_load(storage, name: str, space: SearchSpace) -> tuple[optuna.Study, bool]:
+SEED_ATTR = "sampler_seed"  # each trial's: the seed of the sampler of the worker that ran it
+
+
+def worker_seed(sampler_seed: int, created: bool, worker: str) -> int:
+    """The sampler seed of one worker: the space's ``sampler_seed`` for the worker that created
+    the study (one worker with a seed gives the same study every time), else one derived from
+    it and the worker's process token (``processes.token``), so workers that join never draw
+    the same trials because they share a seed (they did: trials in identical pairs)."""
+    if created:
+        return sampler_seed
+    digest = hashlib.sha256(f"{sampler_seed}:{worker}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def create_or_load(
+    storage, name: str, space: SearchSpace, worker: str = ""
+) -> tuple[optuna.Study, bool]:
     """The study ``name`` and whether this call created it: created if absent, loaded
     otherwise (the storage lets one of N workers that start at once create it). A study of that
-    name made for another space is refused."""
+    name made for another space is refused. Its sampler is seeded ``worker_seed``'s way, the
+    seed kept as ``study.sampler_seed``."""
     check_study_name(name)
     options = {
         "storage": storage,
@@ -303,7 +342,10 @@ def create_or_load(storage, name: str, space: SearchSpace) -> tuple[optuna.Study
         study = optuna.create_study(direction=space.direction, load_if_exists=False, **options)
         created = True
     except optuna.exceptions.DuplicatedStudyError:
+        seed = worker_seed(space.sampler_seed, False, worker)
+        options["sampler"] = optuna.samplers.TPESampler(seed=seed)
         study, created = optuna.load_study(**options), False
+    study.sampler_seed = worker_seed(space.sampler_seed, created, worker)
     recorded = study.user_attrs.get("space")
     if recorded is None:
         study.set_user_attr("space", space.fingerprint())

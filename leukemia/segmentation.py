@@ -2,7 +2,10 @@
 
 Per image (uint8 RGB, H x W x 3):
 
-1. resize to ``image_size`` x ``image_size``;
+1. resize to ``image_size`` x ``image_size``; with ``stain_norm reinhard`` (not the paper's),
+   then match the image's LAB means and standard deviations to a reference fitted on the
+   training split (Reinhard et al. 2001, torchstain's implementation): l' = (l - mu) / sigma *
+   sigma_ref + mu_ref per LAB channel, so exposure and stain batch no longer set the colours;
 2. choose the channel to threshold: grayscale (OpenCV's weights,
    Y = 0.299 R + 0.587 G + 0.114 B), HSV saturation, or the LAB a* channel;
 3. Otsu threshold t* = argmax_t w0(t) (mu0(t) - mu_T)^2 + w1(t) (mu1(t) - mu_T)^2, where class 0
@@ -31,6 +34,7 @@ KERNEL_SHAPES = {"ellipse": cv2.MORPH_ELLIPSE, "rect": cv2.MORPH_RECT, "cross": 
 # colours inside the closed mask, background 0 (the paper's segmentation, stain colour kept);
 # gray: the whole grayscale image, no mask (what losing colour costs, without segmentation).
 OUTPUTS = ("masked", "mask", "masked-rgb", "gray")
+STAIN_NORMS = ("none", "reinhard")
 # Where the stained cells sit in each channel: darker than the background in grayscale, more
 # saturated and more magenta (higher a*) than the pale background in the other two.
 _CELLS_ARE = {"gray": "dark", "saturation": "bright", "lab-a": "bright"}
@@ -47,8 +51,15 @@ class SegmentationParams:
     kernel_size: int = 5
     kernel_shape: str = "ellipse"
     output: str = "masked"
+    stain_norm: str = "none"
+    # Reinhard's target: the LAB means, then standard deviations (6 numbers), fitted on the
+    # training split by preprocess (``fit_stain_reference``) and stored with the model.
+    stain_reference: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        _check_choice("stain_norm", self.stain_norm, STAIN_NORMS)
+        if self.stain_reference is not None:
+            object.__setattr__(self, "stain_reference", check_stain_reference(self.stain_reference))
         _check_choice("channel", self.channel, CHANNELS)
         _check_choice("foreground", self.foreground, FOREGROUNDS)
         _check_choice("kernel_shape", self.kernel_shape, tuple(KERNEL_SHAPES))
@@ -105,6 +116,51 @@ def structuring_element(kernel_size: int = 5, shape: str = "ellipse") -> np.ndar
     check_kernel_size(kernel_size)
     _check_choice("kernel_shape", shape, tuple(KERNEL_SHAPES))
     return cv2.getStructuringElement(KERNEL_SHAPES[shape], (kernel_size, kernel_size))
+
+
+def check_stain_reference(reference) -> tuple[float, ...]:
+    """Six finite numbers, the last three (standard deviations) > 0, else ``ValueError``."""
+    expected = "a stain reference of 6 finite numbers (LAB means, then standard deviations > 0)"
+    try:
+        values = tuple(float(v) for v in reference)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected {expected}, got {reference!r}") from None
+    if len(values) != 6 or not np.all(np.isfinite(values)) or min(values[3:]) <= 0:
+        raise ValueError(f"expected {expected}, got {reference!r}")
+    return values
+
+
+def _reinhard(reference=None):
+    from torchstain.numpy.normalizers import NumpyReinhardNormalizer  # only where it is used
+
+    normalizer = NumpyReinhardNormalizer()
+    if reference is not None:
+        normalizer.target_means = np.asarray(reference[:3], dtype=np.float32)
+        normalizer.target_stds = np.asarray(reference[3:], dtype=np.float32)
+    return normalizer
+
+
+def fit_stain_reference(images) -> tuple[float, ...]:
+    """Reinhard's reference from S x S x 3 uint8 RGB images (the training split's): the LAB
+    means and standard deviations over all their pixels (torchstain's ``fit`` on their
+    montage)."""
+    images = list(images)
+    if not images:
+        raise ValueError("cannot fit a stain reference on no images")
+    normalizer = _reinhard()
+    normalizer.fit(np.concatenate(images, axis=0))
+    return check_stain_reference([*normalizer.target_means, *normalizer.target_stds])
+
+
+def normalise_stain(rgb: np.ndarray, reference) -> np.ndarray:
+    """Reinhard normalisation of an H x W x 3 uint8 RGB image to ``reference`` (see the module).
+    A flat image (a LAB channel without spread) has no stain to match: returned unchanged."""
+    if reference is None:
+        raise ValueError("stain_norm reinhard needs the stain reference fitted on training images")
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
+    if (lab.reshape(-1, 3).std(axis=0) == 0).any():
+        return rgb
+    return _reinhard(reference).normalize(rgb)
 
 
 def resize(rgb: np.ndarray, image_size: int) -> np.ndarray:
@@ -166,13 +222,21 @@ def _close01(mask01: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return cv2.morphologyEx(mask01, cv2.MORPH_CLOSE, kernel)
 
 
+def resized_image(rgb: np.ndarray, params: SegmentationParams) -> np.ndarray:
+    """Step 1: the S x S x 3 image, stain-normalised where ``params`` says so."""
+    resized = resize(rgb, params.image_size)
+    if params.stain_norm == "reinhard":
+        return normalise_stain(resized, params.stain_reference)
+    return resized
+
+
 def segment(rgb: np.ndarray, params: SegmentationParams = SegmentationParams()) -> dict:
     """Run the whole operator on one RGB uint8 image.
 
     Returns ``resized`` (S x S x 3 RGB), ``gray`` (S x S), ``mask`` (S x S bool, closed),
     ``threshold`` (t*) and ``output`` (S x S x 3 uint8: what the model sees).
     """
-    resized = resize(rgb, params.image_size)
+    resized = resized_image(rgb, params)
     gray = to_gray(resized)
     mask, t = _closed_mask(resized, gray, params)
     if not params.segment:
@@ -212,7 +276,7 @@ def preprocess_planes(rgb: np.ndarray, params: SegmentationParams = Segmentation
     S x S x 3 colours inside the mask); baseline: the resized S x S x 3 RGB image.
     ``preprocess_image`` gives the same pixels as three channels.
     """
-    resized = resize(rgb, params.image_size)
+    resized = resized_image(rgb, params)
     gray = to_gray(resized)
     if not params.segment:
         return resized, gray

@@ -19,6 +19,7 @@ and start time) is gone, is removed. Nothing is globbed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -156,16 +157,21 @@ class OutputStore:
         return target, False
 
     def point_latest(self, folder: Path) -> None:
-        """Make ``latest`` a relative symlink to ``folder`` (atomically; best effort)."""
+        """Make ``latest`` a relative symlink to ``folder`` (atomically; best effort: reading a
+        store never needs a write, so a read-only mount or a file system without symlinks
+        leaves ``latest`` as it is and the keyed folder still works)."""
         link = self.root / LATEST
         if link.exists() and not link.is_symlink():
             return  # not ours to replace
+        if link.is_symlink() and os.readlink(link) == folder.name:
+            return  # already there: nothing to write
         staged = self.root / f".latest-{uuid.uuid4().hex}"
         try:
             os.symlink(folder.name, staged)
             os.replace(staged, link)
-        except OSError:  # a file system without symlinks: the keyed folder still works
-            staged.unlink(missing_ok=True)
+        except OSError:
+            with contextlib.suppress(OSError):  # on a read-only mount even this is EROFS
+                staged.unlink(missing_ok=True)
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Remove build folders of processes that are gone (proven ours; see the module)."""

@@ -238,7 +238,7 @@ IDENTITY_PREFIXES = ("config.", "preprocess.", "data.")
 
 
 # Without segmentation the model sees the resized RGB image: the other options change nothing.
-UNSEGMENTED_OPTIONS = ("image_size", "segment")
+UNSEGMENTED_OPTIONS = ("image_size", "segment", "stain_norm", "stain_reference")
 
 
 def preprocess_params(segmentation: dict) -> dict:
@@ -247,13 +247,18 @@ def preprocess_params(segmentation: dict) -> dict:
     seen = {
         k: v
         for k, v in segmentation.items()
-        if segmentation.get("segment") or k in UNSEGMENTED_OPTIONS
+        if (segmentation.get("segment") or k in UNSEGMENTED_OPTIONS) and v is not None
     }
     return {f"preprocess.{k}": v for k, v in seen.items()}
 
 
-def training_params(config, rows, *, device: str, precision: str, segmentation: dict) -> dict:
-    """Everything a training run is defined by, as flat MLflow params."""
+def training_params(
+    config, rows, *, device: str, precision: str, segmentation: dict, split: dict | None = None
+) -> dict:
+    """Everything a training run is defined by, as flat MLflow params; ``split``: the options
+    the manifest was split with (``preprocess.stored_options(folder, "split")``), logged as
+    ``data.split.*`` so the run says how its test set was held out whoever started it (the
+    manifest's hash is what identity compares)."""
     import timm
     import torch
 
@@ -263,6 +268,9 @@ def training_params(config, rows, *, device: str, precision: str, segmentation: 
     params = {f"config.{k}": v for k, v in config.to_dict().items()}
     params.update(preprocess_params(segmentation))
     params["data.manifest_hash"] = split_fingerprint(rows)
+    for key, value in (split or {}).items():
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        params[f"data.split.{key}"] = shown
     for split, counts in class_counts(rows).items():
         for name, count in counts.items():
             params[f"data.{split}_{slug(name)}"] = count

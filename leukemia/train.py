@@ -231,9 +231,9 @@ def train(
     mean, std = normalisation(classifier)
     # Loaders yield uint8 images; normalisation and augmentation run on the batch, on the
     # device (BatchTransform), so loader workers only decode.
-    train_set = ManifestDataset(processed_dir, "train")
+    train_set = ManifestDataset(processed_dir, "train", in_memory=True)
     check_training_split(train_set.labels)
-    val_set = ManifestDataset(processed_dir, "val")
+    val_set = ManifestDataset(processed_dir, "val", in_memory=True)
     augment_generator = torch.Generator().manual_seed(config.seed + 1)
     augment = BatchTransform(
         mean, std, augment=True, generator=augment_generator, colour=config.colour_jitter
@@ -254,7 +254,7 @@ def train(
     eval_options = {**loader_options, "batch_size": max(config.batch_size, chunk)}
     val_loader = DataLoader(val_set, **eval_options)
     test_loader = (
-        DataLoader(ManifestDataset(processed_dir, "test"), **eval_options)
+        DataLoader(ManifestDataset(processed_dir, "test", in_memory=True), **eval_options)
         if evaluate_test
         else None
     )

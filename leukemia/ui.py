@@ -98,9 +98,38 @@ def _mean_sd(entry: dict, metric: str) -> str:
     return f"{entry[f'{metric}_mean']:.3f} ± {entry[f'{metric}_sd']:.3f}"
 
 
+def verdict(tests: dict) -> str:
+    """The study's answer in one line: the first deep arm against the baseline (the paper's
+    question when it is ``proposed``), pooled over seeds, with McNemar's p per seed."""
+    pairs = [p for p in tests["pooled"] if p.endswith("_vs_baseline")]
+    if not pairs:
+        best = tests.get("best_shortcut")
+        pairs = [p for p in tests["pooled"] if best and p.endswith(f"_vs_{best}")]
+    if not pairs:
+        return "One deep arm and no shortcut arm: nothing to pair."
+    pair = pairs[0]
+    a, b = pair.split("_vs_")
+    pooled = tests["pooled"][pair]
+    p_values = ", ".join(f"{e[pair]['p_value']:.2g}" for e in tests["per_seed"].values())
+    what = "segmentation" if a == "proposed" and b == "baseline" else a
+    if pooled["low"] > 0:
+        reading = f"{what} helped"
+    elif pooled["high"] < 0:
+        reading = f"{what} did not help: it cost accuracy"
+    else:
+        reading = f"no difference shown between {a} and {b}"
+    return (
+        f"**{a} − {b}: {100 * pooled['difference']:+.1f} points [{100 * pooled['low']:+.1f}, "
+        f"{100 * pooled['high']:+.1f}], McNemar p {p_values}: {reading}.**"
+    )
+
+
 def compare_note(table: dict, tests: dict, seeds, what: str) -> str:
-    """The compare parent's description: the answer, from the logged statistics."""
+    """The compare parent's description: the verdict first, then the table, from the logged
+    statistics."""
     lines = [
+        verdict(tests),
+        "",
         f"**{' vs '.join(tests['deep_arms'])}**: {what}; seeds {', '.join(map(str, seeds))} "
         "(mean ± sd over seeds, test split).",
         "",

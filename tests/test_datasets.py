@@ -170,3 +170,18 @@ def test_colour_jitter_is_per_image_and_off_by_default(processed):
     assert not torch.allclose(pair[0], pair[1])
     with pytest.raises(ValueError, match=r"colour jitter must be in \[0, 1\), got 1.5"):
         BatchTransform((0.5,) * 3, (0.5,) * 3, colour=1.5)
+
+
+def test_in_memory_split_gives_the_same_items_as_reading_from_disk(processed, monkeypatch):
+    from leukemia import datasets
+
+    on_disk = ManifestDataset(processed, "train")
+    held = ManifestDataset(processed, "train", in_memory=True)
+    assert held.decoded is not None and held.decoded.dtype == torch.uint8
+    assert held.decoded.shape == (len(on_disk), *on_disk[0][0].shape)
+    for index in range(len(on_disk)):
+        image, label = held[index]
+        assert torch.equal(image, on_disk[index][0]) and label == on_disk[index][1]
+    monkeypatch.setattr(datasets, "IN_MEMORY_LIMIT_BYTES", 10)
+    too_large = ManifestDataset(processed, "train", in_memory=True)
+    assert too_large.decoded is None and torch.equal(too_large[3][0], on_disk[3][0])

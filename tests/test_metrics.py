@@ -432,3 +432,33 @@ def test_temperature_scaling_recovers_the_temperature_that_made_overconfident_lo
     np.testing.assert_allclose(
         metrics.temperature_scaled(metrics.temperature_scaled(true, 2.0), 0.5), true, atol=1e-9
     )
+
+
+def test_pooled_worst_case_difference_known_answers():
+    from leukemia.metrics import pooled_worst_case_difference
+
+    # One seed each, 2 conditions x 4 images. a: condition 1 gets half right -> worst 0.5;
+    # b: condition 0 gets a quarter right -> worst 0.25.
+    a = np.array([[[1, 1, 1, 1], [1, 1, 0, 0]]], bool)
+    b = np.array([[[1, 0, 0, 0], [1, 1, 1, 1]]], bool)
+    one_group = pooled_worst_case_difference(a, b, n_resamples=50, groups=["g"] * 4)
+    assert one_group == {"difference": 0.25, "low": 0.25, "high": 0.25, "a": 0.5, "b": 0.25}
+
+    # Against a plain-loop reference on the same bootstrap draws (one block of indices).
+    rng = np.random.default_rng(3)
+    a = rng.random((3, 4, 40)) < 0.8
+    b = rng.random((2, 4, 40)) < 0.7
+    got = pooled_worst_case_difference(a, b, n_resamples=200, seed=5)
+    index = np.random.default_rng(5).integers(0, 40, size=(200, 40))
+
+    def worst(correct, rows):
+        return np.mean(
+            [min(correct[s, k, rows].mean() for k in range(4)) for s in range(len(correct))]
+        )
+
+    values = [worst(a, rows) - worst(b, rows) for rows in index]
+    low, high = np.quantile(values, [0.025, 0.975])
+    assert got["low"] == pytest.approx(low) and got["high"] == pytest.approx(high)
+    assert got["difference"] == pytest.approx(worst(a, np.arange(40)) - worst(b, np.arange(40)))
+    with pytest.raises(ValueError, match="seeds x conditions x images"):
+        pooled_worst_case_difference(a, b[:, :3])

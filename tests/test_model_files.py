@@ -186,6 +186,11 @@ def test_code_planted_beside_an_old_format_model_is_ignored(logged, tmp_path):
         ({"std": [0.0, 1.0, 1.0]}, "std must be in"),
         ({"max_pixels": -1}, "max_pixels must be an integer"),
         ({"segmentation": {"kernel_size": 4}}, "kernel_size must be an odd integer"),
+        ({"segmentation": {"stain_norm": "reinhard"}}, "stain_norm reinhard but no stain_ref"),
+        (
+            {"segmentation": {"stain_norm": "reinhard", "stain_reference": [1, 2, 3]}},
+            "stain reference of 6 finite numbers",
+        ),
         ({"extra": 1}, r"unknown keys \['extra'\]"),
     ],
 )

@@ -49,6 +49,36 @@ def test_masked_rgb_is_stored_in_colour_and_is_its_own_cache_entry(synthetic_dir
         assert not np.array_equal(written[..., 0], written[..., 2])  # colour, not gray
 
 
+def test_stain_norm_is_fitted_on_the_training_split_and_keeps_the_split(synthetic_dir, tmp_path):
+    from leukemia.data import split_fingerprint
+    from leukemia.segmentation import fit_stain_reference, normalise_stain, resize
+
+    options = {"segment": False, "image_size": 64}
+    raw = run(synthetic_dir, tmp_path / "out", seg=SegmentationParams(**options))
+    stained = run(
+        synthetic_dir, tmp_path / "out", seg=SegmentationParams(**options, stain_norm="reinhard")
+    )
+    assert stained.out_dir != raw.out_dir
+    rows = read_rows(stained.out_dir)
+    # The same split as every other arm (the hashes come from the images before normalising).
+    assert split_fingerprint(rows) == split_fingerprint(read_rows(raw.out_dir))
+    # The reference: the training images only, as the model sees them (resized).
+    train = [r for r in rows if r["split"] == "train"]
+    reference = fit_stain_reference(
+        resize(images.read_image(synthetic_dir / r["path"]), 64) for r in train
+    )
+    stored = stained.params["segmentation"]["stain_reference"]
+    np.testing.assert_allclose(stored, reference, rtol=1e-5)
+    params = SegmentationParams(**options, stain_norm="reinhard", stain_reference=stored)
+    for row in rows[::9]:
+        source = images.read_image(synthetic_dir / row["path"])
+        written = images.read_png(stained.out_dir / row["processed"])
+        np.testing.assert_array_equal(written, preprocess_image(source, params))
+        np.testing.assert_array_equal(written, normalise_stain(resize(source, 64), stored))
+    with pytest.raises(ValueError, match="needs the stain reference"):
+        preprocess_image(source, SegmentationParams(**options, stain_norm="reinhard"))
+
+
 def test_outputs_match_the_operator_and_the_manifest(synthetic_dir, tmp_path):
     result = run(synthetic_dir, tmp_path / "out")
     out = result.out_dir
@@ -310,3 +340,25 @@ def test_threaded_parent_reading_stdin_does_not_hang(synthetic_dir, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "32"
+
+
+def test_a_read_only_store_is_reused_without_a_write(synthetic_dir, tmp_path):
+    """Issue 23, item 12: the same options on a read-only mount that holds the output reuse it
+    (it used to fail writing the ``latest`` link's temporary name)."""
+    written = run(synthetic_dir, tmp_path / "out")
+    (tmp_path / "out" / "latest").unlink()  # so that reuse would want to point it again
+    mounted = tmp_path / "ro"
+    mounted.mkdir()
+    bind = subprocess.run(["mount", "--bind", str(tmp_path / "out"), str(mounted)], check=False)
+    if bind.returncode != 0:
+        pytest.skip("cannot bind-mount here (needs root)")
+    try:
+        remount = ["mount", "-o", "remount,ro,bind", str(mounted)]
+        assert subprocess.run(remount, check=False).returncode == 0
+        with pytest.raises(OSError):
+            (mounted / "probe").write_text("x")  # really read-only
+        again = run(synthetic_dir, mounted)
+        assert again.cache_hit and again.out_dir == mounted / written.out_dir.name
+        assert read_rows(again.out_dir) == read_rows(written.out_dir)
+    finally:
+        subprocess.run(["umount", str(mounted)], check=False)

@@ -11,6 +11,7 @@ import pytest
 
 from leukemia import metrics
 from leukemia.data import read_manifest
+from leukemia.steps.report import _difference
 from leukemia.steps.statistics import logged_predictions
 
 from .test_study import TINY, invoke, venv_on_path  # noqa: F401 - a fixture
@@ -81,6 +82,24 @@ def test_compare_more_arms_and_report_them(tracking_uri, tmp_path, monkeypatch, 
     accuracy = correct("baseline").mean(axis=1)
     assert f"| baseline | 2 | {accuracy.mean():.3f} ± {accuracy.std(ddof=1):.3f} |" in report
     assert "No `leukemia-classifier@champion` in this registry" in report  # compare promotes none
+    # Robustness: each arm's worst case over the perturbations, paired with the baseline's,
+    # recomputed from the runs' per-image predictions under each condition.
+    from leukemia.steps.statistics import robustness_predictions
+
+    def correct_under(arm):
+        frames = [robustness_predictions(r) for r in children[arm].values()]
+        conditions = [c for c in frames[0].columns if c not in ("label", "clean")]
+        return np.array([[(f[c] == f["label"]).to_numpy() for c in conditions] for f in frames])
+
+    robust = metrics.pooled_worst_case_difference(
+        correct_under("masked-rgb"), correct_under("baseline"), groups=groups
+    )
+    assert statistics["robustness"]["vs_baseline"]["masked-rgb"] == pytest.approx(robust)
+    assert f"masked-rgb − baseline, robust accuracy: **{_difference(robust)}**" in report
+    # The record says how the test set was held out, whoever started the runs: no "?".
+    assert first.data.params["data.split.group_by"] == "image"
+    header = report.split("Test split.")[0]
+    assert "?" not in header and "split: group_by image, block_size 24, split_seed 42" in header
     # A second report replaces the first, whole.
     again = invoke("report", parent.info.run_id, "--out-dir", tmp_path / "out")
     assert again.exit_code == 0 and (tmp_path / "out" / "report.md").read_text() == report

@@ -205,7 +205,7 @@ def test_two_workers_share_one_study(tmp_path):
         "--space",
         str(space),
         "--n-trials",
-        "2",
+        "3",
         "--storage",
         str(tmp_path / "j.log"),
         "--study-name",
@@ -217,7 +217,13 @@ def test_two_workers_share_one_study(tmp_path):
     study = optuna.load_study(
         study_name="shared", storage=search_lib.open_storage(str(tmp_path / "j.log"))
     )
-    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3, 4, 5]
+    # Issue 20: each worker samples with its own seed (the creator's is the space's, 0), so
+    # no two trials share parameters (with one shared seed they came in identical pairs).
+    assert len({t.params["phase2_lr"] for t in study.trials}) == 6
+    seeds = [t.user_attrs[search_lib.SEED_ATTR] for t in study.trials]
+    assert sorted(set(seeds))[0] == 0 and len(set(seeds)) == 2
+    assert sorted(seeds.count(s) for s in set(seeds)) == [3, 3]
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     try:
         runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
@@ -226,7 +232,8 @@ def test_two_workers_share_one_study(tmp_path):
     parents = [r for r in runs if r.data.tags.get("step") == "search"]
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(children) == 4 and all(r.info.status != "RUNNING" for r in runs)
+    assert len(children) == 6 and all(r.info.status != "RUNNING" for r in runs)
+    assert {r.data.tags["search.sampler_seed"] for r in children} == {str(s) for s in seeds}
 
 
 @pytest.mark.slow
@@ -390,8 +397,25 @@ def test_sqlite_storage_is_for_one_worker_and_says_so(tmp_path, tracking_uri, mo
         ("postgresql://u:a/b:c@db/optuna", "postgresql://u:***@db/optuna"),  # '/' and ':' too
         ("postgresql://u:s3cr3t@[::1/optuna", "postgresql://u:***@[::1/optuna"),  # malformed
         ("postgresql://u@db/optuna", "postgresql://u@db/optuna"),  # no password: unchanged
+        ("postgresql://u:p?ss@db/optuna", "postgresql://u:***@db/optuna"),  # '?' in the password
+        ("postgresql://u@db/optuna?password=pw", "postgresql://u@db/optuna?password=***"),
+        (
+            "postgresql://db/optuna?sslmode=require&Password=pw&user=u",
+            "postgresql://db/optuna?sslmode=require&Password=***&user=u",
+        ),
         ("searches/optuna.journal", "searches/optuna.journal"),
     ],
 )
 def test_storage_urls_are_shown_without_their_password(url, shown):
     assert search_lib.redacted(url) == shown
+    assert search_lib.holds_password(url) == (url != shown)
+
+
+def test_a_password_in_the_storage_url_is_refused_under_mlflow_run():
+    """Issue 23, item 10: `mlflow run -P storage=...` prints and logs the URL as a param."""
+    url = "postgresql+psycopg2://u:secret@db/optuna"
+    search_lib.check_storage_secret(url, under_mlflow_run=False)  # masked, not refused
+    search_lib.check_storage_secret("postgresql://u@db/o", under_mlflow_run=True)
+    with pytest.raises(ValueError, match="PGPASSWORD or ~/.pgpass") as error:
+        search_lib.check_storage_secret(url, under_mlflow_run=True)
+    assert "secret" not in str(error.value) and "u:***@db" in str(error.value)

@@ -274,3 +274,39 @@ def test_synthetic_classes_are_learnable_from_the_segmented_images():
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     model.fit(features[train], labels[train])
     assert model.score(features[~train], labels[~train]) >= 0.8
+
+
+def test_stain_reference_matches_opencv_lab_statistics():
+    # An independent reference: OpenCV's float CIE LAB (L in [0, 100], a and b signed).
+    rng = np.random.default_rng(0)
+    rgbs = [rng.integers(40, 200, (16, 24, 3), dtype=np.uint8) for _ in range(3)]
+    reference = seg.fit_stain_reference(rgbs)
+    lab = np.concatenate(
+        [cv2.cvtColor(x.astype(np.float32) / 255, cv2.COLOR_RGB2LAB).reshape(-1, 3) for x in rgbs]
+    )
+    np.testing.assert_allclose(reference[:3], lab.mean(axis=0), atol=0.15)
+    np.testing.assert_allclose(reference[3:], lab.std(axis=0), atol=0.15)
+
+
+def test_stain_normalisation_undoes_exposure_and_matches_the_reference():
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(60, 190, (32, 32, 3), dtype=np.uint8)
+    reference = seg.fit_stain_reference([rng.integers(30, 220, (32, 32, 3), dtype=np.uint8)])
+    normalised = seg.normalise_stain(rgb, reference)
+    lab = cv2.cvtColor(normalised.astype(np.float32) / 255, cv2.COLOR_RGB2LAB).reshape(-1, 3)
+    np.testing.assert_allclose(lab.mean(axis=0), reference[:3], atol=1.0)
+    np.testing.assert_allclose(lab.std(axis=0), reference[3:], rtol=0.05)
+    darker = seg.normalise_stain(np.rint(rgb * 0.6).astype(np.uint8), reference)
+    assert np.abs(darker.astype(int) - normalised).mean() < 2  # exposure no longer shows
+    flat = np.full((8, 8, 3), 100, np.uint8)
+    np.testing.assert_array_equal(seg.normalise_stain(flat, reference), flat)  # nothing to match
+
+
+@pytest.mark.parametrize(
+    "reference", [(1, 2, 3), (1, 2, 3, 4, 5, 0), (1, 2, 3, 4, 5, float("nan")), "abcdef", None]
+)
+def test_bad_stain_references_are_refused(reference):
+    with pytest.raises(ValueError, match="stain reference of 6 finite numbers"):
+        seg.check_stain_reference(reference)
+    with pytest.raises(ValueError, match="unsupported stain_norm, got 'macenko'"):
+        SegmentationParams(stain_norm="macenko")

@@ -83,10 +83,12 @@ def test_server_down_mid_training_then_resume(tmp_path):
         REPO / "experiments" / "demo.yaml",
         "--synthetic-per-class",
         "8",
+        # Enough epochs to be mid-training when the server stops (it stops as soon as the
+        # first epoch is saved, and logging then blocks), few enough that the resume is quick.
         "--phase1_epochs",
-        "400",
+        "40",
         "--patience",
-        "400",
+        "40",
     ]
     server = _server(tmp_path, port)
     try:

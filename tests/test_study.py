@@ -57,6 +57,8 @@ def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.info.run_name == "demo study, seeds 42"
     note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("**proposed − baseline: ") and note.splitlines()[0].endswith(".**")
+    assert parent.data.tags["best_deep_arm"] in ("baseline", "proposed")
     for row in ("| baseline |", "| proposed |", "| shortcut-rgb |", "| 42 |", "Shortcut floor"):
         assert row in note, note
     link = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/"
@@ -94,6 +96,16 @@ def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_
     seed = statistics["per_seed"]["42"]
     assert 0 <= seed["proposed_vs_baseline"]["p_value"] <= 1
     assert statistics["best_shortcut"].startswith("shortcut")
+    # Robustness: every deep arm under every perturbation, its worst case the run's own metric.
+    robustness = statistics["robustness"]
+    assert robustness["conditions"] == ["darken", "brighten", "noise", "blur", "jpeg30", "stain"]
+    assert set(robustness["arms"]) == {"baseline", "proposed"} and not robustness["not_measured"]
+    for run in deep:
+        worst = robustness["arms"][run.data.tags["arm"]]["worst_per_seed"]["42"]
+        assert worst["accuracy"] == pytest.approx(run.data.metrics["robust_worst_accuracy"])
+        assert worst["condition"] == run.data.tags["robust_worst_condition"]
+    vs = robustness["vs_baseline"]["proposed"]
+    assert vs["low"] <= vs["difference"] <= vs["high"]
     assert f"proposed_vs_{statistics['best_shortcut']}" in seed
     table = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/comparison.json")
     assert set(table) == set(arms)
@@ -147,6 +159,8 @@ def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_
     assert "| proposed − baseline |" in report and "| shortcut-rgb | 1 |" in report
     assert f"(version {champion.version}, run `{champion.run_id}`" in report
     assert "| jpeg30 |" in report
+    assert "| arm | darken | brighten | noise | blur | jpeg30 | stain | robust |" in report
+    assert "proposed − baseline, robust accuracy: **" in report
     assert (tmp_path / "report" / f"{parent.info.run_id[:8]}-differences.png").stat().st_size
 
     # The registry, as `leukemia models` lists it.

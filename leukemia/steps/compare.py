@@ -20,7 +20,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from .. import shortcut, tracking, ui
+from .. import registry, shortcut, tracking, ui
 from ..arms import DEFAULT_DEEP_ARMS, SHORTCUT_ARMS, arm_of, by_name, parse_deep_arms
 from ..config import PreprocessConfig, TrainConfig, load_experiment, resolve_config_path
 from ..data import read_manifest, split_fingerprint
@@ -328,6 +328,9 @@ def compare(
     )
     table, tests = statistics.summarise(children, study.arms)
     statistics.log_summary(table, tests)
+    metric = registry.PROMOTION_METRIC
+    best = max(tests["deep_arms"], key=lambda arm: table[arm][f"{metric}_mean"])
+    mlflow.set_tag("best_deep_arm", best)  # by mean test macro F1; main promotes its version
     what = f"config `{config_path}`, data `{data_dir}`, manifest {manifest_hash[:12]}"
     seeds = ",".join(map(str, study.seeds))
     ui.describe(

@@ -6,7 +6,8 @@ the hardware and the wall time; per arm, mean and sd over seeds of test accuracy
 with 95% intervals (``metrics.pooled_bootstrap_ci``: the groups the test images were held out in
 resampled, ``statistics.held_out_groups``, every seed's model scored on each); every deep arm
 against ``baseline`` and against the best shortcut arm, per seed (difference with its paired
-bootstrap interval, exact McNemar p) and pooled over seeds (``statistics.summarise``). Then the
+bootstrap interval, exact McNemar p) and pooled over seeds (``statistics.summarise``); each deep
+arm's robustness (accuracy per perturbation, worst case, paired against the baseline). Then the
 robustness table of the registered model's ``@champion`` from its latest ``evaluate`` run.
 Figures: accuracy per arm and seed, and the pooled differences with their intervals.
 """
@@ -28,7 +29,14 @@ from ..arms import ARMS, by_name
 from . import statistics as study_stats
 
 STUDY_STEPS = ("compare", "main")
-SPLIT_PARAMS = ("group_by", "block_size", "split_seed", "split_fractions")
+# What the report shows of a run's split: its data.split.* params (logged by every train run),
+# else the -P values an older `mlflow run` logged under these names.
+SPLIT_PARAMS = {
+    "group_by": "group_by",
+    "block_size": "block_size",
+    "split_seed": "seed",
+    "split_fractions": "fractions",
+}
 CONFIG_KEYS = (
     "model",
     "pretrained",
@@ -150,6 +158,38 @@ def _calibration_lines(study: Study) -> list[str]:
     ]
 
 
+def _robustness_lines(robustness: dict) -> list[str]:
+    """Per deep arm, test accuracy under each perturbation (mean over seeds) and the worst case,
+    and each arm's worst case against the baseline's (``statistics.robustness_summary``)."""
+    lines = []
+    arms, conditions = robustness.get("arms", {}), robustness.get("conditions", [])
+    if arms:
+        lines += [
+            "",
+            "Robustness: test accuracy with the raw test images perturbed before the model's "
+            "own preprocessing (mean over seeds); robust = each model's worst condition, mean "
+            "± sd over seeds.",
+            "",
+            "| arm | " + " | ".join(conditions) + " | robust |",
+            "| --- |" + " --- |" * (len(conditions) + 1),
+        ]
+        for arm, entry in arms.items():
+            cells = [f"{entry['accuracy'][c]:.3f}" for c in conditions]
+            robust = f"**{entry['robust_accuracy_mean']:.3f} ± {entry['robust_accuracy_sd']:.3f}**"
+            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {robust} |")
+    for arm, result in robustness.get("vs_baseline", {}).items():
+        lines.append(
+            f"\n{arm} − baseline, robust accuracy: **{_difference(result)}** (paired bootstrap "
+            "95% interval, the worst condition found again in each resample)"
+        )
+    if robustness.get("not_measured"):
+        lines.append(
+            f"\nRobustness not measured for {', '.join(robustness['not_measured'])}: runs "
+            "logged before train runs scored perturbed test images."
+        )
+    return lines
+
+
 def section(
     study: Study, out_dir: Path, n_resamples: int = metrics.N_RESAMPLES
 ) -> tuple[str, dict]:
@@ -162,24 +202,28 @@ def section(
         study_stats.logged_predictions(deep_runs[0].info.run_id).index,
     )
     first = deep_runs[0].data.params
-    split = ", ".join(f"{k} {first.get(k, '?')}" for k in SPLIT_PARAMS)
+    shown = {k: first.get(f"data.split.{v}", first.get(k, "?")) for k, v in SPLIT_PARAMS.items()}
+    split = ", ".join(f"{k} {v}" for k, v in shown.items())
+    tags = deep_runs[0].data.tags
+    source = tags.get("data.source") or first.get("data_dir", "?")
+    config_file = parent.data.params.get("compare.config") or tags.get("config.file")
+    config_file = config_file or first.get("config", "?")
     name = parent.data.tags.get("mlflow.runName", parent.info.run_id)
     train_minutes = [(r.info.end_time - r.info.start_time) / 60000 for r in deep_runs]
     config = ", ".join(
         f"{k} {first.get(f'config.{k}', first.get(f'preprocess.{k}', '?'))}" for k in CONFIG_KEYS
     )
     lines = [
-        f"## {name}: {first.get('group_by', '?')} split (run {parent.info.run_id[:8]})",
+        f"## {name}: {shown['group_by']} split (run {parent.info.run_id[:8]})",
         "",
         f"- parent run `{parent.info.run_id}` (experiment {parent.info.experiment_id}, "
         f"{parent.data.tags.get('step')}), started "
         f"{datetime.fromtimestamp(parent.info.start_time / 1000, timezone.utc):%Y-%m-%d %H:%M} "
         f"UTC, wall time {_duration(parent.info.start_time, parent.info.end_time)}; "
         f"{len(deep_runs)} deep runs, {stats.fmean(train_minutes):.1f} min each on average",
-        f"- data: `{first.get('data_dir', '?')}`, split: {split}; manifest hash "
+        f"- data: `{source}`, split: {split}; manifest hash "
         f"`{first.get('data.manifest_hash', '?')[:16]}`",
-        f"- config `{parent.data.params.get('compare.config', first.get('config', '?'))}`: "
-        f"{config}",
+        f"- config `{config_file}`: {config}",
         f"- code: commit {_values(deep_runs, 'runtime.git_commit')}; torch "
         f"{_values(deep_runs, 'runtime.torch_version')}, timm "
         f"{_values(deep_runs, 'runtime.timm_version')}",
@@ -219,11 +263,12 @@ def section(
         )
         headline[arm] = f"{entry['test_accuracy_mean']:.3f} ± {entry['test_accuracy_sd']:.3f}"
     lines += _calibration_lines(study)
+    lines += _robustness_lines(tests.get("robustness", {}))
     stem = parent.info.run_id[:8]
     accuracy = {a: [v["test_accuracy"] for v in e["per_seed"].values()] for a, e in table.items()}
     figures.comparison_figure(accuracy, "test_accuracy").savefig(out_dir / f"{stem}-accuracy.png")
     lines += ["", f"![accuracy per arm]({stem}-accuracy.png)"]
-    row = {"name": f"{name} ({parent.info.run_id[:8]})", "split": first.get("group_by", "?")}
+    row = {"name": f"{name} ({parent.info.run_id[:8]})", "split": shown["group_by"]}
     row.update(headline)
     if not tests["pooled"]:
         lines += ["", "No pairs: one deep arm and no shortcut arms."]

@@ -92,7 +92,10 @@ def parent_run(
 class Objective:
     """One trial: preprocess (cached), train on train, score on validation, tracked."""
 
-    def __init__(self, space, data_dir, out_dir, parent_id, workers, work_root, echo):
+    def __init__(
+        self, space, data_dir, out_dir, parent_id, workers, work_root, echo, sampler_seed=None
+    ):
+        self.sampler_seed = space.sampler_seed if sampler_seed is None else sampler_seed
         self.space, self.data_dir, self.out_dir = space, data_dir, out_dir
         self.parent_id, self.workers, self.work_root = parent_id, workers, work_root
         self.echo = echo
@@ -115,8 +118,11 @@ class Objective:
             "step": "search-trial",
             "search.trial": str(trial.number),
             tracking.PROCESS_TAG: processes.token(),
+            # The worker's sampler seed: distinct per worker (search.worker_seed).
+            "search.sampler_seed": str(self.sampler_seed),
         }
         trial.set_user_attr(search_lib.PROCESS_ATTR, processes.token())
+        trial.set_user_attr(search_lib.SEED_ATTR, self.sampler_seed)
         run_id = client.create_run(self.experiment_id, tags=tags).info.run_id
         trial.set_user_attr(RUN_ATTR, run_id)
         status = "FAILED"
@@ -191,11 +197,20 @@ def run(
     storage_object = search_lib.open_storage(
         storage, warn=echo, on_stale=lambda trial: end_lost_run(trial, echo)
     )
-    study, created = search_lib.create_or_load(storage_object, study_name, space)
+    study, created = search_lib.create_or_load(
+        storage_object, study_name, space, worker=processes.token()
+    )
     _sweep(study, echo)
     parent_id = parent_run(study, storage_object, experiment, echo, created=created)
     objective = Objective(
-        space, data_dir, out_dir, parent_id, workers, preprocess_step.cache_dir() / "runs", echo
+        space,
+        data_dir,
+        out_dir,
+        parent_id,
+        workers,
+        preprocess_step.cache_dir() / "runs",
+        echo,
+        sampler_seed=study.sampler_seed,
     )
     callbacks = []
     if max_trials:

@@ -8,7 +8,12 @@ The parent logs:
 - ``statistics.json``: each deep arm's preprocessing; for every deep arm vs baseline and vs
   the best shortcut arm, per seed the exact McNemar test and a paired bootstrap interval of the
   accuracy difference, and pooled over seeds the interval of the mean difference;
-- ``comparison.png``: test accuracy per arm, a point per seed, mean +/- sd.
+- ``comparison.png``: test accuracy per arm, a point per seed, mean +/- sd;
+- in ``statistics.json`` under ``robustness``: each deep arm's test accuracy under every
+  perturbation (mean over seeds) and its worst case ("robust" accuracy) per seed, mean and sd,
+  and every deep arm's worst case against the baseline's, pooled over seeds with a paired
+  bootstrap interval (``metrics.pooled_worst_case_difference``), from the runs'
+  ``evaluation/robustness_predictions.csv``; runs logged before those existed are named as such.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import statistics as stats
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
@@ -82,6 +88,72 @@ def paired(
             groups=None if groups is None else groups.loc[a.index].to_numpy(),
         ),
     )
+
+
+ROBUSTNESS_PREDICTIONS = "evaluation/robustness_predictions.csv"
+
+
+def robustness_predictions(run_id: str) -> pd.DataFrame | None:
+    """A train run's predicted class per test image and condition (``path`` index, ``label``,
+    one column per condition), or None for a run logged before they were."""
+    names = {a.path for a in MlflowClient().list_artifacts(run_id, "evaluation")}
+    if ROBUSTNESS_PREDICTIONS not in names:
+        return None
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/{ROBUSTNESS_PREDICTIONS}")
+    return pd.read_csv(io.StringIO(text)).set_index("path").sort_index()
+
+
+def robustness_summary(
+    children: dict[str, dict[int, str]], deep_arms, seeds, groups: pd.Series | None
+) -> dict:
+    """Each deep arm's accuracy per perturbation and worst case, and the worst case paired
+    against the baseline's (see the module). ``{"conditions", "arms", "vs_baseline",
+    "not_measured"}``; an arm any of whose runs lacks the predictions is in ``not_measured``."""
+    frames, missing = {}, []
+    for arm in deep_arms:
+        by_seed = {seed: robustness_predictions(children[arm][seed]) for seed in seeds}
+        if any(f is None for f in by_seed.values()):
+            missing.append(arm)
+        else:
+            frames[arm] = by_seed
+    summary = {"conditions": [], "arms": {}, "vs_baseline": {}, "not_measured": missing}
+    if not frames:
+        return summary
+    first = next(iter(next(iter(frames.values())).values()))
+    index = first.index
+    conditions = [c for c in first.columns if c not in ("label", "clean")]
+    summary["conditions"] = conditions
+    correct = {}
+    for arm, by_seed in frames.items():
+        if any(not f.index.equals(index) for f in by_seed.values()):
+            raise ValueError(f"the {arm} arm's robustness was measured on other test images")
+        correct[arm] = np.stack(
+            [
+                np.stack([(f[c] == f["label"]).to_numpy() for c in conditions])
+                for f in by_seed.values()
+            ]
+        )  # seeds x conditions x images
+        accuracy = correct[arm].mean(axis=2)  # seeds x conditions
+        worst = accuracy.min(axis=1)
+        summary["arms"][arm] = {
+            "accuracy": {c: float(accuracy[:, k].mean()) for k, c in enumerate(conditions)},
+            "worst_per_seed": {
+                str(seed): {
+                    "condition": conditions[int(accuracy[i].argmin())],
+                    "accuracy": float(worst[i]),
+                }
+                for i, seed in enumerate(by_seed)
+            },
+            "robust_accuracy_mean": float(worst.mean()),
+            "robust_accuracy_sd": float(worst.std(ddof=1)) if len(worst) > 1 else 0.0,
+        }
+    held = None if groups is None else groups.loc[index].to_numpy()
+    for arm in correct:
+        if arm != "baseline" and "baseline" in correct:
+            summary["vs_baseline"][arm] = metrics.pooled_worst_case_difference(
+                correct[arm], correct["baseline"], groups=held
+            )
+    return summary
 
 
 def arm_summary(by_seed: dict) -> dict:
@@ -168,6 +240,7 @@ def summarise(
         tests["pooled"][f"{a}_vs_{b}"] = metrics.pooled_bootstrap_difference(
             *correct, groups=None if groups is None else groups.loc[index].to_numpy()
         )
+    tests["robustness"] = robustness_summary(children, deep_arms, seeds, groups)
     return table, tests
 
 
@@ -200,6 +273,13 @@ def log_summary(table: dict, tests: dict) -> None:
     for seed, entry in tests["per_seed"].items():
         for pair, result in entry.items():
             headline[f"mcnemar_p_{metrics.slug(pair)}_seed{seed}"] = result["p_value"]
+    robustness = tests.get("robustness", {})
+    for arm, entry in robustness.get("arms", {}).items():
+        headline[f"{metrics.slug(arm)}_robust_accuracy_mean"] = entry["robust_accuracy_mean"]
+    for arm, result in robustness.get("vs_baseline", {}).items():
+        key = f"robust_accuracy_difference_{metrics.slug(arm)}_vs_baseline"
+        headline |= {key: result["difference"], f"{key}_low": result["low"]}
+        headline[f"{key}_high"] = result["high"]
     mlflow.log_metrics(headline)
 
 
@@ -219,6 +299,20 @@ def format_table(table: dict, tests: dict) -> str:
         lines.append(
             f"{a} - {b} accuracy, mean over seeds {pooled['difference']:+.4f} "
             f"[{pooled['low']:+.4f}, {pooled['high']:+.4f}]; McNemar p per seed: {p_values}"
+        )
+    robustness = tests.get("robustness", {})
+    for arm, entry in robustness.get("arms", {}).items():
+        worst = ", ".join(
+            f"{w['condition']} {w['accuracy']:.4f}" for w in entry["worst_per_seed"].values()
+        )
+        lines.append(
+            f"{arm} robust (worst-case) accuracy {entry['robust_accuracy_mean']:.4f} ± "
+            f"{entry['robust_accuracy_sd']:.4f} (per seed: {worst})"
+        )
+    for arm, result in robustness.get("vs_baseline", {}).items():
+        lines.append(
+            f"{arm} - baseline robust accuracy, mean over seeds {result['difference']:+.4f} "
+            f"[{result['low']:+.4f}, {result['high']:+.4f}]"
         )
     return "\n".join(lines)
 

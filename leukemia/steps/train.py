@@ -35,6 +35,8 @@ from ..arms import arm_of
 from ..config import TrainConfig
 from ..data import read_manifest
 from ..model_files import ModelSpec
+from ..preprocess import stored_options
+from . import statistics as study_stats
 
 
 class ResumeError(ValueError):
@@ -116,6 +118,7 @@ def run_training(
         device=str(device),
         precision=precision.name,
         segmentation=segmentation,
+        split=_split_options(processed_dir),
     )
     if resume:
         check_resumable(resume, params)
@@ -164,7 +167,8 @@ def run_training(
             )
             final = mlflow.get_run(run_id).data.metrics
             if version is not None:
-                origin["registered"] = f"{register_as} version {version} (@challenger)"
+                alias = _alias(register_as, version)
+                origin["registered"] = f"{register_as} version {version}{alias}"
             ui.describe(
                 run_id, ui.train_note(arm, config.seed, origin, config, segmentation, final)
             )
@@ -185,6 +189,23 @@ def run_training(
     return run_id
 
 
+def _split_options(processed_dir: Path) -> dict | None:
+    try:
+        return stored_options(processed_dir, "split")
+    except ValueError:
+        return None  # not a preprocess output folder: its manifest's hash still says the split
+
+
+def _alias(name: str, version: str) -> str:
+    """``, alias @challenger`` if the registry says so now, else which version holds it."""
+    holder = registry.aliased(name, registry.CHALLENGER)
+    if holder == str(version):
+        return f", alias @{registry.CHALLENGER}"
+    if holder:
+        return f" (not @{registry.CHALLENGER}: version {holder} is newer)"
+    return f" (no @{registry.CHALLENGER} set)"
+
+
 def _echo_done(echo, run_id, name, final, register_as, version, experiment_id) -> None:
     """What a user wants to know, and do, when a run finishes."""
     echo(
@@ -194,7 +215,7 @@ def _echo_done(echo, run_id, name, final, register_as, version, experiment_id) -
         f"{final.get('phase2_best_epoch', 0):.0f})"
     )
     if version is not None:
-        echo(f"registered: {register_as} version {version}, alias @challenger")
+        echo(f"registered: {register_as} version {version}{_alias(register_as, version)}")
     echo("next:")
     echo("  compare both arms, with statistics:  leukemia compare  (or mlflow run . -e compare)")
     if version is not None:
@@ -250,14 +271,11 @@ def _log_robustness(model, spec, processed_dir: Path, device, echo) -> None:
     clean = results["clean"]
     columns = {"path": clean["paths"], "label": clean["labels"]}
     columns |= {name: result["probabilities"].argmax(1) for name, result in results.items()}
-    mlflow.log_text(pd.DataFrame(columns).to_csv(index=False), ROBUSTNESS_PREDICTIONS)
+    mlflow.log_text(pd.DataFrame(columns).to_csv(index=False), study_stats.ROBUSTNESS_PREDICTIONS)
     echo(
         f"robustness: worst {worst['condition']} {worst['accuracy']:.4f} (clean "
         f"{table[0]['accuracy']:.4f})"
     )
-
-
-ROBUSTNESS_PREDICTIONS = "evaluation/robustness_predictions.csv"
 
 
 def _train_and_log(
@@ -311,7 +329,10 @@ def _train_and_log(
             report = tracking.log_evaluation(
                 test, prefix="test_", paths=test_paths, artifact_dir="evaluation"
             )
-            ui.log_confusion_image("test_confusion", report["confusion_matrix"], last_epoch[0])
+            # Step 0, not the last epoch: the chart view's image card opens at step 0 and moves
+            # only when every run it shows has one step (MLflow 3.17's UI); runs end at
+            # different epochs, so an end-of-training image at its epoch never drew on opening.
+            ui.log_confusion_image("test_confusion", report["confusion_matrix"], 0)
 
     result = training.train(
         config,
@@ -328,7 +349,7 @@ def _train_and_log(
     tracking.log_curves(result["history"], summary.get("phase2_start_epoch"))
     if result["history"]:
         curves = figures.curves_figure(result["history"], summary.get("phase2_start_epoch"))
-        ui.log_figure_image("curves", curves, last_epoch[0])
+        ui.log_figure_image("curves", curves, 0)  # step 0: see test_confusion
     temperature = _calibrate(result["validation"], final_test)
     spec = ModelSpec.for_classifier(
         model,
