@@ -136,12 +136,14 @@ def _process_one(task: tuple[int, str, str]) -> tuple[int, dict]:
     return index, record
 
 
-def _run_all(tasks, source_root, target_root, seg, max_pixels, workers, progress, side_job=None):
+def _run_all(
+    tasks, source_root, target_root, seg, max_pixels, workers, progress, side_job=None, fork_ok=True
+):
     """Process every task on ``workers`` processes; ``side_job`` (a function and its arguments)
     runs on the same pool meanwhile, so that its cost hides behind the per-image work."""
     results: list[dict | None] = [None] * len(tasks)
     initargs = (str(source_root), str(target_root), seg, max_pixels)
-    method = _start_method() if workers > 1 else None
+    method = _start_method(fork_ok) if workers > 1 else None
     tqdm.monitor_interval = 0  # tqdm's documented switch: no monitor thread, fork stays safe
     bar = tqdm(
         total=len(tasks),
@@ -180,30 +182,23 @@ def _run_all(tasks, source_root, target_root, seg, max_pixels, workers, progress
     return results
 
 
-def _start_method() -> str | None:
+def _start_method(fork_ok: bool = True) -> str | None:
     """How to start workers, or None to work in this process.
 
     ``fork`` (workers start in milliseconds) only while this process has a single thread:
-    forking a threaded process (after importing torch or MLflow, or after OpenCV started its
-    own thread pool, which Python's ``threading`` does not count) can copy a held lock and hang
-    a worker. Otherwise ``forkserver``, whose workers re-import the main module, which fails
-    when that is not a file (``python -`` reading stdin): then None.
+    forking a threaded process (after importing torch or MLflow) can copy a held lock and hang
+    a worker; ``fork_ok=False`` when this process has just run OpenCV on its own thread pool,
+    which ``threading`` does not count (a forked worker then hung in ``cv2.setNumThreads``).
+    Otherwise ``forkserver``, whose workers re-import the main module, which fails when that is
+    not a file (``python -`` reading stdin): then None.
     """
     methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and threading.active_count() == 1 and _native_threads() == 1:
+    if fork_ok and "fork" in methods and threading.active_count() == 1:
         return "fork"
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if main_file is not None and not os.path.isfile(main_file):
         return None
     return "forkserver" if "forkserver" in methods else "spawn"
-
-
-def _native_threads() -> int:
-    """This process's threads as the kernel counts them (1 where /proc is absent)."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return 1
 
 
 def default_workers() -> int:
@@ -270,7 +265,9 @@ def preprocess(
         if first is not seg:
             seg = replace(seg, stain_reference=_fit_stain_reference(root, rows, seg, max_pixels))
             readable = {r["path"] for r in rows}
-            _run_all([t for t in tasks if t[1] in readable], root, tmp, seg, *run[3:])
+            # The fit ran OpenCV here: no fork now (see _start_method).
+            selected = [t for t in tasks if t[1] in readable]
+            _run_all(selected, root, tmp, seg, *run[3:], fork_ok=False)
         (tmp / "manifest.csv").write_bytes(data.manifest_bytes(rows))
         (tmp / "audit.json").write_text(json.dumps(audit, indent=2, sort_keys=True) + "\n")
         params = {

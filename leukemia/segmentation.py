@@ -157,8 +157,11 @@ def normalise_stain(rgb: np.ndarray, reference) -> np.ndarray:
     A flat image (a LAB channel without spread) has no stain to match: returned unchanged."""
     if reference is None:
         raise ValueError("stain_norm reinhard needs the stain reference fitted on training images")
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
-    if (lab.reshape(-1, 3).std(axis=0) == 0).any():
+    from torchstain.numpy.utils.rgb2lab import rgb2lab
+
+    # torchstain's own LAB (numpy; no OpenCV thread pool started in a process that forks).
+    lab = rgb2lab(np.ascontiguousarray(rgb, dtype=np.float32) / 255)
+    if (lab.reshape(-1, 3).std(axis=0) < 1e-3).any():  # float32 noise of a flat channel: 1e-4
         return rgb
     return _reinhard(reference).normalize(rgb)
 

@@ -276,14 +276,19 @@ def test_synthetic_classes_are_learnable_from_the_segmented_images():
     assert model.score(features[~train], labels[~train]) >= 0.8
 
 
-def test_stain_reference_matches_opencv_lab_statistics():
-    # An independent reference: OpenCV's float CIE LAB (L in [0, 100], a and b signed).
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    # An independent reference: scikit-image's CIE LAB (L in [0, 100], a and b signed). Not
+    # OpenCV's float conversion, whose thread pool hangs a later forked preprocess worker.
+    from skimage.color import rgb2lab
+
+    return rgb2lab(rgb).reshape(-1, 3)
+
+
+def test_stain_reference_matches_independent_lab_statistics():
     rng = np.random.default_rng(0)
     rgbs = [rng.integers(40, 200, (16, 24, 3), dtype=np.uint8) for _ in range(3)]
     reference = seg.fit_stain_reference(rgbs)
-    lab = np.concatenate(
-        [cv2.cvtColor(x.astype(np.float32) / 255, cv2.COLOR_RGB2LAB).reshape(-1, 3) for x in rgbs]
-    )
+    lab = np.concatenate([_lab(x) for x in rgbs])
     np.testing.assert_allclose(reference[:3], lab.mean(axis=0), atol=0.15)
     np.testing.assert_allclose(reference[3:], lab.std(axis=0), atol=0.15)
 
@@ -293,7 +298,7 @@ def test_stain_normalisation_undoes_exposure_and_matches_the_reference():
     rgb = rng.integers(60, 190, (32, 32, 3), dtype=np.uint8)
     reference = seg.fit_stain_reference([rng.integers(30, 220, (32, 32, 3), dtype=np.uint8)])
     normalised = seg.normalise_stain(rgb, reference)
-    lab = cv2.cvtColor(normalised.astype(np.float32) / 255, cv2.COLOR_RGB2LAB).reshape(-1, 3)
+    lab = _lab(normalised)
     np.testing.assert_allclose(lab.mean(axis=0), reference[:3], atol=1.0)
     np.testing.assert_allclose(lab.std(axis=0), reference[3:], rtol=0.05)
     darker = seg.normalise_stain(np.rint(rgb * 0.6).astype(np.uint8), reference)
