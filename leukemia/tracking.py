@@ -331,6 +331,22 @@ def log_dataset(manifest_path, source: str, context: str) -> None:
         mlflow.log_input(dataset, context=context)
 
 
+def log_robustness(table: list[dict], extra: dict | None = None) -> None:
+    """A robustness table (``evaluation.robustness_table``) in the active run: metrics
+    ``robust_<condition>_accuracy``/``_f1_macro`` for the perturbed conditions (with ``extra``
+    metrics) and ``evaluation/robustness.json``; what train and evaluate runs both log."""
+    mlflow.log_metrics(
+        {
+            f"robust_{row['condition']}_{metric}": row[metric]
+            for row in table
+            if row["condition"] != "clean"
+            for metric in ("accuracy", "f1_macro")
+        }
+        | (extra or {})
+    )
+    mlflow.log_dict({"conditions": table}, "evaluation/robustness.json")
+
+
 def log_evaluation(result: dict, prefix: str, paths=None, artifact_dir: str | None = None):
     """Log an ``engine.evaluate`` result as ``{prefix}accuracy`` ... metrics; with
     ``artifact_dir``, also the confusion matrix (figure and JSON), the classification report

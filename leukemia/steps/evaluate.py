@@ -200,15 +200,7 @@ def run(
             }
         )
         if robustness:
-            mlflow.log_metrics(
-                {
-                    f"robust_{row['condition']}_{metric}": row[metric]
-                    for row in table
-                    if row["condition"] != "clean"
-                    for metric in ("accuracy", "f1_macro")
-                }
-            )
-            mlflow.log_dict({"conditions": table}, "evaluation/robustness.json")
+            tracking.log_robustness(table)
             mlflow.log_text(_csv(table), "evaluation/robustness.csv")
         if figure is not None:
             mlflow.log_figure(figure, "evaluation/gradcam.png")

@@ -257,17 +257,8 @@ def _log_robustness(model, spec, processed_dir: Path, device, echo) -> None:
         return
     table = evaluation.robustness_table(results)
     worst = evaluation.worst_case(table)
-    mlflow.log_metrics(
-        {
-            f"robust_{row['condition']}_{metric}": row[metric]
-            for row in table
-            if row["condition"] != "clean"
-            for metric in ("accuracy", "f1_macro")
-        }
-        | {"robust_worst_accuracy": worst["accuracy"]}
-    )
+    tracking.log_robustness(table, {"robust_worst_accuracy": worst["accuracy"]})
     mlflow.set_tag("robust_worst_condition", worst["condition"])
-    mlflow.log_dict({"conditions": table}, "evaluation/robustness.json")
     clean = results["clean"]
     columns = {"path": clean["paths"], "label": clean["labels"]}
     columns |= {name: result["probabilities"].argmax(1) for name, result in results.items()}
