@@ -8,11 +8,12 @@ prove that its maker is gone.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
+import faulthandler
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -72,9 +73,10 @@ def children_stop_with_me():
             os.environ[PARENT_ENV] = previous
 
 
-def stop_when_parent_dies(interval: float = 1.0, grace: float = 20.0) -> None:
+def stop_when_parent_dies(interval: float = 1.0, grace: float = 20.0, every: float = 5.0) -> None:
     """When ``PARENT_ENV`` names a process, interrupt this one (KeyboardInterrupt: a training
-    run ends KILLED with its resume command) once that process is gone; exit if it lingers."""
+    run ends KILLED with its resume command) once that process is gone, again every ``every``
+    seconds while it lingers, and exit after ``grace`` seconds, saying where it was stuck."""
     parent = os.environ.get(PARENT_ENV)
     if not parent or parent == token():
         return
@@ -83,12 +85,22 @@ def stop_when_parent_dies(interval: float = 1.0, grace: float = 20.0) -> None:
         # below would do nothing and the child would train on, even register, for the grace
         # period. A child of ours stops with its parent, so it takes SIGINT again.
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    main = threading.main_thread().ident
 
     def watch():
         while not is_gone(parent):
             time.sleep(interval)
-        _thread.interrupt_main()
-        time.sleep(grace)
+        deadline = time.monotonic() + grace
+        while (left := deadline - time.monotonic()) > 0:
+            # A real signal to the main thread, not _thread.interrupt_main's flag: it also ends
+            # a blocking system call. Repeated, as library code may swallow one interrupt.
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(min(every, left))
+        sys.stderr.write(
+            f"leukemia: the parent process is gone and this one did not stop within {grace:g} s "
+            "of an interrupt; exiting. Where it was:\n"
+        )
+        faulthandler.dump_traceback(all_threads=True)
         os._exit(130)
 
     threading.Thread(target=watch, name="leukemia-parent-watch", daemon=True).start()

@@ -29,6 +29,51 @@ def test_tokens_tell_a_gone_process_from_a_live_one():
     assert not processes.is_gone("garbage")
 
 
+# A child whose parent is already gone; what it does with the interrupts, and what it prints.
+_WATCHED = """
+import os, sys, time
+from leukemia import processes
+processes.stop_when_parent_dies(interval=0.1, grace=GRACE, every=1.0)
+BODY
+"""
+
+
+def _watched(body: str, grace: float = 30.0) -> subprocess.CompletedProcess:
+    parent = subprocess.Popen([sys.executable, "-c", "pass"])
+    env = {**os.environ, processes.PARENT_ENV: processes.token(parent.pid)}
+    parent.wait()
+    code = _WATCHED.replace("GRACE", str(grace)).replace("BODY", body)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Blocked in a system call: a flag read between bytecodes would never be seen.
+        "r, w = os.pipe()\ntry:\n    os.read(r, 1)\nexcept KeyboardInterrupt:\n    sys.exit(3)",
+        # Library code that swallows the first interrupt: the next one, a second later, lands.
+        "try:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    pass\n"
+        "try:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    sys.exit(3)",
+    ],
+    ids=["blocked", "swallowed"],
+)
+def test_a_child_of_a_gone_parent_is_interrupted(body):
+    started = time.monotonic()
+    done = _watched(body)
+    assert done.returncode == 3, done.stderr
+    assert time.monotonic() - started < 15
+
+
+def test_a_child_that_ignores_interrupts_exits_after_the_grace_saying_where_it_was():
+    body = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(30)"
+    done = _watched(body, grace=2.0)
+    assert done.returncode == 130
+    assert "did not stop within 2 s" in done.stderr
+    assert 'File "<string>", line 7' in done.stderr, done.stderr  # the main thread's sleep
+
+
 def test_stale_running_runs_are_marked_killed_with_the_way_on(tracking_uri):
     client = MlflowClient()
     experiment = client.create_experiment("stale")
