@@ -8,9 +8,9 @@ import os
 
 import click
 
-from . import cli_models, cli_report, cli_search, processes, synthetic, tracking
+from . import children, cli_models, cli_report, cli_search, processes, synthetic, tracking
 from . import options as cli_options
-from .config import TRAIN_FIELDS, TrainConfig, load_experiment
+from .config import TRAIN_FIELDS, TrainConfig, load_experiment, slurm_block
 from .data import DatasetError
 from .options import Failure as _Failure
 from .registry import DEFAULT_NAME, PROMOTION_METRIC
@@ -55,6 +55,7 @@ def main():
     """Reproducible acute lymphoblastic leukemia classification, tracked in MLflow."""
     # Downloads here are a model's few files: MLflow's bars would only clutter the output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    processes.interrupt_on_terminate()  # kill or scancel: runs end KILLED, not RUNNING
     processes.stop_when_parent_dies()  # a child of compare/main ends with it
     tracking.watch_tracking_server(lambda line: click.echo(line, err=True))
 
@@ -337,8 +338,20 @@ def main_command(
 
 
 def _study_args(options: dict) -> dict:
-    """Take the study options out of ``options`` (the rest are preprocessing options)."""
-    return {k: options.pop(k) for k in _STUDY_KEYS}
+    """Take the study options out of ``options`` (the rest are preprocessing options); the
+    Slurm resources are the config's ``slurm:`` block with ``--slurm-*`` over it."""
+    study = {k: options.pop(k) for k in _STUDY_KEYS}
+    given = {k: options.pop(f"slurm_{k}") for k in ("partition", "time", "gpus", "cpus", "mem_gb")}
+    given["time_min"] = given.pop("time")
+    try:
+        block = slurm_block(study["config_path"])
+        study["slurm"] = children.Slurm.from_block(
+            {**block, **{k: v for k, v in given.items() if v is not None}},
+            repr(study["config_path"]),
+        )
+    except ValueError as error:
+        raise _Failure(str(error)) from None
+    return study
 
 
 _STUDY_KEYS = (
@@ -349,6 +362,8 @@ _STUDY_KEYS = (
     "env_manager",
     "shortcuts",
     "registered_model_name",
+    "executor",
+    "jobs",
 )
 
 for _command in (

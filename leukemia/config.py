@@ -292,7 +292,8 @@ def load_experiment(
     namespace (a field in both is an error)."""
     loaded = _read_yaml(path) if path is not None else {}
     where = f"config file {str(path)!r}"
-    top = {k: v for k, v in loaded.items() if k != "preprocess"}
+    # The slurm: block is where a study's jobs run, not what a model sees (slurm_block).
+    top = {k: v for k, v in loaded.items() if k not in ("preprocess", "slurm")}
     block = loaded.get("preprocess") or {}
     train_top, preprocess_top = split_fields(top, where)
     block_train, block_preprocess = split_fields(block, f"the preprocess block of {str(path)!r}")
@@ -312,6 +313,14 @@ def load_experiment(
         PreprocessConfig, [{**preprocess_top, **block_preprocess}, preprocess_given]
     )
     return train, preprocess
+
+
+def slurm_block(path: str | os.PathLike | None) -> dict:
+    """The ``slurm:`` block of the experiment YAML at ``path`` (resources of each train job)."""
+    block = (_read_yaml(path) if path is not None else {}).get("slurm") or {}
+    if not isinstance(block, dict):
+        raise ValueError(f"the slurm block of {str(path)!r} must be a mapping of key: value")
+    return block
 
 
 def load_config(

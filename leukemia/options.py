@@ -72,6 +72,19 @@ def empty_is_none(ctx, param, value):
     return value or None
 
 
+def _positive_or_none(ctx, param, value):
+    """A count of at least 1, or None for '' (an MLproject parameter left empty)."""
+    if value in (None, ""):
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise click.BadParameter(f"expected a whole number of at least 1, got {value!r}")
+    return number
+
+
 def _default_config(ctx, param, value):
     return value or DEFAULT_CONFIG
 
@@ -161,7 +174,58 @@ def study_options(function):
             default=DEFAULT_NAME,
             help="Each trained arm registers a version of this model.",
         ),
+        *executor_options(),
     ]
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def executor_options() -> list:
+    """Where a study's train runs go: slots on this machine, or Slurm jobs (children.py)."""
+    return [
+        click.option(
+            "--executor",
+            type=click.Choice(["local", "slurm"]),
+            default="local",
+            help="local: train runs on this machine (--jobs at once); slurm: a job array "
+            "through submitit, resources from the config's slurm: block or --slurm-*.",
+        ),
+        click.option(
+            "--jobs",
+            callback=_positive_or_none,
+            default=None,
+            help="Train runs at once with --executor local [default: 1 on a CPU, one per "
+            "visible GPU, each pinned to its GPU].",
+        ),
+        click.option(
+            "--slurm-partition",
+            default=None,
+            help="Slurm partition [default: the "
+            "config's slurm: block, else the cluster's default].",
+        ),
+        click.option(
+            "--slurm-time",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Time limit per train job in minutes [default: 120].",
+        ),
+        click.option(
+            "--slurm-gpus",
+            type=click.IntRange(min=0),
+            default=None,
+            help="GPUs per train job [default: 0].",
+        ),
+        click.option(
+            "--slurm-cpus",
+            type=click.IntRange(min=1),
+            default=None,
+            help="CPUs per train job [default: 2].",
+        ),
+        click.option(
+            "--slurm-mem-gb",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="Memory per train job in GB [default: the partition's].",
+        ),
+    ]

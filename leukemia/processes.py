@@ -104,3 +104,37 @@ def stop_when_parent_dies(interval: float = 1.0, grace: float = 20.0, every: flo
         os._exit(130)
 
     threading.Thread(target=watch, name="leukemia-parent-watch", daemon=True).start()
+
+
+def interrupt_on_terminate() -> None:
+    """SIGTERM (``kill``, ``scancel``, a container stopping) interrupts like Ctrl-C, so a run
+    ends KILLED with how to continue instead of being left RUNNING."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living descendant of ``pid`` (from ``/proc``), children before grandchildren."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(parent, []).append(int(entry.name))
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [c for p in frontier for c in parents.get(p, [])]
+        found += frontier
+    return found
+
+
+def interrupt_tree(pid: int, sig: int = signal.SIGINT) -> None:
+    """Send ``sig`` to ``pid`` and its descendants (a shell between us and a ``leukemia``
+    command passes no signal on)."""
+    for target in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, sig)

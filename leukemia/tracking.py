@@ -55,6 +55,9 @@ def start_run(
             mlflow.tracking.MlflowClient().delete_tag(run_id, KILLED_TAG)
         try:
             yield run
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")  # Ctrl-C, kill: not FAILED, as MLflow's exit would say
+            raise
         except Exception as error:
             if unreachable(error):
                 give_up_on_server()  # ending the run must not spend the budget again

@@ -39,13 +39,16 @@ BODY
 
 
 def _watched(body: str, grace: float = 30.0) -> subprocess.CompletedProcess:
-    parent = subprocess.Popen([sys.executable, "-c", "pass"])
+    # The parent ends once the child is in its body (an exited, unreaped process is gone too).
+    parent = subprocess.Popen(["sleep", "3"])
     env = {**os.environ, processes.PARENT_ENV: processes.token(parent.pid)}
-    parent.wait()
     code = _WATCHED.replace("GRACE", str(grace)).replace("BODY", body)
-    return subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
-    )
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        parent.wait()
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ The parent's artifacts are ``statistics``'s; its description (``ui.compare_note`
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from .. import registry, shortcut, tracking, ui
+from .. import children, registry, shortcut, tracking, ui
 from ..arms import DEFAULT_DEEP_ARMS, SHORTCUT_ARMS, arm_of, by_name, parse_deep_arms
 from ..config import PreprocessConfig, TrainConfig, load_experiment, resolve_config_path
 from ..data import read_manifest, split_fingerprint
@@ -95,23 +94,15 @@ def run_train_child(
     env_manager: str,
 ):
     """``mlflow run <project> -e train`` as a child of ``parent_id``; returns the finished run."""
-    if env_manager == "local":
-        # The child's `leukemia` command must be this interpreter's, even when its virtual
-        # environment was not activated (mlflow runs the entry point through the shell).
-        bin_dir = str(Path(sys.executable).parent)
-        if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
-            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    submitted = mlflow.projects.run(
-        str(project),
-        entry_point="train",
-        parameters={k: str(v) for k, v in parameters.items()},
-        env_manager=env_manager,  # a child does not inherit the parent's --env-manager
+    (run_id,) = children.run_children(
+        [children.Child("train", parameters)],
+        project=project,
         experiment_id=experiment_id,
-        synchronous=True,
+        parent_id=parent_id,
+        env_manager=env_manager,
+        jobs=1,
     )
-    client = MlflowClient()
-    client.set_tag(submitted.run_id, "mlflow.parentRunId", parent_id)
-    return client.get_run(submitted.run_id)
+    return MlflowClient().get_run(run_id)
 
 
 def run_shortcut_arm(arm: str, kind: str, processed_dir, parent_id: str) -> str:
@@ -228,6 +219,9 @@ def compare(
     shortcuts: bool,
     registered_model_name: str,
     workers: int = 0,
+    executor: str = "local",
+    jobs: int | None = None,
+    slurm: children.Slurm | None = None,
     echo=print,
 ) -> Comparison:
     """The deep arms x seeds as ``mlflow run -e train`` children of the active run, the
@@ -262,6 +256,7 @@ def compare(
             "compare.arms": ",".join(study.arms),
             "compare.config": config_path,
             "compare.env_manager": env_manager,
+            "compare.executor": executor,
             "data.manifest_hash": manifest_hash,
             # The study's segmentation options, as the paper's arm (or the first
             # segmented one) uses them; each arm's own are its runs' params.
@@ -280,53 +275,66 @@ def compare(
         "out_dir": str(Path(out_dir).resolve()),
         "manifest": "",
     }
-    children: dict[str, dict[int, str]] = {}
-    reused = []
+    runs: dict[str, dict[int, str]] = {}
+    reused, wanted = [], []
     for seed in study.seeds:
         for arm in study.arms:
-            result = made[arm]
             found = reusable_run(
                 experiment_id,
                 arm,
                 study.arm_config(arm, seed),
                 manifest_hash,
-                result.params["segmentation"],
+                made[arm].params["segmentation"],
                 registered_model_name,
             )
             if found is not None:
                 echo(f"{arm} seed {seed}: reusing finished run {found.info.run_id}")
                 reused.append(found.info.run_id)
-                run = found
-            else:
-                echo(f"{arm} seed {seed}: mlflow run -e train ...")
-                fields = {
-                    **by_name(arm).preprocess_fields(),
-                    **by_name(arm).train_fields(study.configs[seed].to_dict()),
-                }
-                parameters = {
-                    **shared,
-                    **{k: str(v).lower() if isinstance(v, bool) else v for k, v in fields.items()},
-                    "seed": seed,
-                }
-                try:
-                    run = run_train_child(
-                        study.project, experiment_id, parent.info.run_id, parameters, env_manager
-                    )
-                except mlflow.exceptions.ExecutionException as error:
-                    raise StudyError(f"the {arm} arm (seed {seed}) failed: {error}") from None
-            children.setdefault(arm, {})[seed] = run.info.run_id
+                runs.setdefault(arm, {})[seed] = found.info.run_id
+                continue
+            fields = {
+                **by_name(arm).preprocess_fields(),
+                **by_name(arm).train_fields(study.configs[seed].to_dict()),
+            }
+            parameters = {
+                **shared,
+                **{k: str(v).lower() if isinstance(v, bool) else v for k, v in fields.items()},
+                "seed": seed,
+            }
+            runs.setdefault(arm, {})[seed] = ""  # keeps the order: arms as listed
+            wanted.append((arm, seed, children.Child(f"{arm} seed {seed}", parameters)))
+    if wanted:
+        how = f"{executor}" + (f", {jobs} at once" if executor == "local" and jobs else "")
+        echo(f"{len(wanted)} train runs (mlflow run -e train) on {how}")
+    try:
+        ids = children.run_children(
+            [child for _, _, child in wanted],
+            project=study.project,
+            experiment_id=experiment_id,
+            parent_id=parent.info.run_id,
+            env_manager=env_manager,
+            executor=executor,
+            jobs=jobs,
+            slurm=slurm,
+            log_dir=Path(out_dir) / "slurm-logs",
+            echo=echo,
+        )
+    except children.ChildFailed as error:
+        raise StudyError(f"a train run failed: {error}") from None
+    for (arm, seed, _), run_id in zip(wanted, ids):
+        runs[arm][seed] = run_id
     if reused:
         mlflow.set_tag("compare.reused_runs", ",".join(reused))
     if shortcuts:
         for arm in SHORTCUT_ARMS:
             folder = made[arm.images].out_dir
             run_id = run_shortcut_arm(arm.name, arm.features, folder, parent.info.run_id)
-            children[arm.name] = dict.fromkeys(study.seeds, run_id)
+            runs[arm.name] = dict.fromkeys(study.seeds, run_id)
     # Which run is which arm and seed (reused runs belong to another parent): the report's key.
     mlflow.log_dict(
-        {arm: {str(k): v for k, v in by.items()} for arm, by in children.items()}, "children.json"
+        {arm: {str(k): v for k, v in by.items()} for arm, by in runs.items()}, "children.json"
     )
-    table, tests = statistics.summarise(children, study.arms)
+    table, tests = statistics.summarise(runs, study.arms)
     statistics.log_summary(table, tests)
     metric = registry.PROMOTION_METRIC
     best = max(tests["deep_arms"], key=lambda arm: table[arm][f"{metric}_mean"])
@@ -338,4 +346,4 @@ def compare(
         ui.compare_note(table, tests, study.seeds, what),
         name=f"{Path(config_path).stem} study, seeds {seeds}",
     )
-    return Comparison(children, table, tests, manifest)
+    return Comparison(runs, table, tests, manifest)

@@ -17,6 +17,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from .. import processes, tracking, ui
+from ..children import ChildFailed
 from ..config import resolve_config_path
 from . import compare as compare_step
 from .statistics import arm_summary, held_out_groups, logged_predictions, paired
@@ -83,7 +84,7 @@ def confirm(
         ui.describe(run_id, _note(result, configs))
         status = "FINISHED"
         return result
-    except mlflow.exceptions.ExecutionException as error:
+    except ChildFailed as error:
         raise ValueError(f"a confirm training failed: {error}") from None
     except KeyboardInterrupt:
         status = "KILLED"

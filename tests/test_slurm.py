@@ -1,0 +1,163 @@
+"""A study's train runs as Slurm jobs (submitit) on a real single-node cluster, and in parallel
+slots on this machine: the same runs and metrics as one at a time; a cancelled job and a killed
+parent leave nothing running or queued (issue 20)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from leukemia import children
+
+from .conftest import REPO, mlflow_run_env
+from .slurm_cluster import queue, single_node_cluster
+
+TINY = [
+    "--config",
+    str(REPO / "experiments" / "demo.yaml"),
+    "--synthetic-per-class",
+    "8",
+    "--shortcuts",
+    "false",
+    "--seeds",
+    "1",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with single_node_cluster(tmp_path_factory.mktemp("slurm")) as conf:
+        yield conf
+
+
+def _compare(tmp_path, experiment, *extra, **popen):
+    command = [sys.executable, "-m", "leukemia", "compare", *TINY, "--experiment", experiment]
+    return subprocess.Popen(
+        [*command, *extra],
+        cwd=tmp_path,
+        env=mlflow_run_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def _children(experiment: str) -> list:
+    return [
+        r
+        for r in mlflow.search_runs(
+            experiment_names=[experiment], filter_string="tags.step = 'train'", output_format="list"
+        )
+    ]
+
+
+@pytest.mark.slow
+def test_a_study_on_slurm_matches_the_same_study_in_parallel_slots(cluster, tmp_path):
+    local = _compare(tmp_path, "local", "--phase2_epochs", "1", "--jobs", "2")
+    out, _ = local.communicate(timeout=600)
+    assert local.returncode == 0, out
+    assert "2 train runs (mlflow run -e train) on local, 2 at once" in out
+    on_slurm = _compare(
+        tmp_path, "slurm", "--phase2_epochs", "1", "--executor", "slurm", "--slurm-cpus", "1"
+    )
+    out, _ = on_slurm.communicate(timeout=600)
+    assert on_slurm.returncode == 0, out
+    mlflow.set_tracking_uri(mlflow_run_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    by_arm = {e: {r.data.tags["arm"]: r for r in _children(e)} for e in ("local", "slurm")}
+    assert set(by_arm["local"]) == set(by_arm["slurm"]) == {"baseline", "proposed"}
+    for arm, run in by_arm["slurm"].items():
+        there = by_arm["local"][arm].data.metrics
+        for metric in ("test_accuracy", "test_f1_macro", "test_loss"):
+            assert run.data.metrics[metric] == pytest.approx(there[metric], rel=1e-4), (arm, metric)
+        assert run.info.status == "FINISHED"
+        job = run.data.tags[children.JOB_TAG]
+        assert job in out and os.path.isfile(run.data.tags[children.LOG_TAG])
+        parent = run.data.tags["mlflow.parentRunId"]
+        assert MlflowClient().get_run(parent).data.tags["step"] == "compare"
+    jobs = {r.data.tags[children.JOB_TAG].split("_")[0] for r in by_arm["slurm"].values()}
+    assert len(jobs) == 1, f"one job array, got jobs {jobs}"
+    assert not queue()
+
+
+@pytest.mark.slow
+def test_a_cancelled_job_and_a_killed_parent_leave_nothing_running(cluster, tmp_path):
+    study = _compare(
+        tmp_path,
+        "cancel",
+        "--phase1_epochs",
+        "300",
+        "--patience",
+        "300",
+        "--executor",
+        "slurm",
+        "--slurm-cpus",
+        "1",
+    )
+    mlflow.set_tracking_uri(mlflow_run_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    try:
+        deadline = time.monotonic() + 300
+        training = []
+        while time.monotonic() < deadline and len(training) < 2:
+            assert study.poll() is None, study.stdout.read()
+            time.sleep(2)
+            training = [r for r in _children("cancel") if "train_loss" in r.data.metrics]
+        assert len(training) == 2, "both jobs should be training"
+        cancelled, other = training
+        subprocess.run(["scancel", cancelled.data.tags[children.JOB_TAG]], check=True)
+        ended = time.monotonic() + 90
+        while time.monotonic() < ended:
+            if MlflowClient().get_run(cancelled.info.run_id).info.status != "RUNNING":
+                break
+            time.sleep(1)
+        assert MlflowClient().get_run(cancelled.info.run_id).info.status == "KILLED"
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(study.stdout), daemon=True)
+        reader.start()
+        said = time.monotonic() + 60
+        while time.monotonic() < said and not any("ended CANCELLED" in x for x in lines):
+            time.sleep(1)
+        job = cancelled.data.tags[children.JOB_TAG]
+        assert any(f"Slurm job {job} ended CANCELLED" in x for x in lines), "".join(lines)
+        assert study.poll() is None, "the other job goes on"
+        study.send_signal(signal.SIGTERM)  # kill: the parent cancels what it started
+        study.wait(timeout=120)
+        reader.join(timeout=10)
+    finally:
+        if study.poll() is None:
+            study.kill()
+    assert study.returncode != 0
+    assert f"cancelled Slurm jobs {other.data.tags[children.JOB_TAG]}" in "".join(lines)
+    deadline = time.monotonic() + 60
+    while queue() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not queue(), "jobs left queued or running"
+    statuses = {r.info.run_id: r.info.status for r in _children("cancel")}
+    assert statuses[other.info.run_id] == "KILLED", statuses
+    assert "RUNNING" not in statuses.values()
+    parents = mlflow.search_runs(
+        experiment_names=["cancel"], filter_string="tags.step = 'compare'", output_format="list"
+    )
+    assert [p.info.status for p in parents] == ["KILLED"]
+
+
+def test_bad_slurm_settings_are_one_line_before_any_job(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    with pytest.raises(ValueError, match="needs Slurm's sbatch on PATH"):
+        children.check_slurm(children.Slurm())
+    with pytest.raises(ValueError, match=r"unknown keys \['gpu'\] in the slurm block"):
+        children.Slurm.from_block({"gpu": 1}, "x.yaml")
+
+
+@pytest.mark.slow
+def test_an_unknown_partition_is_named_with_the_real_ones(cluster):
+    with pytest.raises(ValueError, match="unknown Slurm partition 'gpu'; this cluster has debug"):
+        children.check_slurm(children.Slurm(partition="gpu"))
