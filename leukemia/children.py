@@ -295,37 +295,45 @@ def train_job(
 
 
 def _run_slurm(children, project, experiment_id, parent_id, env_manager, settings, log_dir, echo):
+    uri = mlflow.get_tracking_uri()
+    calls = [
+        (train_job, str(project), c.parameters, env_manager, experiment_id, parent_id, uri)
+        for c in children
+    ]
+    client = MlflowClient()
+
+    def ended(job, status: str) -> None:
+        run_id = _job_run(client, experiment_id, job.job_id)
+        if run_id:
+            _end(client, run_id, status)
+
+    return run_array(
+        calls, [c.label for c in children], settings, log_dir, "leukemia-train", ended, echo
+    )
+
+
+def run_array(calls, labels, settings: Slurm, log_dir: Path, name: str, ended, echo) -> list:
+    """``calls`` (function, *args) as one Slurm job array through submitit; their results in
+    order. ``ended(job, "FAILED" | "KILLED")`` settles what a job that did not finish left."""
     import submitit
 
     check_slurm(settings)
-    executor = submitit.AutoExecutor(folder=str(log_dir.resolve() / "%j"), cluster="slurm")
+    executor = submitit.AutoExecutor(folder=str(Path(log_dir).resolve() / "%j"), cluster="slurm")
     executor.update_parameters(
-        name="leukemia-train",
+        name=name,
         timeout_min=settings.time_min,
         gpus_per_node=settings.gpus,
         cpus_per_task=settings.cpus,
         slurm_partition=settings.partition,
-        slurm_array_parallelism=settings.max_parallel or len(children),
+        slurm_array_parallelism=settings.max_parallel or len(calls),
         **({"mem_gb": settings.mem_gb} if settings.mem_gb else {}),
     )
-    uri = mlflow.get_tracking_uri()
     with executor.batch():  # one job array
-        jobs = [
-            executor.submit(
-                train_job, str(project), c.parameters, env_manager, experiment_id, parent_id, uri
-            )
-            for c in children
-        ]
-    for child, job in zip(children, jobs):
-        echo(f"{child.label}: Slurm job {job.job_id}, log {job.paths.stdout}")
-    client = MlflowClient()
-    done: dict[int, str] = {}
+        jobs = [executor.submit(*call) for call in calls]
+    for label, job in zip(labels, jobs):
+        echo(f"{label}: Slurm job {job.job_id}, log {job.paths.stdout}")
+    done: dict[int, object] = {}
     failure = None
-
-    def _failed(error: ChildFailed) -> ChildFailed:
-        echo(f"{error}; the other jobs go on")
-        return error
-
     pending = set(range(len(jobs)))
     try:
         failed_at: dict[int, float] = {}
@@ -333,7 +341,7 @@ def _run_slurm(children, project, experiment_id, parent_id, env_manager, setting
             time.sleep(2)
             states = _slurm_states()
             for index in sorted(pending):
-                job, child = jobs[index], children[index]
+                job = jobs[index]
                 state = states.get(job.job_id)
                 finished = job.paths.result_pickle.exists()
                 if not finished and state not in _SLURM_OVER and state is not None:
@@ -353,11 +361,11 @@ def _run_slurm(children, project, experiment_id, parent_id, env_manager, setting
                         continue
                 pending.discard(index)
                 cancelled = (state or "").startswith("CANCELLED")
-                run_id = _job_run(client, experiment_id, job.job_id)
-                if run_id:
-                    _end(client, run_id, "KILLED" if cancelled else "FAILED")
+                ended(job, "KILLED" if cancelled else "FAILED")
                 how = "CANCELLED" if cancelled else "with an error" if error else state or "GONE"
-                failure = failure or _failed(_job_failure(child, job, how, error))
+                this = _job_failure(labels[index], job, how, error)
+                echo(f"{this}; the other jobs go on")
+                failure = failure or this
     except BaseException:
         # Ctrl-C or kill of the parent: nothing left queued or running.
         left = [jobs[index] for index in sorted(pending)]
@@ -365,14 +373,53 @@ def _run_slurm(children, project, experiment_id, parent_id, env_manager, setting
             job.cancel(check=False)
         echo(f"interrupted: cancelled Slurm jobs {', '.join(j.job_id for j in left)}")
         time.sleep(1)
-        for job in jobs:
-            run_id = _job_run(client, experiment_id, job.job_id)
-            if run_id:
-                _end(client, run_id, "KILLED")
+        for job in left:
+            ended(job, "KILLED")
         raise
     if failure is not None:
         raise failure
-    return [done[i] for i in range(len(children))]
+    return [done[i] for i in range(len(calls))]
+
+
+def command_job(argv: list[str]) -> None:
+    """A Slurm job's body: ``leukemia <argv>`` on this node."""
+    done = subprocess.run([sys.executable, "-m", "leukemia", *argv])
+    if done.returncode:
+        raise ChildFailed(f"leukemia {argv[0]} exited with code {done.returncode}")
+
+
+def run_workers(
+    argv: list[str],
+    count: int,
+    *,
+    executor: str,
+    slurm: Slurm | None = None,
+    log_dir: Path = Path("slurm-logs"),
+    echo=print,
+) -> None:
+    """``count`` copies of ``leukemia <argv>`` at once (search workers sharing one study), as
+    processes here or a Slurm job array; raises ``ChildFailed`` for the first that failed."""
+    labels = [f"worker {i + 1}" for i in range(count)]
+    if executor == "slurm":
+        calls = [(command_job, argv)] * count
+        run_array(calls, labels, slurm or Slurm(), log_dir, "leukemia-search", _nothing, echo)
+        return
+    started = [subprocess.Popen([sys.executable, "-m", "leukemia", *argv]) for _ in range(count)]
+    try:
+        codes = [p.wait() for p in started]
+    except BaseException:
+        for proc in started:
+            processes.interrupt_tree(proc.pid)
+        for proc in started:
+            _settle(proc)
+        raise
+    failed = [f"{label} (exit code {code})" for label, code in zip(labels, codes) if code]
+    if failed:
+        raise ChildFailed(f"search workers failed: {', '.join(failed)}")
+
+
+def _nothing(job, status: str) -> None:
+    """A search worker's trials are settled by the study (Optuna's heartbeat, the report)."""
 
 
 def _slurm_states() -> dict[str, str]:
@@ -397,10 +444,10 @@ def _job_run(client: MlflowClient, experiment_id: str, job_id: str) -> str | Non
     return runs[0].info.run_id if runs else None
 
 
-def _job_failure(child: Child, job, how: str, error: Exception | None) -> ChildFailed:
+def _job_failure(label: str, job, how: str, error: Exception | None) -> ChildFailed:
     """The job's last error line, and where its whole log is."""
     lines = [x.strip() for x in (job.stderr() or "").splitlines() if x.strip()]
     last = lines[-1] if lines else (str(error or "no output").strip().splitlines() or [""])[-1]
     return ChildFailed(
-        f"{child.label}: Slurm job {job.job_id} ended {how}: {last} (log {job.paths.stderr})"
+        f"{label}: Slurm job {job.job_id} ended {how}: {last} (log {job.paths.stderr})"
     )

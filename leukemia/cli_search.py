@@ -16,6 +16,17 @@ DEFAULT_SPACE = "experiments/search-demo.yaml"
 DEFAULT_STORAGE = "searches/optuna.journal"
 
 
+def _executor_options(function):
+    from .options import executor_options
+
+    options = executor_options(
+        "Search workers (one study, one storage)", "1, this process; with slurm, 1 job"
+    )
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
 @click.command(
     "search", context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
 )
@@ -79,6 +90,7 @@ DEFAULT_STORAGE = "searches/optuna.journal"
     help="How the confirm runs (`mlflow run -e train`) get their environment.",
 )
 @click.option("--report", "report_only", is_flag=True, help="Only log the study's report.")
+@_executor_options
 @click.pass_context
 def search_command(
     ctx,
@@ -98,6 +110,9 @@ def search_command(
     confirm_seeds,
     env_manager,
     report_only,
+    executor,
+    jobs,
+    **slurm_options,
 ):
     """Search preprocessing and training settings with Optuna (TPE, pruning), choosing on the
     validation split only; every trial is a child run of the study's parent run. Several
@@ -127,6 +142,9 @@ def search_command(
         data = None  # a report alone needs no images
         if not report_only or seeds:
             data = preprocess_step.resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
+        if executor == "slurm" or (jobs or 1) > 1:
+            _run_workers(storage, executor, jobs, slurm_options)
+            report_only = True  # the workers searched; this process reports (and confirms)
         if report_only:
             storage_object = search_lib.open_storage(storage, warn=click.echo)
             try:
@@ -175,6 +193,61 @@ def search_command(
                 )
     except (ValueError, DatasetError, search_step.StopSearch) as error:
         raise _Failure(str(error)) from None
+
+
+# Options of the launching command that its workers must not get (they would launch again).
+_LAUNCHER_ONLY = {"--executor", "--jobs", "--confirm-seeds", "--report"} | {
+    f"--slurm-{k}" for k in ("partition", "time", "gpus", "cpus", "mem-gb")
+}
+
+
+def worker_argv(argv: list[str]) -> list[str]:
+    """``search`` and its arguments as given (``sys.argv``), less the launcher's options."""
+    given = argv[argv.index("search") :]
+    kept, skip = [], False
+    for word in given:
+        if skip:
+            skip = False
+            continue
+        name = word.split("=", 1)[0]
+        if name in _LAUNCHER_ONLY:
+            skip = "=" not in word and name != "--report"
+            continue
+        kept.append(word)
+    return kept
+
+
+def _run_workers(storage: str, executor: str, jobs, slurm_options: dict) -> None:
+    """Several workers on one study: processes here, or a Slurm job array."""
+    import sys
+
+    from . import children
+
+    count = jobs or 1
+    if storage.startswith("sqlite:") and count > 1:
+        raise ValueError(
+            f"{count} workers cannot share the SQLite storage {storage}; give a journal file "
+            "(on a shared file system for Slurm) or a postgresql:// URL"
+        )
+    given = {k: v for k, v in slurm_options.items() if v is not None}
+    if "slurm_time" in given:
+        given["slurm_time_min"] = given.pop("slurm_time")
+    settings = children.Slurm(**{k.removeprefix("slurm_"): v for k, v in given.items()})
+    import mlflow
+
+    mlflow.search_experiments(max_results=1)  # the store exists before N workers race on it
+    argv = worker_argv(sys.argv)
+    click.echo(f"{count} search worker(s) on {executor}: leukemia {' '.join(argv)}")
+    try:
+        children.run_workers(
+            argv,
+            count,
+            executor=executor,
+            slurm=settings,
+            echo=click.echo,
+        )
+    except children.ChildFailed as error:
+        raise ValueError(str(error)) from None
 
 
 def _resolved(path: str) -> str:

@@ -174,29 +174,32 @@ def study_options(function):
             default=DEFAULT_NAME,
             help="Each trained arm registers a version of this model.",
         ),
-        *executor_options(),
+        *executor_options(
+            "Train runs",
+            "with local, 1 on a CPU, one per visible GPU (each pinned to its GPU); with slurm, "
+            "the slurm block's max_parallel",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
     return function
 
 
-def executor_options() -> list:
-    """Where a study's train runs go: slots on this machine, or Slurm jobs (children.py)."""
+def executor_options(what: str, jobs_default: str) -> list:
+    """Where a study's train runs (or search workers) go: this machine, or Slurm jobs."""
     return [
         click.option(
             "--executor",
             type=click.Choice(["local", "slurm"]),
             default="local",
-            help="local: train runs on this machine (--jobs at once); slurm: a job array "
+            help=f"local: {what.lower()} on this machine (--jobs at once); slurm: a job array "
             "through submitit, resources from the config's slurm: block or --slurm-*.",
         ),
         click.option(
             "--jobs",
             callback=_positive_or_none,
             default=None,
-            help="Train runs at once with --executor local [default: 1 on a CPU, one per "
-            "visible GPU, each pinned to its GPU].",
+            help=f"{what} at once [default: {jobs_default}].",
         ),
         click.option(
             "--slurm-partition",
@@ -208,24 +211,24 @@ def executor_options() -> list:
             "--slurm-time",
             type=click.IntRange(min=1),
             default=None,
-            help="Time limit per train job in minutes [default: 120].",
+            help="Time limit per job in minutes [default: 120].",
         ),
         click.option(
             "--slurm-gpus",
             type=click.IntRange(min=0),
             default=None,
-            help="GPUs per train job [default: 0].",
+            help="GPUs per job [default: 0].",
         ),
         click.option(
             "--slurm-cpus",
             type=click.IntRange(min=1),
             default=None,
-            help="CPUs per train job [default: 2].",
+            help="CPUs per job [default: 2].",
         ),
         click.option(
             "--slurm-mem-gb",
             type=click.FloatRange(min=0, min_open=True),
             default=None,
-            help="Memory per train job in GB [default: the partition's].",
+            help="Memory per job in GB [default: the partition's].",
         ),
     ]

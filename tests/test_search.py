@@ -184,8 +184,8 @@ def test_pruned_trials_end_killed_and_failed_ones_failed(tmp_path, tracking_uri,
 
 @pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path):
-    """Two processes on one journal file at once: one study, unique trial numbers, one parent,
-    one child run per trial, nothing left RUNNING."""
+    """`--jobs 2`: two processes on one journal file at once: one study, unique trial numbers,
+    one parent, one child run per trial, nothing left RUNNING."""
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -193,9 +193,6 @@ def test_two_workers_share_one_study(tmp_path):
     }
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
         env.pop(name, None)
-    subprocess.run(  # the store exists before two processes open it (MLflow's migrations race)
-        [sys.executable, "-c", "import mlflow; mlflow.search_experiments()"], env=env, check=True
-    )
     space = write_space(tmp_path / "s.yaml", {"phase2_lr": {"low": 1e-3, "high": 1e-2}})
     command = [
         sys.executable,
@@ -210,10 +207,13 @@ def test_two_workers_share_one_study(tmp_path):
         str(tmp_path / "j.log"),
         "--study-name",
         "shared",
+        "--jobs",
+        "2",
         *SHORT,
     ]
-    workers = [subprocess.Popen(command, cwd=tmp_path, env=env) for _ in range(2)]
-    assert [w.wait(timeout=600) for w in workers] == [0, 0]
+    launched = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "2 search worker(s) on local" in launched.stdout
     study = optuna.load_study(
         study_name="shared", storage=search_lib.open_storage(str(tmp_path / "j.log"))
     )

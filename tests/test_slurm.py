@@ -161,3 +161,32 @@ def test_bad_slurm_settings_are_one_line_before_any_job(tmp_path, monkeypatch):
 def test_an_unknown_partition_is_named_with_the_real_ones(cluster):
     with pytest.raises(ValueError, match="unknown Slurm partition 'gpu'; this cluster has debug"):
         children.check_slurm(children.Slurm(partition="gpu"))
+
+
+@pytest.mark.slow
+def test_search_workers_as_slurm_jobs_share_one_study(cluster, tmp_path):
+    import optuna
+    import yaml
+
+    from leukemia import search as search_lib
+
+    space = tmp_path / "s.yaml"
+    body = {"base": str(REPO / "experiments" / "demo.yaml")}
+    space.write_text(yaml.safe_dump({**body, "space": {"phase2_lr": {"low": 1e-3, "high": 1e-2}}}))
+    journal = tmp_path / "j.log"
+    command = [sys.executable, "-m", "leukemia", "search", "--space", str(space)]
+    command += ["--storage", str(journal), "--study-name", "jobs", "--n-trials", "1"]
+    command += ["--synthetic-per-class", "8", "--phase1_epochs", "1", "--phase2_epochs", "1"]
+    command += ["--executor", "slurm", "--jobs", "2", "--slurm-cpus", "1"]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=mlflow_run_env(tmp_path), capture_output=True, text=True
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert done.stdout.count("Slurm job") == 2
+    study = optuna.load_study(study_name="jobs", storage=search_lib.open_storage(str(journal)))
+    assert sorted(t.number for t in study.trials) == [0, 1]
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    assert all(t.state in finished for t in study.trials), [t.state for t in study.trials]
+    assert len({t.params["phase2_lr"] for t in study.trials}) == 2
+    assert "best" in done.stdout.lower()  # the launcher reports the study the jobs ran
+    assert not queue()

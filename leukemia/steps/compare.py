@@ -316,7 +316,6 @@ def compare(
             executor=executor,
             jobs=jobs,
             slurm=slurm,
-            log_dir=Path(out_dir) / "slurm-logs",
             echo=echo,
         )
     except children.ChildFailed as error:
