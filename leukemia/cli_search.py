@@ -182,6 +182,7 @@ def search_command(
                 out_dir,
                 dict(loaded.overrides),
                 env_manager,
+                jobs=jobs if executor == "local" else None,
                 echo=click.echo,
             )
             for seed, entry in result["per_seed"].items():

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -331,7 +332,18 @@ def log_dataset(manifest_path, source: str, context: str) -> None:
         dataset = mlflow.data.from_pandas(
             manifest, source=str(source), targets="label", name="manifest"
         )
-        mlflow.log_input(dataset, context=context)
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except mlflow.exceptions.MlflowException as error:
+            # Runs in parallel (compare --jobs) log the same manifest: MLflow's store looks the
+            # dataset up, then inserts it, and the slower of two inserts breaks the unique key.
+            # Again, it finds the one the other run stored.
+            text = str(error).lower()
+            if attempt == 2 or not ("unique" in text or "duplicate key" in text):
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def log_robustness(table: list[dict], extra: dict | None = None) -> None:

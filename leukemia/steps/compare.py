@@ -86,25 +86,6 @@ def reusable_run(
     return None
 
 
-def run_train_child(
-    project: Path,
-    experiment_id: str,
-    parent_id: str,
-    parameters: dict,
-    env_manager: str,
-):
-    """``mlflow run <project> -e train`` as a child of ``parent_id``; returns the finished run."""
-    (run_id,) = children.run_children(
-        [children.Child("train", parameters)],
-        project=project,
-        experiment_id=experiment_id,
-        parent_id=parent_id,
-        env_manager=env_manager,
-        jobs=1,
-    )
-    return MlflowClient().get_run(run_id)
-
-
 def run_shortcut_arm(arm: str, kind: str, processed_dir, parent_id: str) -> str:
     """Fit one shortcut arm and log it as a child run like a deep arm; returns its run id."""
     import mlflow.sklearn

@@ -17,7 +17,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from .. import processes, tracking, ui
-from ..children import ChildFailed
+from ..children import Child, ChildFailed, run_children
 from ..config import resolve_config_path
 from . import compare as compare_step
 from .statistics import arm_summary, held_out_groups, logged_predictions, paired
@@ -34,9 +34,11 @@ def confirm(
     out_dir,
     overrides: dict,
     env_manager: str = "local",
+    jobs: int | None = None,
     echo=print,
 ) -> dict:
-    """Train both configs per seed on test and pair them; returns what ``confirm.json`` holds."""
+    """Train both configs per seed on test (``jobs`` at once) and pair them; returns what
+    ``confirm.json`` holds."""
     client = MlflowClient()
     experiment_id = client.get_run(parent_id).info.experiment_id
     tags = {
@@ -54,22 +56,25 @@ def confirm(
     children: dict[str, dict[int, str]] = {arm: {} for arm in ARMS}
     status = "FAILED"
     try:
+        wanted = [
+            (arm, seed, {**overrides, "data_dir": data_dir, "config": configs[arm], "seed": seed,
+                         "out_dir": str(Path(out_dir).resolve()), "registered_model_name": ""})
+            for seed in seeds
+            for arm in ARMS
+        ]  # fmt: skip
+        echo(f"confirm: {len(wanted)} train runs (mlflow run -e train), {jobs or 1} at once")
         with processes.children_stop_with_me():
-            for seed in seeds:
-                for arm in ARMS:
-                    echo(f"confirm: {arm} seed {seed}: mlflow run -e train ...")
-                    parameters = {
-                        **overrides,
-                        "data_dir": data_dir,
-                        "config": configs[arm],
-                        "seed": seed,
-                        "out_dir": str(Path(out_dir).resolve()),
-                        "registered_model_name": "",
-                    }
-                    child = compare_step.run_train_child(
-                        project, experiment_id, run_id, parameters, env_manager
-                    )
-                    children[arm][seed] = child.info.run_id
+            ids = run_children(
+                [Child(f"confirm {arm} seed {seed}", p) for arm, seed, p in wanted],
+                project=project,
+                experiment_id=experiment_id,
+                parent_id=run_id,
+                env_manager=env_manager,
+                jobs=jobs or 1,
+                echo=echo,
+            )
+        for (arm, seed, _), child_id in zip(wanted, ids):
+            children[arm][seed] = child_id
         result = _paired(children, seeds)
         with mlflow.start_run(run_id=run_id):
             mlflow.log_dict({"configs": configs, **result}, "confirm.json")
