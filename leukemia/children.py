@@ -10,9 +10,10 @@ in the order given, whatever order they end in:
   and tags its run with the job id and log paths. Every node must see the data, the processed
   folders, the tracking store and its artifacts (a shared file system, or the team server).
 
-A child that fails ends its run FAILED and the study with its last error line; the children
-already running finish (a rerun reuses them), no new one starts. Ctrl-C or ``kill`` of the parent
-cancels what is running or queued and ends those runs KILLED.
+A child that fails ends its run FAILED and the study with its last error line. Local children
+already running finish and no new one starts; Slurm jobs already submitted go on (a rerun reuses
+what finished). Ctrl-C or ``kill`` of the parent cancels what is running or queued and ends
+those runs KILLED.
 """
 
 from __future__ import annotations
@@ -162,8 +163,8 @@ def _run_local(children, project, experiment_id, parent_id, env_manager, jobs, e
                     submitted = _launch(project, child, experiment_id, env_manager)
                 client.set_tag(submitted.run_id, "mlflow.parentRunId", parent_id)
                 running[index] = (submitted, slot)
-                if jobs > 1:
-                    echo(f"{child.label}: started run {submitted.run_id} (slot {slot + 1}/{jobs})")
+                where = f" (slot {slot + 1} of {jobs})" if jobs > 1 else ""
+                echo(f"{child.label}: mlflow run -e train ... run {submitted.run_id}{where}")
             if failure is not None:
                 waiting.clear()
             for index, (submitted, _) in list(running.items()):

@@ -20,7 +20,17 @@ from .test_study import TINY, invoke, venv_on_path  # noqa: F401 - a fixture
 @pytest.mark.slow
 def test_compare_more_arms_and_report_them(tracking_uri, tmp_path, monkeypatch, venv_on_path):  # noqa: F811
     monkeypatch.chdir(tmp_path)
-    args = ("--seeds", "1,2", "--arms", "baseline,masked-rgb", "--experiment", "arms")
+    # Two children at once: tiny ones are mostly start-up, which overlaps even on 2 cores.
+    args = (
+        "--seeds",
+        "1,2",
+        "--arms",
+        "baseline,masked-rgb",
+        "--experiment",
+        "arms",
+        "--jobs",
+        "2",
+    )
     result = invoke("compare", *TINY, *args)
     assert result.exit_code == 0, result.output
     runs = mlflow.search_runs(experiment_names=["arms"], output_format="list")

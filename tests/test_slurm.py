@@ -61,20 +61,21 @@ def _children(experiment: str) -> list:
 
 
 @pytest.mark.slow
-def test_a_study_on_slurm_matches_the_same_study_in_local_slots(cluster, tmp_path):
-    # Two at once each way: tiny children are mostly start-up, which does overlap on 2 cores.
-    local = _compare(tmp_path, "local", "--phase2_epochs", "1", "--jobs", "2")
+def test_a_study_on_slurm_matches_the_same_study_run_here(cluster, tmp_path):
+    # One arm: a job array of one here (the next test runs two jobs at once), as CI's time is
+    # short; tests/test_search.py runs workers in local slots.
+    local = _compare(tmp_path, "local", "--phase2_epochs", "1", "--arms", "baseline")
     out, _ = local.communicate(timeout=600)
     assert local.returncode == 0, out
-    assert "2 train runs (mlflow run -e train) on local, 2 at once" in out
+    assert "1 train runs (mlflow run -e train) on local" in out
     on_slurm = _compare(
-        tmp_path, "slurm", "--phase2_epochs", "1", "--executor", "slurm", "--slurm-cpus", "1"
+        tmp_path, "slurm", "--phase2_epochs", "1", "--arms", "baseline", "--executor", "slurm"
     )
     out, _ = on_slurm.communicate(timeout=600)
     assert on_slurm.returncode == 0, out
     mlflow.set_tracking_uri(mlflow_run_env(tmp_path)["MLFLOW_TRACKING_URI"])
     by_arm = {e: {r.data.tags["arm"]: r for r in _children(e)} for e in ("local", "slurm")}
-    assert set(by_arm["local"]) == set(by_arm["slurm"]) == {"baseline", "proposed"}
+    assert set(by_arm["local"]) == set(by_arm["slurm"]) == {"baseline"}
     for arm, run in by_arm["slurm"].items():
         there = by_arm["local"][arm].data.metrics
         for metric in ("test_accuracy", "test_f1_macro", "test_loss"):
