@@ -45,7 +45,7 @@ def venv_on_path(monkeypatch):
 @pytest.mark.slow
 def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_path):
     monkeypatch.chdir(tmp_path)
-    result = invoke("main", *TINY, "--experiment", "study", "--jobs", "2")  # both arms at once
+    result = invoke("main", *TINY, "--experiment", "study")
     assert result.exit_code == 0, result.output
     assert "is now @champion" in result.output and "mlflow ui --backend-store-uri" in result.output
     client = MlflowClient()
