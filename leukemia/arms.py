@@ -10,7 +10,8 @@ segmentation costs from what losing colour costs), and ``colour-jitter`` on the 
 images with exposure, contrast, saturation, gamma and hue jittered in training (a model that
 cannot lean on the scanner's exposure or the stain batch's colour), and ``stain-norm`` on the
 resized RGB images with Reinhard stain normalisation to a reference fitted on the training split
-(stored with the model, so the served model applies it).
+(stored with the model, so the served model applies it), and ``stain-norm-jitter`` both at once,
+with a wider jitter (0.6: brightening by 1.4 lies inside its range, not at its edge).
 A shortcut arm fits colour or brightness histograms + logistic regression on one arm's
 images, to show how far stain colour alone goes; ``shortcut-background`` only the colours
 outside the paper's mask, to show how much of the class the background gives away.
@@ -64,6 +65,13 @@ ARMS = (
     Arm("gray", segment=True, preprocessing=(("output", "gray"),)),
     Arm("lab-a", segment=True, preprocessing=(("channel", "lab-a"),)),
     Arm("masked-rgb", segment=True, preprocessing=(("output", "masked-rgb"),)),
+    # stain-norm-jitter before its two parts: it needs both, each part needs only its own.
+    Arm(
+        "stain-norm-jitter",
+        segment=False,
+        preprocessing=(("stain_norm", "reinhard"),),
+        training=(("colour_jitter", 0.6),),
+    ),
     Arm("colour-jitter", segment=False, training=(("colour_jitter", 0.4),)),
     Arm("stain-norm", segment=False, preprocessing=(("stain_norm", "reinhard"),)),
     Arm("shortcut-rgb", segment=False, features="rgb"),

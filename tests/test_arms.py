@@ -42,6 +42,18 @@ def test_a_training_knob_names_an_arm(segment, jitter, arm):
     assert arm_of({"segment": segment}, {"colour_jitter": jitter}) == arm
 
 
+def test_the_combined_arm_needs_both_parts():
+    stain = {"segment": False, "stain_norm": "reinhard"}
+    assert arm_of(stain, {"colour_jitter": 0.6}) == "stain-norm-jitter"
+    assert arm_of(stain, {"colour_jitter": 0.0}) == "stain-norm"
+    assert arm_of({"segment": False, "stain_norm": "none"}, {"colour_jitter": 0.6}) == (
+        "colour-jitter"
+    )
+    assert by_name("stain-norm-jitter").train_fields({"colour_jitter": 0.0}) == {
+        "colour_jitter": 0.6
+    }
+
+
 def test_an_arm_keeps_a_knob_the_study_turned_on():
     jitter = by_name("colour-jitter")
     assert jitter.train_fields({"colour_jitter": 0.0}) == {"colour_jitter": 0.4}
