@@ -131,7 +131,13 @@ def check_stain_reference(reference) -> tuple[float, ...]:
 
 
 def _reinhard(reference=None):
-    from torchstain.numpy.normalizers import NumpyReinhardNormalizer  # only where it is used
+    try:  # only where it is used
+        from torchstain.numpy.normalizers import NumpyReinhardNormalizer
+    except ImportError:
+        raise ValueError(
+            "stain_norm reinhard needs torchstain, which is not installed here: "
+            "pip install 'torchstain>=1.4' (or reinstall leukemia, which lists it)"
+        ) from None
 
     normalizer = NumpyReinhardNormalizer()
     if reference is not None:

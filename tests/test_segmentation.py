@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import cv2
 import numpy as np
 import pytest
@@ -315,3 +318,18 @@ def test_bad_stain_references_are_refused(reference):
         seg.check_stain_reference(reference)
     with pytest.raises(ValueError, match="unsupported stain_norm, got 'macenko'"):
         SegmentationParams(stain_norm="macenko")
+
+
+def test_stain_normalisation_without_torchstain_is_one_line():
+    # A real interpreter in which torchstain cannot be imported (as in an environment that
+    # predates the dependency): one line naming the package, not a ModuleNotFoundError.
+    code = (
+        "import sys; sys.modules['torchstain'] = None\n"
+        "import numpy as np; from leukemia import segmentation as seg\n"
+        "try:\n"
+        "    seg.fit_stain_reference([np.zeros((8, 8, 3), np.uint8)])\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("stain_norm reinhard needs torchstain, which is not installed")
