@@ -53,6 +53,7 @@ from leukemia.segmentation import SegmentationParams
 from leukemia.train import (
     build_classifier,
     chunk_images,
+    loader_options,
     normalisation,
     phases,
     resolve_device,
@@ -278,7 +279,7 @@ def best_inference(model, shape, precision, sizes, steps, warmup, device) -> dic
 
 
 def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
-    # As train._configure: a fresh AdamW over the trainable parameters only.
+    # As train.make_optimizer (one rate: the rate does not change the speed).
     return torch.optim.AdamW(
         m.trainable_parameters(model), lr=config.phase1_lr, weight_decay=config.weight_decay
     )
@@ -321,14 +322,11 @@ def main() -> None:
         loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_set.labels).to(device))
         loader = DataLoader(
             train_set,
-            batch_size=config.batch_size,
             shuffle=True,
-            num_workers=config.num_workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=config.num_workers > 0,
             # Every timed batch the size of the random one; train() keeps the last partial
             # batch, which only matters at an epoch's end.
             drop_last=True,
+            **loader_options(config, device),
         )
         augment = BatchTransform(
             mean,

@@ -14,7 +14,7 @@ import copy
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -100,9 +100,10 @@ def set_trainable(classifier: m.Classifier, phase: Phase) -> None:
         m.unfreeze_last(classifier, phase.unfreeze_last)
 
 
-def _configure(classifier: m.Classifier, phase: Phase, config: TrainConfig):
+def make_optimizer(classifier: m.Classifier, phase: Phase, config: TrainConfig):
+    """Freeze what ``phase`` does not train, then a fresh AdamW over the trainable parameters
+    only, per phase (as Keras recompiles)."""
     set_trainable(classifier, phase)
-    # A fresh AdamW over the trainable parameters only, per phase (as Keras recompiles).
     return torch.optim.AdamW(
         m.trainable_parameters(classifier), lr=phase.lr, weight_decay=config.weight_decay
     )
@@ -192,6 +193,209 @@ def confusion_counts(labels: torch.Tensor, probabilities: torch.Tensor) -> list[
     return torch.bincount(pairs, minlength=n_classes * n_classes).view(n_classes, -1).tolist()
 
 
+def loader_options(config: TrainConfig, device: torch.device) -> dict:
+    """What every loader of a run shares (the benchmark's too)."""
+    return {
+        "batch_size": config.batch_size,
+        "num_workers": config.num_workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": config.num_workers > 0,
+    }
+
+
+@dataclass
+class Loaders:
+    """A run's loaders; they yield uint8 images, and normalisation and augmentation run on the
+    batch, on the device (``BatchTransform``), so loader workers only decode."""
+
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader | None  # None: a search, which must choose on validation only
+    order: torch.Generator  # the training loader's shuffle, part of a resumable state
+
+
+def build_loaders(
+    config: TrainConfig, processed_dir, device: torch.device, chunk: int, evaluate_test: bool
+) -> Loaders:
+    train_set = ManifestDataset(processed_dir, "train", in_memory=True)
+    check_training_split(train_set.labels)
+    order = torch.Generator().manual_seed(config.seed)
+    options = loader_options(config, device)
+    # Evaluation is in inference mode: an image's prediction does not depend on its batch.
+    evaluation = {**options, "batch_size": max(config.batch_size, chunk)}
+    return Loaders(
+        train=DataLoader(train_set, shuffle=True, generator=order, **options),
+        val=DataLoader(ManifestDataset(processed_dir, "val", in_memory=True), **evaluation),
+        test=DataLoader(ManifestDataset(processed_dir, "test", in_memory=True), **evaluation)
+        if evaluate_test
+        else None,
+        order=order,
+    )
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved after every epoch (with the model, optimiser and RNGs) as
+    the torchvision reference's checkpoint is, so a resume repeats the same numbers."""
+
+    phase_index: int = 0
+    epoch_in_phase: int = 0
+    global_epoch: int = 0
+    history: list = field(default_factory=list)
+    best_val_loss: float = float("inf")
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    best_model: dict | None = None
+    summary: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:  # not dataclasses.asdict: it would deep-copy the weights
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def stopped(self, phase: Phase, patience: int) -> bool:
+        return self.epoch_in_phase >= phase.epochs or 0 < patience <= self.bad_epochs
+
+    def record(self, record: dict, val_loss: float, classifier: m.Classifier) -> None:
+        """Count an epoch; keep the model when its validation loss is the best so far."""
+        self.epoch_in_phase += 1
+        self.global_epoch += 1
+        self.history.append(record)
+        if val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_epoch, self.bad_epochs = val_loss, self.global_epoch, 0
+            self.best_model = copy.deepcopy(classifier.state_dict())
+        else:
+            self.bad_epochs += 1
+
+    def next_phase(self, phase_index: int) -> None:
+        self.phase_index, self.epoch_in_phase = phase_index + 1, 0
+        self.bad_epochs, self.best_val_loss = 0, float("inf")
+
+
+@dataclass
+class Run:
+    """One training run's resolved parts: what every epoch uses."""
+
+    config: TrainConfig
+    classifier: m.Classifier
+    device: torch.device
+    precision: engine.Precision
+    loaders: Loaders
+    augment: BatchTransform  # training batches: augmentation (and colour jitter), normalisation
+    plain: BatchTransform  # evaluation batches: normalisation only
+    augment_order: torch.Generator
+    loss_fn: torch.nn.Module
+    chunk: int
+    state_path: Path
+    progress: Progress = field(default_factory=Progress)
+
+    def save(self, **extra) -> None:
+        """The torchvision reference's checkpoint (model, optimizer, epoch in ``progress``) and
+        the config it was made with, plus every RNG."""
+        rng = _rng_state(self.loaders.order, self.augment_order)
+        _save_atomically(
+            {
+                **self.progress.as_dict(),
+                "model": self.classifier.state_dict(),
+                "rng": rng,
+                "config": self.config.to_dict(),
+                **extra,
+            },
+            self.state_path,
+        )
+
+    def restore(self, saved: dict) -> None:
+        self.classifier.load_state_dict(saved["model"])
+        self.progress = Progress(**{f.name: saved[f.name] for f in fields(Progress)})
+
+    def evaluate(self, loader: DataLoader, as_served: bool = False) -> dict:
+        # As served: fp32. Under bf16 autocast a few borderline images can flip (2 of 325 in
+        # one real-data run), so test metrics and calibration use fp32.
+        precision = engine.Precision("fp32", self.device.type) if as_served else self.precision
+        return engine.evaluate(
+            self.classifier, loader, self.loss_fn, self.device, precision, self.plain
+        )
+
+    def fit_epoch(self, phase: Phase, optimizer) -> dict:
+        description = f"epoch {self.progress.global_epoch + 1} ({phase.name})"
+        if (
+            phase.unfreeze_last is None
+            and self.chunk > 0
+            and m.deterministic(self.classifier.backbone)
+        ):
+            return engine.train_head_epoch(
+                self.classifier, self.loaders.train, self.loss_fn, optimizer, self.device,
+                self.precision, description, batch_transform=self.augment,
+                chunk_batches=max(1, self.chunk // self.config.batch_size),
+            )  # fmt: skip
+        return engine.train_one_epoch(
+            self.classifier, self.loaders.train, self.loss_fn, optimizer, self.device,
+            self.config.freeze_bn_stats, self.precision, description=description,
+            batch_transform=self.augment,
+        )  # fmt: skip
+
+    def run_phase(self, index: int, phase: Phase, optimizer, on_epoch) -> None:
+        """Epochs of ``phase`` until its limit or early stopping; its best weights restored."""
+        summary = self.progress.summary
+        summary[f"{phase.name}_trainable_params"] = m.count_trainable(self.classifier)
+        summary.setdefault(f"{phase.name}_start_epoch", self.progress.global_epoch + 1)
+        while not self.progress.stopped(phase, self.config.patience):
+            fit = self.fit_epoch(phase, optimizer)
+            val = self.evaluate(self.loaders.val)
+            record = {
+                "epoch": self.progress.global_epoch + 1,
+                "phase": phase.name,
+                "train_loss": fit["loss"],
+                "train_accuracy": fit["accuracy"],
+                "val_loss": val["loss"],
+                "val_accuracy": val["accuracy"],
+                "lr": phase.lr,
+                "epoch_seconds": fit["seconds"],
+                "images_per_second": fit["images_per_second"],
+                "val_confusion": confusion_counts(val["labels"], val["probabilities"]),
+            }
+            self.progress.record(record, val["loss"], self.classifier)
+            # Report first, then save: a kill in between repeats this epoch's (identical)
+            # record on resume rather than losing it.
+            on_epoch(record)
+            self.save(optimizer=optimizer.state_dict(), phase_index=index)
+        self.classifier.load_state_dict(self.progress.best_model)
+        summary[f"{phase.name}_best_epoch"] = self.progress.best_epoch
+
+
+def prepare(
+    config: TrainConfig,
+    processed_dir,
+    work_dir: Path,
+    classifier: m.Classifier | None,
+    device: torch.device | None,
+    precision: engine.Precision | None,
+    chunk: int | None,
+    evaluate_test: bool,
+) -> Run:
+    """Resolve what ``train`` was not given, on the device, in a fixed order (the seeds)."""
+    device = device or resolve_device(config.device)
+    precision = precision or engine.resolve_precision(config.precision, device)
+    seed_everything(config.seed)
+    if classifier is None:
+        classifier = build_classifier(config, stored_options(processed_dir)["image_size"])
+    classifier = classifier.to(device)
+    if precision.channels_last:
+        classifier = classifier.to(memory_format=torch.channels_last)
+    chunk = chunk_images(device) if chunk is None else chunk
+    loaders = build_loaders(config, processed_dir, device, chunk, evaluate_test)
+    mean, std = normalisation(classifier)
+    augment_order = torch.Generator().manual_seed(config.seed + 1)
+    augment = BatchTransform(
+        mean, std, augment=True, generator=augment_order, colour=config.colour_jitter
+    )
+    labels = loaders.train.dataset.labels
+    weights = class_weights(labels).to(device) if config.class_weights else None
+    return Run(
+        config, classifier, device, precision, loaders, augment.to(device),
+        BatchTransform(mean, std).to(device), augment_order,
+        torch.nn.CrossEntropyLoss(weight=weights), chunk, Path(work_dir) / STATE_FILE,
+    )  # fmt: skip
+
+
 def train(
     config: TrainConfig,
     processed_dir,
@@ -219,167 +423,34 @@ def train(
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    device = device or resolve_device(config.device)
-    precision = precision or engine.resolve_precision(config.precision, device)
-    as_served = engine.Precision("fp32", device.type)
-    seed_everything(config.seed)
-    if classifier is None:
-        classifier = build_classifier(config, stored_options(processed_dir)["image_size"])
-    classifier = classifier.to(device)
-    if precision.channels_last:
-        classifier = classifier.to(memory_format=torch.channels_last)
-    mean, std = normalisation(classifier)
-    # Loaders yield uint8 images; normalisation and augmentation run on the batch, on the
-    # device (BatchTransform), so loader workers only decode.
-    train_set = ManifestDataset(processed_dir, "train", in_memory=True)
-    check_training_split(train_set.labels)
-    val_set = ManifestDataset(processed_dir, "val", in_memory=True)
-    augment_generator = torch.Generator().manual_seed(config.seed + 1)
-    augment = BatchTransform(
-        mean, std, augment=True, generator=augment_generator, colour=config.colour_jitter
-    ).to(device)
-    plain = BatchTransform(mean, std).to(device)
-    weights = class_weights(train_set.labels) if config.class_weights else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
-    generator = torch.Generator().manual_seed(config.seed)
-    loader_options = {
-        "batch_size": config.batch_size,
-        "num_workers": config.num_workers,
-        "pin_memory": device.type == "cuda",
-        "persistent_workers": config.num_workers > 0,
-    }
-    train_loader = DataLoader(train_set, shuffle=True, generator=generator, **loader_options)
-    chunk = chunk_images(device) if chunk is None else chunk
-    # Evaluation is in inference mode: an image's prediction does not depend on its batch.
-    eval_options = {**loader_options, "batch_size": max(config.batch_size, chunk)}
-    val_loader = DataLoader(val_set, **eval_options)
-    test_loader = (
-        DataLoader(ManifestDataset(processed_dir, "test", in_memory=True), **eval_options)
-        if evaluate_test
-        else None
-    )
-
-    state = {
-        "phase_index": 0,
-        "epoch_in_phase": 0,
-        "global_epoch": 0,
-        "history": [],
-        "best_val_loss": float("inf"),
-        "best_epoch": 0,
-        "bad_epochs": 0,
-        "best_model": None,
-        "summary": {},
-    }
-    state_path = work_dir / STATE_FILE
-
-    def save(**fields):
-        # The torchvision reference's checkpoint: model, optimizer, epoch (in ``state``) and
-        # the config it was made with; plus every RNG, so a resume repeats the same numbers.
-        rng = _rng_state(generator, augment_generator)
-        weights = classifier.state_dict()
-        _save_atomically(
-            {**state, "model": weights, "rng": rng, "config": config.to_dict(), **fields},
-            state_path,
-        )
-
+    run = prepare(config, processed_dir, work_dir, classifier, device, precision, chunk,
+                  evaluate_test)  # fmt: skip
     saved = load_state(work_dir) if resume else None
     if saved is not None:
-        classifier.load_state_dict(saved["model"])
-        state = {k: saved[k] for k in state}
-
-    plan = phases(config)
-    for phase_index in range(state["phase_index"], len(plan)):
-        phase = plan[phase_index]
-        optimizer = _configure(classifier, phase, config)
-        if saved is not None and saved["phase_index"] == phase_index:
+        run.restore(saved)
+    for index, phase in enumerate(phases(config)):
+        if index < run.progress.phase_index:
+            continue  # finished before the interruption
+        optimizer = make_optimizer(run.classifier, phase, config)
+        if saved is not None and saved["phase_index"] == index:
             if saved["optimizer"]:  # empty when the run stopped between two phases
                 optimizer.load_state_dict(saved["optimizer"])
-            _set_rng_state(saved["rng"], generator, augment_generator)
+            _set_rng_state(saved["rng"], run.loaders.order, run.augment_order)
             saved = None
-        summary = state["summary"]
-        summary[f"{phase.name}_trainable_params"] = m.count_trainable(classifier)
-        summary.setdefault(f"{phase.name}_start_epoch", state["global_epoch"] + 1)
-        while state["epoch_in_phase"] < phase.epochs and (
-            config.patience == 0 or state["bad_epochs"] < config.patience
-        ):
-            description = f"epoch {state['global_epoch'] + 1} ({phase.name})"
-            if phase.unfreeze_last is None and chunk > 0 and m.deterministic(classifier.backbone):
-                fit = engine.train_head_epoch(
-                    classifier,
-                    train_loader,
-                    loss_fn,
-                    optimizer,
-                    device,
-                    precision,
-                    description,
-                    batch_transform=augment,
-                    chunk_batches=max(1, chunk // config.batch_size),
-                )
-            else:
-                fit = engine.train_one_epoch(
-                    classifier,
-                    train_loader,
-                    loss_fn,
-                    optimizer,
-                    device,
-                    config.freeze_bn_stats,
-                    precision,
-                    description=description,
-                    batch_transform=augment,
-                )
-            val = engine.evaluate(classifier, val_loader, loss_fn, device, precision, plain)
-            state["epoch_in_phase"] += 1
-            state["global_epoch"] += 1
-            record = {
-                "epoch": state["global_epoch"],
-                "phase": phase.name,
-                "train_loss": fit["loss"],
-                "train_accuracy": fit["accuracy"],
-                "val_loss": val["loss"],
-                "val_accuracy": val["accuracy"],
-                "lr": phase.lr,
-                "epoch_seconds": fit["seconds"],
-                "images_per_second": fit["images_per_second"],
-                "val_confusion": confusion_counts(val["labels"], val["probabilities"]),
-            }
-            state["history"].append(record)
-            if val["loss"] < state["best_val_loss"]:
-                state.update(
-                    best_val_loss=val["loss"],
-                    best_epoch=state["global_epoch"],
-                    bad_epochs=0,
-                    best_model=copy.deepcopy(classifier.state_dict()),
-                )
-            else:
-                state["bad_epochs"] += 1
-            # Report first, then save: a kill in between repeats this epoch's (identical)
-            # record on resume rather than losing it.
-            on_epoch(record)
-            save(optimizer=optimizer.state_dict(), phase_index=phase_index)
-        classifier.load_state_dict(state["best_model"])
-        summary[f"{phase.name}_best_epoch"] = state["best_epoch"]
-        on_phase_end(
-            phase,
-            classifier,
-            summary,
-            # Test metrics in fp32, as the served model predicts: under bf16 autocast a few
-            # borderline images can flip (2 of 325 in one real-data run).
-            engine.evaluate(classifier, test_loader, loss_fn, device, as_served, plain)
-            if test_loader is not None
-            else None,
-        )
-        state.update(
-            phase_index=phase_index + 1, epoch_in_phase=0, bad_epochs=0, best_val_loss=float("inf")
-        )
-        save(optimizer={})
+        run.run_phase(index, phase, optimizer, on_epoch)
+        test = run.evaluate(run.loaders.test, as_served=True) if run.loaders.test else None
+        on_phase_end(phase, run.classifier, run.progress.summary, test)
+        run.progress.next_phase(index)
+        run.save(optimizer={})
+    mean, std = normalisation(run.classifier)
     return {
-        "model": classifier,
-        "history": state["history"],
-        "summary": state["summary"],
-        "device": str(device),
-        "precision": precision.name,
+        "model": run.classifier,
+        "history": run.progress.history,
+        "summary": run.progress.summary,
+        "device": str(run.device),
+        "precision": run.precision.name,
         "mean": mean,
         "std": std,
         # The final model on the validation split, as served (fp32): what calibration fits.
-        "validation": engine.evaluate(classifier, val_loader, loss_fn, device, as_served, plain),
+        "validation": run.evaluate(run.loaders.val, as_served=True),
     }

@@ -207,10 +207,42 @@ def compare(
 ) -> Comparison:
     """The deep arms x seeds as ``mlflow run -e train`` children of the active run, the
     shortcut arms, and the statistics (``statistics``)."""
-    # Every arm splits the same files with the same options: the same split, checked below.
+    made, manifest, manifest_hash = _preprocess_arms(
+        study, data_dir, out_dir, workers, shortcuts, echo
+    )
+    parent = mlflow.active_run()
+    _log_parent(study, made, manifest_hash, config_path, env_manager, executor)
     # Every child gets the same data_dir, config and out_dir (and no manifest), so the only
     # parameters that differ between them are the ones that mean something: the arm's
     # preprocessing and the seed.
+    shared = {
+        "data_dir": data_dir,
+        "config": str(resolve_config_path(config_path).resolve()),
+        "registered_model_name": registered_model_name,
+        # The resolved preprocessing, whatever set it (config, options): exactly what the
+        # parent preprocessed; each arm sets its own fields (segment, channel, output).
+        **study.preprocess.to_dict(),
+        **study.overrides,
+        "out_dir": str(Path(out_dir).resolve()),
+        "manifest": "",
+    }
+    runs, wanted = _reuse_or_plan(study, made, manifest_hash, shared, registered_model_name, echo)
+    launch = {"env_manager": env_manager, "executor": executor, "jobs": jobs, "slurm": slurm}
+    for (arm, seed, _), run_id in zip(wanted, _launch(study, wanted, parent, echo, **launch)):
+        runs[arm][seed] = run_id
+    if shortcuts:
+        for arm in SHORTCUT_ARMS:
+            folder = made[arm.images].out_dir
+            run_id = run_shortcut_arm(arm.name, arm.features, folder, parent.info.run_id)
+            runs[arm.name] = dict.fromkeys(study.seeds, run_id)
+    what = f"config `{config_path}`, data `{data_dir}`, manifest {manifest_hash[:12]}"
+    table, tests = _conclude(study, runs, parent.info.run_id, Path(config_path).stem, what)
+    return Comparison(runs, table, tests, manifest)
+
+
+def _preprocess_arms(study: Plan, data_dir, out_dir, workers: int, shortcuts: bool, echo):
+    """Every arm's images (the shortcut arms' too), checked to share one split: ``{arm:
+    result}``, the first arm's manifest and its split's hash."""
     made = {}
     needed = dict.fromkeys([*study.arms, *(a.images for a in SHORTCUT_ARMS if shortcuts)])
     for arm in needed:
@@ -218,8 +250,8 @@ def compare(
             data_dir, out_dir, None, study.arm_preprocess(arm), workers
         )
         echo(f"{arm} images: " + preprocess_step.summary(made[arm], seconds))
+    # Every arm splits the same files with the same options: the same split, checked here.
     first = study.arms[0]
-    shown = "proposed" if "proposed" in made else next((a for a in made if a != "baseline"), first)
     manifest = made[first].manifest
     manifest_hash = split_fingerprint(read_manifest(manifest))
     for arm, result in made.items():
@@ -228,9 +260,33 @@ def compare(
                 f"the {first} and {arm} arms split the data differently; cannot pair them "
                 f"(manifests {manifest} and {result.manifest})"
             )
-    parent = mlflow.active_run()
-    experiment_id = parent.info.experiment_id
+    return made, manifest, manifest_hash
+
+
+def _launch(study: Plan, wanted, parent, echo, *, executor, jobs, **options) -> list[str]:
+    """Run the children still wanted; their run ids, in order."""
+    if wanted:
+        how = f"{executor}" + (f", {jobs} at once" if executor == "local" and jobs else "")
+        echo(f"{len(wanted)} train runs (mlflow run -e train) on {how}")
+    try:
+        return children.run_children(
+            [child for _, _, child in wanted],
+            project=study.project,
+            experiment_id=parent.info.experiment_id,
+            parent_id=parent.info.run_id,
+            executor=executor,
+            jobs=jobs,
+            echo=echo,
+            **options,
+        )
+    except children.ChildFailed as error:
+        raise StudyError(f"a train run failed: {error}") from None
+
+
+def _log_parent(study: Plan, made, manifest_hash, config_path, env_manager, executor) -> None:
     mlflow.set_tags({"step": "compare"})
+    first = study.arms[0]
+    shown = "proposed" if "proposed" in made else next((a for a in made if a != "baseline"), first)
     mlflow.log_params(
         {
             "compare.seeds": ",".join(map(str, study.seeds)),
@@ -245,21 +301,17 @@ def compare(
             **{f"compare.override.{k}": v for k, v in study.overrides.items()},
         }
     )
-    shared = {
-        "data_dir": data_dir,
-        "config": str(resolve_config_path(config_path).resolve()),
-        "registered_model_name": registered_model_name,
-        # The resolved preprocessing, whatever set it (config, options): exactly what the
-        # parent preprocessed; each arm sets its own fields (segment, channel, output).
-        **study.preprocess.to_dict(),
-        **study.overrides,
-        "out_dir": str(Path(out_dir).resolve()),
-        "manifest": "",
-    }
+
+
+def _reuse_or_plan(study: Plan, made, manifest_hash, shared, registered_model_name, echo):
+    """``{arm: {seed: run id}}`` with the finished runs reused (tagged on the parent), and the
+    children still to launch as ``(arm, seed, Child)``."""
+    experiment_id = mlflow.active_run().info.experiment_id
     runs: dict[str, dict[int, str]] = {}
     reused, wanted = [], []
     for seed in study.seeds:
         for arm in study.arms:
+            runs.setdefault(arm, {})[seed] = ""  # keeps the order: arms as listed
             found = reusable_run(
                 experiment_id,
                 arm,
@@ -271,7 +323,7 @@ def compare(
             if found is not None:
                 echo(f"{arm} seed {seed}: reusing finished run {found.info.run_id}")
                 reused.append(found.info.run_id)
-                runs.setdefault(arm, {})[seed] = found.info.run_id
+                runs[arm][seed] = found.info.run_id
                 continue
             fields = {
                 **by_name(arm).preprocess_fields(),
@@ -282,34 +334,15 @@ def compare(
                 **{k: str(v).lower() if isinstance(v, bool) else v for k, v in fields.items()},
                 "seed": seed,
             }
-            runs.setdefault(arm, {})[seed] = ""  # keeps the order: arms as listed
             wanted.append((arm, seed, children.Child(f"{arm} seed {seed}", parameters)))
-    if wanted:
-        how = f"{executor}" + (f", {jobs} at once" if executor == "local" and jobs else "")
-        echo(f"{len(wanted)} train runs (mlflow run -e train) on {how}")
-    try:
-        ids = children.run_children(
-            [child for _, _, child in wanted],
-            project=study.project,
-            experiment_id=experiment_id,
-            parent_id=parent.info.run_id,
-            env_manager=env_manager,
-            executor=executor,
-            jobs=jobs,
-            slurm=slurm,
-            echo=echo,
-        )
-    except children.ChildFailed as error:
-        raise StudyError(f"a train run failed: {error}") from None
-    for (arm, seed, _), run_id in zip(wanted, ids):
-        runs[arm][seed] = run_id
     if reused:
         mlflow.set_tag("compare.reused_runs", ",".join(reused))
-    if shortcuts:
-        for arm in SHORTCUT_ARMS:
-            folder = made[arm.images].out_dir
-            run_id = run_shortcut_arm(arm.name, arm.features, folder, parent.info.run_id)
-            runs[arm.name] = dict.fromkeys(study.seeds, run_id)
+    return runs, wanted
+
+
+def _conclude(study: Plan, runs: dict, parent_id: str, config_stem: str, what: str):
+    """The parent's record of which run is which, its statistics, best deep arm and
+    description; returns the table and tests."""
     # Which run is which arm and seed (reused runs belong to another parent): the report's key.
     mlflow.log_dict(
         {arm: {str(k): v for k, v in by.items()} for arm, by in runs.items()}, "children.json"
@@ -319,11 +352,10 @@ def compare(
     metric = registry.PROMOTION_METRIC
     best = max(tests["deep_arms"], key=lambda arm: table[arm][f"{metric}_mean"])
     mlflow.set_tag("best_deep_arm", best)  # by mean test macro F1; main promotes its version
-    what = f"config `{config_path}`, data `{data_dir}`, manifest {manifest_hash[:12]}"
     seeds = ",".join(map(str, study.seeds))
     ui.describe(
-        parent.info.run_id,
+        parent_id,
         ui.compare_note(table, tests, study.seeds, what),
-        name=f"{Path(config_path).stem} study, seeds {seeds}",
+        name=f"{config_stem} study, seeds {seeds}",
     )
-    return Comparison(runs, table, tests, manifest)
+    return table, tests

@@ -105,9 +105,9 @@ def run(
     """Evaluate ``source`` on the ``split`` of a manifest in one MLflow run (see the module);
     ``nested``: as a child of the active run (the ``main`` study).
 
-    Everything is computed before the run starts, so a bad model, manifest or dataset never
-    leaves a failed run behind. ``bootstrap`` resamples (0: no intervals); ``robustness``:
-    every perturbation, else clean only. Returns ``run_id``, ``n_images``, ``accuracy``,
+    Everything is computed before the run starts: a bad model, manifest or dataset never
+    leaves a failed run. ``bootstrap`` resamples (0: no intervals); ``robustness``: every
+    perturbation, else clean only. Returns ``run_id``, ``n_images``, ``accuracy``,
     ``f1_macro``, ``accuracy_ci`` and ``f1_macro_ci`` (``(low, high)``, or None with the reason
     in ``no_interval``), ``robustness`` (the table's rows), ``manifest`` and ``data`` (how it
     relates to the model's training data, in words).
@@ -116,37 +116,74 @@ def run(
         raise ValueError(
             f"bootstrap and gradcam_per_class must be >= 0, got {bootstrap}, {gradcam_per_class}"
         )
-    bundle = load_bundle(source)
-    if tuple(bundle.classes) != CLASSES:
-        raise ValueError(f"model classes {bundle.classes} differ from the dataset's {CLASSES}")
+    bundle = _load_checked(source)
     manifest_path, relation = choose_manifest(source, manifest_path)
     root = evaluation.resolve_dataset_root(manifest_path, dataset_root)
     conditions = tuple(evaluation.PERTURBATIONS) if robustness else ("clean",)
     results = evaluation.evaluate_manifest(
         bundle, manifest_path, root, split, conditions, seed, batch_size
     )
-    clean_result = results["clean"]
-    labels, probabilities = clean_result["labels"], clean_result["probabilities"]
-    intervals = {}
-    no_interval = None
-    if not bootstrap:
-        no_interval = "no interval: --bootstrap 0"
-    elif len(labels) < 2:
-        no_interval = f"no interval: {len(labels)} image(s) cannot be resampled"
-    else:
-        predictions = probabilities.argmax(axis=1)
-        # The groups the images were held out in (duplicates, index blocks) are resampled.
-        manifest_rows = read_manifest(manifest_path)
-        group_of = {row["path"]: row.get("group") or row["path"] for row in manifest_rows}
-        groups = [group_of[path] for path in clean_result["paths"]]
-        for metric in metrics.BOOTSTRAP_METRICS:
-            intervals[metric] = metrics.bootstrap_ci(
-                labels, predictions, metric, n_resamples=bootstrap, seed=seed, groups=groups
-            )
+    clean_result, n_images = results["clean"], len(results["clean"]["labels"])
+    intervals, no_interval = _intervals(clean_result, manifest_path, bootstrap, seed)
     table = evaluation.robustness_table(results)
     samples = gradcam.gradcam_samples(manifest_path, root, split, bundle, gradcam_per_class)
     figure = gradcam.gradcam_figure(bundle, samples) if samples else None
+    tags = _tags(source, bundle, split, relation, manifest_path, root)
+    with tracking.start_run("evaluate", experiment, nested=nested, tags=tags) as run:
+        _log_params(bundle, n_images, conditions, bootstrap, seed, manifest_path)
+        report = _log_results(bundle, clean_result, split, intervals)
+        if robustness:
+            tracking.log_robustness(table)
+            mlflow.log_text(_csv(table), "evaluation/robustness.csv")
+        if figure is not None:
+            mlflow.log_figure(figure, "evaluation/gradcam.png")
+    return {
+        "run_id": run.info.run_id,
+        "n_images": n_images,
+        "accuracy": report["accuracy"],
+        "f1_macro": report["f1_macro"],
+        **_as_pairs(intervals),
+        "robustness": table,
+        "manifest": str(manifest_path),
+        "data": relation,
+        "no_interval": no_interval,
+    }
 
+
+def _as_pairs(intervals: dict) -> dict:
+    """``{"accuracy_ci": (low, high) or None, ...}`` for every bootstrapped metric."""
+    return {
+        f"{metric}_ci": (intervals[metric]["low"], intervals[metric]["high"])
+        if metric in intervals
+        else None
+        for metric in metrics.BOOTSTRAP_METRICS
+    }
+
+
+def _log_params(bundle, n_images: int, conditions, bootstrap: int, seed: int, manifest_path):
+    # Prefixed keys: `mlflow run` logs its own -P parameters under the plain names.
+    mlflow.log_params(
+        {
+            "evaluate.model": bundle.config["model"],
+            "evaluate.image_size": bundle.image_size,
+            "evaluate.images": n_images,
+            "evaluate.perturbations": ",".join(conditions),
+            "evaluate.bootstrap": bootstrap,
+            "evaluate.seed": seed,
+            # The key training runs use: equal values mean the same split of the same files.
+            "data.manifest_hash": split_fingerprint(read_manifest(manifest_path)),
+        }
+    )
+
+
+def _load_checked(source: str):
+    bundle = load_bundle(source)
+    if tuple(bundle.classes) != CLASSES:
+        raise ValueError(f"model classes {bundle.classes} differ from the dataset's {CLASSES}")
+    return bundle
+
+
+def _tags(source: str, bundle, split: str, relation: str, manifest_path: Path, root: Path):
     tags = {
         "step": "evaluate",
         "model_uri": bundle.source,
@@ -158,68 +195,59 @@ def run(
     version = registry.alias_version(source)
     if version:
         tags["model_version"] = version  # what an alias pointed to at evaluation time
-    with tracking.start_run("evaluate", experiment, nested=nested, tags=tags) as run:
-        # Prefixed keys: `mlflow run` logs its own -P parameters under the plain names.
-        mlflow.log_params(
-            {
-                "evaluate.model": bundle.config["model"],
-                "evaluate.image_size": bundle.image_size,
-                "evaluate.images": len(labels),
-                "evaluate.perturbations": ",".join(conditions),
-                "evaluate.bootstrap": bootstrap,
-                "evaluate.seed": seed,
-                # The key training runs use: equal values mean the same split of the same files.
-                "data.manifest_hash": split_fingerprint(read_manifest(manifest_path)),
-            }
+    return tags
+
+
+def _intervals(clean: dict, manifest_path, bootstrap: int, seed: int):
+    """Bootstrap intervals per metric over the groups the images were held out in (duplicates,
+    index blocks), or ``({}, why there are none)``."""
+    labels = clean["labels"]
+    if not bootstrap:
+        return {}, "no interval: --bootstrap 0"
+    if len(labels) < 2:
+        return {}, f"no interval: {len(labels)} image(s) cannot be resampled"
+    predictions = clean["probabilities"].argmax(axis=1)
+    group_of = {
+        row["path"]: row.get("group") or row["path"] for row in read_manifest(manifest_path)
+    }
+    groups = [group_of[path] for path in clean["paths"]]
+    intervals = {
+        metric: metrics.bootstrap_ci(
+            labels, predictions, metric, n_resamples=bootstrap, seed=seed, groups=groups
         )
-        # The served probabilities are calibrated (softmax(logits / T), T fitted on the
-        # validation split in training); dividing log p by 1/T undoes it. As in a train run,
-        # the plain keys and files are the network's own softmax, *_calibrated the served.
-        temperature = bundle.served.spec.temperature
-        own = metrics.temperature_scaled(probabilities, 1 / temperature)
-        report = tracking.log_evaluation(
-            {"labels": labels, "probabilities": own},
-            prefix=f"{split}_",
-            paths=clean_result["paths"],
-            artifact_dir="evaluation",
-        )
-        mlflow.log_metrics(
-            {
-                "calibration_temperature": temperature,
-                f"{split}_ece_calibrated": metrics.expected_calibration_error(
-                    labels, probabilities
-                ),
-                f"{split}_brier_calibrated": metrics.brier_score(labels, probabilities),
-            }
-        )
-        mlflow.log_metrics(
-            {
+        for metric in metrics.BOOTSTRAP_METRICS
+    }
+    return intervals, None
+
+
+def _log_results(bundle, clean: dict, split: str, intervals: dict) -> dict:
+    """Log the clean evaluation and its intervals in the active run; returns the report.
+
+    The served probabilities are calibrated (softmax(logits / T), T fitted on the validation
+    split in training); dividing log p by 1/T undoes it. As in a train run, the plain keys and
+    files are the network's own softmax, *_calibrated the served."""
+    labels, probabilities = clean["labels"], clean["probabilities"]
+    temperature = bundle.served.spec.temperature
+    own = metrics.temperature_scaled(probabilities, 1 / temperature)
+    report = tracking.log_evaluation(
+        {"labels": labels, "probabilities": own},
+        prefix=f"{split}_",
+        paths=clean["paths"],
+        artifact_dir="evaluation",
+    )
+    mlflow.log_metrics(
+        {
+            "calibration_temperature": temperature,
+            f"{split}_ece_calibrated": metrics.expected_calibration_error(labels, probabilities),
+            f"{split}_brier_calibrated": metrics.brier_score(labels, probabilities),
+            **{
                 f"{split}_{metric}_ci_{side}": interval[side]
                 for metric, interval in intervals.items()
                 for side in ("low", "high")
-            }
-        )
-        if robustness:
-            tracking.log_robustness(table)
-            mlflow.log_text(_csv(table), "evaluation/robustness.csv")
-        if figure is not None:
-            mlflow.log_figure(figure, "evaluation/gradcam.png")
-    return {
-        "run_id": run.info.run_id,
-        "n_images": len(labels),
-        "accuracy": report["accuracy"],
-        "f1_macro": report["f1_macro"],
-        **{
-            f"{metric}_ci": (intervals[metric]["low"], intervals[metric]["high"])
-            if metric in intervals
-            else None
-            for metric in metrics.BOOTSTRAP_METRICS
-        },
-        "robustness": table,
-        "manifest": str(manifest_path),
-        "data": relation,
-        "no_interval": no_interval,
-    }
+            },
+        }
+    )
+    return report
 
 
 def _csv(table: list[dict]) -> str:

@@ -24,6 +24,7 @@ Artifacts a training run writes (names other steps rely on):
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -106,7 +107,75 @@ def run_training(
 
     ``origin`` (``config``: the YAML's path, ``data_dir``: the dataset as given) goes into the
     run's description and tags: where the settings and images came from."""
-    processed_dir = Path(processed_dir)
+    job = _prepare(config, Path(processed_dir), segmentation, origin)
+    if resume:
+        check_resumable(resume, job.params)
+        _check_saved_state(resume, Path(work_root) / resume, echo)
+    launched_by = os.environ.get("MLFLOW_RUN_ID") if resume else None
+    run_id = resume
+    try:
+        with tracking.start_run(
+            f"train-{job.arm}", experiment, run_id=resume, tags=job.tags
+        ) as run:
+            run_id = run.info.run_id
+            if launched_by and launched_by != run_id:
+                # `mlflow run -P resume=<id>` made a run of its own; point it at the real one.
+                mlflow.tracking.MlflowClient().set_tag(launched_by, "resumed_run_id", run_id)
+            echo(f"MLflow run {run_id} ({job.arm} arm, {job.device}, {job.precision.name})")
+            ui.describe(run_id, job.note(), name=job.name)
+            work_dir = Path(work_root) / run_id
+            version = _train_and_log(job, work_dir, bool(resume), register_as, echo)
+            final = mlflow.get_run(run_id).data.metrics
+            if version is not None:
+                alias = _alias(register_as, version)
+                job.origin["registered"] = f"{register_as} version {version}{alias}"
+            ui.describe(run_id, job.note(final))
+    except KeyboardInterrupt:
+        if run_id:
+            mlflow.tracking.MlflowClient().set_terminated(run_id, "KILLED")
+            echo(f"\ninterrupted; continue with the same command and --resume {run_id}")
+        raise
+    except Exception as error:
+        if not tracking.unreachable(error):
+            raise
+        saved = f"; the training state is saved: continue with --resume {run_id}" if run_id else ""
+        raise tracking.TrackingUnavailable(
+            f"MLflow tracking server {mlflow.get_tracking_uri()} is unreachable{saved} when it "
+            "is back"
+        ) from None
+    _echo_done(echo, run_id, job.name, final, register_as, version, run.info.experiment_id)
+    return run_id
+
+
+@dataclass
+class _Job:
+    """A training run's inputs, resolved and checked before any run exists."""
+
+    config: TrainConfig
+    processed_dir: Path
+    rows: list
+    segmentation: dict
+    classifier: object
+    device: object
+    precision: engine.Precision
+    params: dict  # logged params: the run's identity
+    tags: dict
+    origin: dict  # the description's: where settings and images came from
+    arm: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm} seed {self.config.seed}"
+
+    def note(self, final: dict | None = None) -> str:
+        return ui.train_note(
+            self.arm, self.config.seed, self.origin, self.config, self.segmentation, final
+        )
+
+
+def _prepare(config: TrainConfig, processed_dir: Path, segmentation: dict, origin) -> _Job:
+    """Every check that can fail on bad input (model name, weights, image size, device, data),
+    and the run's params and tags."""
     rows = read_manifest(processed_dir / "manifest.csv")
     classifier = training.build_classifier(config, segmentation["image_size"])
     device = training.resolve_device(config.device)
@@ -120,9 +189,6 @@ def run_training(
         segmentation=segmentation,
         split=_split_options(processed_dir),
     )
-    if resume:
-        check_resumable(resume, params)
-        _check_saved_state(resume, Path(work_root) / resume, echo)
     arm = arm_of(segmentation, config.to_dict())
     origin = {
         **(origin or {}),
@@ -139,54 +205,10 @@ def run_training(
         "config.file": str(origin.get("config", "")),
         "runtime.hardware": training.hardware(device),
     }
-    name = f"{arm} seed {config.seed}"
-    launched_by = os.environ.get("MLFLOW_RUN_ID") if resume else None
-    run_id = resume
-    try:
-        with tracking.start_run(f"train-{arm}", experiment, run_id=resume, tags=tags) as run:
-            run_id = run.info.run_id
-            if launched_by and launched_by != run_id:
-                # `mlflow run -P resume=<id>` made a run of its own; point it at the real one.
-                mlflow.tracking.MlflowClient().set_tag(launched_by, "resumed_run_id", run_id)
-            echo(f"MLflow run {run_id} ({arm} arm, {device}, {precision.name})")
-            ui.describe(
-                run_id, ui.train_note(arm, config.seed, origin, config, segmentation), name=name
-            )
-            version = _train_and_log(
-                config,
-                processed_dir,
-                rows,
-                classifier,
-                segmentation,
-                params,
-                Path(work_root) / run_id,
-                resume=bool(resume),
-                register_as=register_as,
-                runtime=(device, precision),
-                echo=echo,
-            )
-            final = mlflow.get_run(run_id).data.metrics
-            if version is not None:
-                alias = _alias(register_as, version)
-                origin["registered"] = f"{register_as} version {version}{alias}"
-            ui.describe(
-                run_id, ui.train_note(arm, config.seed, origin, config, segmentation, final)
-            )
-    except KeyboardInterrupt:
-        if run_id:
-            mlflow.tracking.MlflowClient().set_terminated(run_id, "KILLED")
-            echo(f"\ninterrupted; continue with the same command and --resume {run_id}")
-        raise
-    except Exception as error:
-        if not tracking.unreachable(error):
-            raise
-        saved = f"; the training state is saved: continue with --resume {run_id}" if run_id else ""
-        raise tracking.TrackingUnavailable(
-            f"MLflow tracking server {mlflow.get_tracking_uri()} is unreachable{saved} when it "
-            "is back"
-        ) from None
-    _echo_done(echo, run_id, name, final, register_as, version, run.info.experiment_id)
-    return run_id
+    return _Job(
+        config, processed_dir, rows, segmentation, classifier, device, precision, params, tags,
+        origin, arm,
+    )  # fmt: skip
 
 
 def _split_options(processed_dir: Path) -> dict | None:
@@ -269,44 +291,27 @@ def _log_robustness(model, spec, processed_dir: Path, device, echo) -> None:
     )
 
 
-def _train_and_log(
-    config,
-    processed_dir,
-    rows,
-    classifier,
-    segmentation,
-    params,
-    work_dir,
-    resume,
-    register_as,
-    runtime,
-    echo,
-) -> str | None:
-    """Train and log inside the active run; returns the registered version, if any."""
-    run_id = mlflow.active_run().info.run_id
-    tracking.log_params_once(params)
-    tracking.log_dataset(
-        processed_dir / "manifest.csv", source=processed_dir.resolve(), context="training"
-    )
-    already_logged = tracking.logged_epochs(run_id) if resume else 0
-    plan = training.phases(config)
-    test_paths = [r["path"] for r in rows if r["split"] == "test"]
+class _EpochLogger:
+    """What training reports as it goes: each epoch (printed; logged once, even when resumed),
+    each phase's summary and test metrics, and the final phase's evaluation artifacts."""
 
-    last_epoch = [already_logged]
-    final_test = {}
+    def __init__(self, job: _Job, already_logged: int, echo):
+        self.already_logged, self.echo = already_logged, echo
+        self.last_phase = training.phases(job.config)[-1]
+        self.test_paths = [r["path"] for r in job.rows if r["split"] == "test"]
+        self.final_test = {}
 
-    def on_epoch(record):
-        last_epoch[0] = record["epoch"]
-        echo(
+    def on_epoch(self, record: dict) -> None:
+        self.echo(
             f"epoch {record['epoch']:>3} {record['phase']}: train loss {record['train_loss']:.4f} "
             f"acc {record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} acc "
             f"{record['val_accuracy']:.4f} | {record['epoch_seconds']:.1f} s"
         )
-        if record["epoch"] > already_logged:  # a resumed run does not log an epoch twice
+        if record["epoch"] > self.already_logged:  # a resumed run does not log an epoch twice
             tracking.log_epoch(record)
             ui.log_confusion_image("val_confusion", record["val_confusion"], record["epoch"])
 
-    def on_phase_end(phase, model, summary, test):
+    def on_phase_end(self, phase, model, summary: dict, test: dict | None) -> None:
         mlflow.log_metrics(
             {
                 k: float(v)
@@ -315,45 +320,54 @@ def _train_and_log(
             }
         )
         tracking.log_evaluation(test, prefix=f"{phase.name}_test_")
-        if phase == plan[-1]:
-            final_test.update(test or {})
+        if phase == self.last_phase:
+            self.final_test.update(test or {})
             report = tracking.log_evaluation(
-                test, prefix="test_", paths=test_paths, artifact_dir="evaluation"
+                test, prefix="test_", paths=self.test_paths, artifact_dir="evaluation"
             )
             # Step 0, not the last epoch: the chart view's image card opens at step 0 and moves
             # only when every run it shows has one step (MLflow 3.17's UI); runs end at
             # different epochs, so an end-of-training image at its epoch never drew on opening.
             ui.log_confusion_image("test_confusion", report["confusion_matrix"], 0)
 
+
+def _train_and_log(job: _Job, work_dir: Path, resume: bool, register_as, echo) -> str | None:
+    """Train and log inside the active run; returns the registered version, if any."""
+    run_id = mlflow.active_run().info.run_id
+    tracking.log_params_once(job.params)
+    tracking.log_dataset(
+        job.processed_dir / "manifest.csv", source=job.processed_dir.resolve(), context="training"
+    )
+    logger = _EpochLogger(job, tracking.logged_epochs(run_id) if resume else 0, echo)
     result = training.train(
-        config,
-        processed_dir,
+        job.config,
+        job.processed_dir,
         work_dir,
-        on_epoch=on_epoch,
-        on_phase_end=on_phase_end,
+        on_epoch=logger.on_epoch,
+        on_phase_end=logger.on_phase_end,
         resume=resume,
-        classifier=classifier,
-        device=runtime[0],
-        precision=runtime[1],
+        classifier=job.classifier,
+        device=job.device,
+        precision=job.precision,
     )
     summary, model = result["summary"], result["model"]
     tracking.log_curves(result["history"], summary.get("phase2_start_epoch"))
     if result["history"]:
         curves = figures.curves_figure(result["history"], summary.get("phase2_start_epoch"))
         ui.log_figure_image("curves", curves, 0)  # step 0: see test_confusion
-    temperature = _calibrate(result["validation"], final_test)
+    temperature = _calibrate(result["validation"], logger.final_test)
     spec = ModelSpec.for_classifier(
         model,
-        model_name=config.model,
-        dropout=config.dropout,
+        model_name=job.config.model,
+        dropout=job.config.dropout,
         mean=result["mean"],
         std=result["std"],
-        segmentation=segmentation,
+        segmentation=job.segmentation,
         temperature=temperature,
     )
     tracking.log_checkpoint(model, spec)
     served = serving.log_served_model(model, spec, name="classifier")
-    _log_robustness(model, spec, processed_dir, runtime[0], echo)
+    _log_robustness(model, spec, job.processed_dir, job.device, echo)
     if not register_as:
         return None
     version = registry.register_run_model(run_id, served.model_uri, register_as)
