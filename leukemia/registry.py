@@ -33,6 +33,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
+from .record import TrainRecord
+
 DEFAULT_NAME = "leukemia-classifier"  # the registered model every command uses by default
 CHAMPION, CHALLENGER = "champion", "challenger"
 RECALL_PREFIX = "test_recall_"
@@ -45,16 +47,16 @@ LOCK_WAIT_S = 120.0
 
 def version_tags(run) -> dict[str, str]:
     """What a version is: arm, preprocessing, test metrics, manifest hash, commit, run id."""
-    data = run.data
+    record = TrainRecord.of(run)
     tags = {
-        "arm": data.tags.get("arm", ""),
-        "run_id": run.info.run_id,
-        "manifest_hash": data.params.get("data.manifest_hash", ""),
-        "git_commit": data.params.get("runtime.git_commit", ""),
-        "model": data.params.get("config.model", ""),
+        "arm": record.arm,
+        "run_id": record.run_id,
+        "manifest_hash": record.manifest_hash,
+        "git_commit": record.git_commit,
+        "model": record.config.get("model", ""),
     }
-    tags.update({k: v for k, v in data.tags.items() if k.startswith("preprocess.")})
-    tags.update({k: f"{v:.6g}" for k, v in data.metrics.items() if k.startswith("test_")})
+    tags.update({f"preprocess.{k}": v for k, v in record.preprocessing.items()})
+    tags.update({k: f"{v:.6g}" for k, v in record.metrics.items() if k.startswith("test_")})
     return tags
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import mlflow
 
 from . import processes, ui
+from . import record as rec
 from .arms import arm_of
 
 DEFAULT_EXPERIMENT = "leukemia"
@@ -63,6 +64,21 @@ def start_run(
             if unreachable(error):
                 give_up_on_server()  # ending the run must not spend the budget again
             raise
+
+
+def create_child_run(parent_id: str, name: str, tags: dict) -> str:
+    """A RUNNING child of ``parent_id`` in the parent's experiment, named ``name``, carrying
+    this process's token (so a sweep can end it if the process dies); returns its id. The one
+    way this package makes a child run in process (``mlflow run`` children: ``children``)."""
+    client = mlflow.tracking.MlflowClient()
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    tags = {
+        **tags,
+        "mlflow.parentRunId": parent_id,
+        ui.RUN_NAME_TAG: name,
+        PROCESS_TAG: processes.token(),
+    }
+    return client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
 
 
 # A bounded retry budget for a tracking server (MLflow's default retries for about four
@@ -146,10 +162,9 @@ def mark_stale_runs_killed() -> list[str]:
         owner = run.data.tags[PROCESS_TAG]
         if not processes.is_gone(owner):
             continue
-        step = run.data.tags.get("step", "")
         how = (
             f"continue it with: leukemia train ... --resume {run.info.run_id} (same options)"
-            if step == "train"
+            if run.data.tags.get(rec.STEP) == rec.TRAIN
             else "run the same command again (finished child runs are reused)"
         )
         client.set_tag(run.info.run_id, KILLED_TAG, f"its process {owner} is gone; {how}")
@@ -205,8 +220,8 @@ def log_preprocess(result, seconds: float | None) -> None:
     manifest_path = out_dir / "manifest.csv"
     mlflow.set_tags(
         {
-            "step": "preprocess",
-            "arm": arm_of(seg),
+            rec.STEP: rec.PREPROCESS,
+            rec.ARM: arm_of(seg),
             "cache_hit": str(result.cache_hit).lower(),
             # Paths: where, not what (the cache key and the dataset input say what).
             "output_dir": str(out_dir.resolve()),
@@ -233,12 +248,7 @@ def log_preprocess(result, seconds: float | None) -> None:
 # ---------------------------------------------------------------------------------------------
 # Training runs
 #
-# Param keys are prefixed (config.*, data.*, runtime.*) so that none collides with a parameter
-# ``mlflow run`` logs itself from the command line (it logs `-P seed=7` as "7"; MLflow refuses a
-# second value for a key).
-
-
-IDENTITY_PREFIXES = ("config.", "preprocess.", "data.")
+# Param keys are prefixed (``record``'s module docstring says why).
 
 
 # Without segmentation the model sees the resized RGB image: the other options change nothing.
@@ -253,7 +263,7 @@ def preprocess_params(segmentation: dict) -> dict:
         for k, v in segmentation.items()
         if (segmentation.get("segment") or k in UNSEGMENTED_OPTIONS) and v is not None
     }
-    return {f"preprocess.{k}": v for k, v in seen.items()}
+    return {f"{rec.PREPROCESSING}{k}": v for k, v in seen.items()}
 
 
 def training_params(
@@ -269,9 +279,9 @@ def training_params(
     from .data import class_counts, split_fingerprint
     from .metrics import slug
 
-    params = {f"config.{k}": v for k, v in config.to_dict().items()}
+    params = {f"{rec.CONFIG}{k}": v for k, v in config.to_dict().items()}
     params.update(preprocess_params(segmentation))
-    params["data.manifest_hash"] = split_fingerprint(rows)
+    params[rec.MANIFEST_HASH] = split_fingerprint(rows)
     for key, value in (split or {}).items():
         shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
         params[f"data.split.{key}"] = shown
@@ -284,7 +294,7 @@ def training_params(
             "runtime.precision": precision,
             "runtime.torch_version": torch.__version__,
             "runtime.timm_version": timm.__version__,
-            "runtime.git_commit": git_commit(Path(__file__).parent) or "unknown",
+            rec.GIT_COMMIT: git_commit(Path(__file__).parent) or "unknown",
         }
     )
     return params
@@ -359,7 +369,7 @@ def log_robustness(table: list[dict], extra: dict | None = None) -> None:
         }
         | (extra or {})
     )
-    mlflow.log_dict({"conditions": table}, "evaluation/robustness.json")
+    mlflow.log_dict({"conditions": table}, rec.ROBUSTNESS)
 
 
 def log_evaluation(result: dict, prefix: str, paths=None, artifact_dir: str | None = None):
@@ -403,7 +413,7 @@ def log_evaluation(result: dict, prefix: str, paths=None, artifact_dir: str | No
             **{prob_column(name): probabilities[:, c] for c, name in enumerate(CLASSES)},
         }
     )
-    mlflow.log_text(table.to_csv(index=False), f"{artifact_dir}/predictions.csv")
+    mlflow.log_text(table.to_csv(index=False), f"{artifact_dir}/{rec.PREDICTIONS_FILE}")
     return report
 
 

@@ -20,6 +20,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from .. import children, registry, shortcut, tracking, ui
+from .. import record as rec
 from ..arms import DEFAULT_DEEP_ARMS, SHORTCUT_ARMS, arm_of, by_name, parse_deep_arms
 from ..config import PreprocessConfig, TrainConfig, load_experiment, resolve_config_path
 from ..data import read_manifest, split_fingerprint
@@ -71,14 +72,14 @@ def reusable_run(
     if not commit or commit.endswith("+dirty"):
         return None  # uncommitted or unknown code: nothing proves an old run used it
     query = (
-        f"tags.step = 'train' and tags.arm = '{arm}' and attributes.status = 'FINISHED' "
-        f"and params.`data.manifest_hash` = '{manifest_hash}' "
-        f"and params.`runtime.git_commit` = '{commit}'"
+        f"{rec.query(rec.TRAIN, **{rec.ARM: arm})} and attributes.status = 'FINISHED' "
+        f"and params.`{rec.MANIFEST_HASH}` = '{manifest_hash}' "
+        f"and params.`{rec.GIT_COMMIT}` = '{commit}'"
     )
-    wanted = {f"config.{k}": str(v) for k, v in config.to_dict().items()}
+    wanted = {f"{rec.CONFIG}{k}": str(v) for k, v in config.to_dict().items()}
     wanted.update({k: str(v) for k, v in tracking.preprocess_params(segmentation).items()})
     for run in MlflowClient().search_runs([experiment_id], query, order_by=["start_time DESC"]):
-        registered = run.data.tags.get("registered_version", "")
+        registered = run.data.tags.get(rec.REGISTERED_VERSION, "")
         if registered_as and not registered.startswith(f"{registered_as}/"):
             continue  # a run registered elsewhere, or not at all, cannot be promoted here
         if all(run.data.params.get(k) == v for k, v in wanted.items()):
@@ -94,18 +95,18 @@ def run_shortcut_arm(arm: str, kind: str, processed_dir, parent_id: str) -> str:
         warnings.simplefilter("always", shortcut.ShortcutWarning)
         result = shortcut.fit_shortcut(processed_dir, kind=kind)
     tags = {
-        "step": "train",
-        "arm": arm,
-        "mlflow.parentRunId": parent_id,
-        "data.processed_dir": str(Path(processed_dir).resolve()),
+        rec.STEP: rec.TRAIN,
+        rec.ARM: arm,
+        rec.PROCESSED_DIR: str(Path(processed_dir).resolve()),
     }
-    with mlflow.start_run(run_name=arm, nested=True, tags=tags) as run:
+    run_id = tracking.create_child_run(parent_id, arm, tags)
+    with mlflow.start_run(run_id=run_id, nested=True) as run:
         mlflow.log_params(
             {
                 "shortcut.kind": kind,
                 "shortcut.C": result.C,
                 "shortcut.features": len(result.feature_names),
-                "data.manifest_hash": split_fingerprint(
+                rec.MANIFEST_HASH: split_fingerprint(
                     read_manifest(Path(processed_dir, "manifest.csv"))
                 ),
             }
@@ -123,7 +124,7 @@ def run_shortcut_arm(arm: str, kind: str, processed_dir, parent_id: str) -> str:
             {"labels": result.test_labels, "probabilities": result.test_probabilities},
             prefix="test_",
             paths=result.test_paths,
-            artifact_dir="evaluation",
+            artifact_dir=rec.EVALUATION,
         )
         mlflow.log_metric("fit_seconds", result.seconds)
         with warnings.catch_warnings():
@@ -284,7 +285,7 @@ def _launch(study: Plan, wanted, parent, echo, *, executor, jobs, **options) -> 
 
 
 def _log_parent(study: Plan, made, manifest_hash, config_path, env_manager, executor) -> None:
-    mlflow.set_tags({"step": "compare"})
+    mlflow.set_tags({rec.STEP: rec.COMPARE})
     first = study.arms[0]
     shown = "proposed" if "proposed" in made else next((a for a in made if a != "baseline"), first)
     mlflow.log_params(
@@ -294,7 +295,7 @@ def _log_parent(study: Plan, made, manifest_hash, config_path, env_manager, exec
             "compare.config": config_path,
             "compare.env_manager": env_manager,
             "compare.executor": executor,
-            "data.manifest_hash": manifest_hash,
+            rec.MANIFEST_HASH: manifest_hash,
             # The study's segmentation options, as the paper's arm (or the first
             # segmented one) uses them; each arm's own are its runs' params.
             **tracking.preprocess_params(made[shown].params["segmentation"]),
@@ -336,7 +337,7 @@ def _reuse_or_plan(study: Plan, made, manifest_hash, shared, registered_model_na
             }
             wanted.append((arm, seed, children.Child(f"{arm} seed {seed}", parameters)))
     if reused:
-        mlflow.set_tag("compare.reused_runs", ",".join(reused))
+        mlflow.set_tag(rec.REUSED_RUNS, ",".join(reused))
     return runs, wanted
 
 
@@ -345,13 +346,13 @@ def _conclude(study: Plan, runs: dict, parent_id: str, config_stem: str, what: s
     description; returns the table and tests."""
     # Which run is which arm and seed (reused runs belong to another parent): the report's key.
     mlflow.log_dict(
-        {arm: {str(k): v for k, v in by.items()} for arm, by in runs.items()}, "children.json"
+        {arm: {str(k): v for k, v in by.items()} for arm, by in runs.items()}, rec.CHILDREN
     )
     table, tests = statistics.summarise(runs, study.arms)
     statistics.log_summary(table, tests)
     metric = registry.PROMOTION_METRIC
     best = max(tests["deep_arms"], key=lambda arm: table[arm][f"{metric}_mean"])
-    mlflow.set_tag("best_deep_arm", best)  # by mean test macro F1; main promotes its version
+    mlflow.set_tag(rec.BEST_DEEP_ARM, best)  # by mean test macro F1; main promotes its version
     seeds = ",".join(map(str, study.seeds))
     ui.describe(
         parent_id,

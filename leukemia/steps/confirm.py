@@ -17,6 +17,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from .. import processes, tracking, ui
+from .. import record as rec
 from ..children import Child, ChildFailed, run_children
 from ..config import resolve_config_path
 from . import compare as compare_step
@@ -41,18 +42,13 @@ def confirm(
     ``confirm.json`` holds."""
     client = MlflowClient()
     experiment_id = client.get_run(parent_id).info.experiment_id
-    tags = {
-        "mlflow.parentRunId": parent_id,
-        ui.RUN_NAME_TAG: f"confirm on test, seeds {','.join(map(str, seeds))}",
-        "step": "search-confirm",
-        tracking.PROCESS_TAG: processes.token(),
-    }
     configs = {
         "base": str(resolve_config_path(base_config).resolve()),
         "best": str(Path(best_config).resolve()),
     }
     project = compare_step.find_project()
-    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    name = f"confirm on test, seeds {','.join(map(str, seeds))}"
+    run_id = tracking.create_child_run(parent_id, name, {rec.STEP: rec.SEARCH_CONFIRM})
     children: dict[str, dict[int, str]] = {arm: {} for arm in ARMS}
     status = "FAILED"
     try:

@@ -23,6 +23,7 @@ import mlflow
 import pandas as pd
 
 from .. import evaluation, gradcam, metrics, model_files, registry, tracking
+from .. import record as rec
 from ..data import CLASSES, read_manifest, split_fingerprint
 from ..evaluation import Bundle
 
@@ -46,11 +47,12 @@ def training_data(source: str) -> dict:
         run = mlflow.tracking.MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
         return {}
-    folder = run.data.tags.get("data.processed_dir") or run.data.params.get("data.processed_dir")
+    # Older runs logged the folder as a param.
+    folder = run.data.tags.get(rec.PROCESSED_DIR) or run.data.params.get(rec.PROCESSED_DIR)
     return {
         "run_id": run_id,
         "manifest": Path(folder, "manifest.csv") if folder else None,
-        "manifest_hash": run.data.params.get("data.manifest_hash"),
+        "manifest_hash": run.data.params.get(rec.MANIFEST_HASH),
     }
 
 
@@ -171,7 +173,7 @@ def _log_params(bundle, n_images: int, conditions, bootstrap: int, seed: int, ma
             "evaluate.bootstrap": bootstrap,
             "evaluate.seed": seed,
             # The key training runs use: equal values mean the same split of the same files.
-            "data.manifest_hash": split_fingerprint(read_manifest(manifest_path)),
+            rec.MANIFEST_HASH: split_fingerprint(read_manifest(manifest_path)),
         }
     )
 
@@ -185,7 +187,7 @@ def _load_checked(source: str):
 
 def _tags(source: str, bundle, split: str, relation: str, manifest_path: Path, root: Path):
     tags = {
-        "step": "evaluate",
+        rec.STEP: rec.EVALUATE,
         "model_uri": bundle.source,
         "split": split,
         "evaluate.data": relation,
@@ -233,7 +235,7 @@ def _log_results(bundle, clean: dict, split: str, intervals: dict) -> dict:
         {"labels": labels, "probabilities": own},
         prefix=f"{split}_",
         paths=clean["paths"],
-        artifact_dir="evaluation",
+        artifact_dir=rec.EVALUATION,
     )
     mlflow.log_metrics(
         {

@@ -14,6 +14,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from .. import record as rec
 from .. import registry
 from . import compare as compare_step
 from . import evaluate as evaluate_step
@@ -46,7 +47,7 @@ def run_study(
     table = comparison.table
     best = max(comparison.tests["deep_arms"], key=lambda arm: table[arm][f"{metric}_mean"])
     best_run = statistics.registered_version(comparison.children[best].values(), metric)
-    mlflow.set_tags({"step": "main", "best_deep_arm": best})
+    mlflow.set_tags({rec.STEP: rec.MAIN, rec.BEST_DEEP_ARM: best})
     try:
         if best_run is None:  # never @challenger instead: that may be another arm's model
             raise ValueError(f"no run of the {best} arm is registered as {name!r}")

@@ -25,10 +25,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .. import figures, metrics, registry
+from .. import record as rec
 from ..arms import ARMS, by_name
 from . import statistics as study_stats
 
-STUDY_STEPS = ("compare", "main")
+STUDY_STEPS = (rec.COMPARE, rec.MAIN)
 # What the report shows of a run's split: its data.split.* params (logged by every train run),
 # else the -P values an older `mlflow run` logged under these names.
 SPLIT_PARAMS = {
@@ -66,19 +67,19 @@ def load_study(run_id: str) -> Study:
         parent = client.get_run(run_id)
     except MlflowException:
         raise ValueError(f"no run {run_id!r} in {mlflow.get_tracking_uri()}") from None
-    step = parent.data.tags.get("step", "")
+    step = parent.data.tags.get(rec.STEP, "")
     if step not in STUDY_STEPS:
         raise ValueError(
             f"run {run_id} is a {step or 'untagged'} run; expected a compare or main parent"
         )
     try:  # written by compare since the report exists; older parents: found by tags below
-        logged = mlflow.artifacts.load_dict(f"runs:/{run_id}/children.json")
+        logged = mlflow.artifacts.load_dict(f"runs:/{run_id}/{rec.CHILDREN}")
         ids = {r for by in logged.values() for r in by.values()}
     except (MlflowException, OSError):
         logged, ids = None, set()
-    query = f"tags.`mlflow.parentRunId` = '{run_id}' and tags.step = 'train'"
+    query = rec.query(rec.TRAIN, **{"mlflow.parentRunId": run_id})
     found = client.search_runs([parent.info.experiment_id], query)
-    reused = parent.data.tags.get("compare.reused_runs", "")
+    reused = parent.data.tags.get(rec.REUSED_RUNS, "")
     runs = {r.info.run_id: r for r in found}
     runs.update({i: client.get_run(i) for i in {*ids, *filter(None, reused.split(","))}})
     runs = {i: r for i, r in runs.items() if r.info.status == "FINISHED"}
@@ -87,8 +88,8 @@ def load_study(run_id: str) -> Study:
     else:
         children = {}
         for run in runs.values():
-            seed = run.data.params.get("config.seed")
-            children.setdefault(run.data.tags.get("arm", "?"), {})[seed] = run.info.run_id
+            seed = rec.TrainRecord.of(run).seed  # None: a shortcut arm, one run for all seeds
+            children.setdefault(run.data.tags.get(rec.ARM, "?"), {})[seed] = run.info.run_id
         seeds = sorted({int(s) for by in children.values() for s in by if s is not None})
         children = {
             arm: dict.fromkeys(seeds, by[None])
@@ -205,13 +206,14 @@ def section(
     shown = {k: first.get(f"data.split.{v}", first.get(k, "?")) for k, v in SPLIT_PARAMS.items()}
     split = ", ".join(f"{k} {v}" for k, v in shown.items())
     tags = deep_runs[0].data.tags
-    source = tags.get("data.source") or first.get("data_dir", "?")
-    config_file = parent.data.params.get("compare.config") or tags.get("config.file")
+    source = tags.get(rec.DATA_SOURCE) or first.get("data_dir", "?")  # older runs: the -P value
+    config_file = parent.data.params.get("compare.config") or tags.get(rec.CONFIG_FILE)
     config_file = config_file or first.get("config", "?")
     name = parent.data.tags.get("mlflow.runName", parent.info.run_id)
     train_minutes = [(r.info.end_time - r.info.start_time) / 60000 for r in deep_runs]
     config = ", ".join(
-        f"{k} {first.get(f'config.{k}', first.get(f'preprocess.{k}', '?'))}" for k in CONFIG_KEYS
+        f"{k} {first.get(rec.CONFIG + k, first.get(rec.PREPROCESSING + k, '?'))}"
+        for k in CONFIG_KEYS
     )
     lines = [
         f"## {name}: {shown['group_by']} split (run {parent.info.run_id[:8]})",
@@ -222,9 +224,9 @@ def section(
         f"UTC, wall time {_duration(parent.info.start_time, parent.info.end_time)}; "
         f"{len(deep_runs)} deep runs, {stats.fmean(train_minutes):.1f} min each on average",
         f"- data: `{source}`, split: {split}; manifest hash "
-        f"`{first.get('data.manifest_hash', '?')[:16]}`",
+        f"`{first.get(rec.MANIFEST_HASH, '?')[:16]}`",
         f"- config `{config_file}`: {config}",
-        f"- code: commit {_values(deep_runs, 'runtime.git_commit')}; torch "
+        f"- code: commit {_values(deep_runs, rec.GIT_COMMIT)}; torch "
         f"{_values(deep_runs, 'runtime.torch_version')}, timm "
         f"{_values(deep_runs, 'runtime.timm_version')}",
         f"- hardware: {_values(deep_runs, 'runtime.hardware', 'tags')}; device "
@@ -305,7 +307,7 @@ def champion_robustness(name: str) -> str:
     except MlflowException:
         return f"No `{name}@{registry.CHAMPION}` in this registry: no robustness table."
     query = (
-        f"tags.step = 'evaluate' and tags.model_version = '{name}/{version.version}' and "
+        f"{rec.query(rec.EVALUATE, model_version=f'{name}/{version.version}')} and "
         "attributes.status = 'FINISHED'"
     )
     found = mlflow.search_runs(
@@ -316,13 +318,13 @@ def champion_robustness(name: str) -> str:
     )
     for run in found:
         try:
-            rows = mlflow.artifacts.load_dict(
-                f"runs:/{run.info.run_id}/evaluation/robustness.json"
-            )["conditions"]
+            rows = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{rec.ROBUSTNESS}")[
+                "conditions"
+            ]
         except (MlflowException, OSError, KeyError):
             continue
         keys = [k for k in rows[0] if k != "condition"]
-        arm = client.get_run(version.run_id).data.tags.get("arm", "?")
+        arm = client.get_run(version.run_id).data.tags.get(rec.ARM, "?")
         data = run.data.tags.get("evaluate.data", "?")
         lines = [
             f"Robustness of `{name}@{registry.CHAMPION}` (version {version.version}, run "

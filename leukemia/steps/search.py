@@ -33,6 +33,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from .. import processes, tracking, ui
+from .. import record as rec
 from .. import search as search_lib
 from .. import train as training
 from ..config import load_experiment, resolve_config_path
@@ -81,7 +82,7 @@ def parent_run(
     experiment_id = client.get_run(run_id).info.experiment_id
     ui.mark_experiment(experiment_id)
     # No process tag: the parent outlives the worker that made it; the last worker out ends it.
-    client.set_tag(run_id, "step", "search")
+    client.set_tag(run_id, rec.STEP, rec.SEARCH)
     client.set_tag(run_id, "search.study", study.study_name)
     client.set_tag(run_id, ui.RUN_NAME_TAG, f"search {study.study_name}")
     study.set_user_attr(PARENT_ATTR, run_id)
@@ -99,7 +100,6 @@ class Objective:
         self.space, self.data_dir, self.out_dir = space, data_dir, out_dir
         self.parent_id, self.workers, self.work_root = parent_id, workers, work_root
         self.echo = echo
-        self.experiment_id = MlflowClient().get_run(parent_id).info.experiment_id
 
     def value(self, record: dict) -> float:
         if self.space.objective == "loss":
@@ -113,24 +113,20 @@ class Objective:
         )
         client = MlflowClient()
         tags = {
-            "mlflow.parentRunId": self.parent_id,
-            ui.RUN_NAME_TAG: f"trial {trial.number}",
-            "step": "search-trial",
+            rec.STEP: rec.SEARCH_TRIAL,
             "search.trial": str(trial.number),
-            tracking.PROCESS_TAG: processes.token(),
             # The worker's sampler seed: distinct per worker (search.worker_seed).
             "search.sampler_seed": str(self.sampler_seed),
         }
         trial.set_user_attr(search_lib.PROCESS_ATTR, processes.token())
         trial.set_user_attr(search_lib.SEED_ATTR, self.sampler_seed)
-        run_id = client.create_run(self.experiment_id, tags=tags).info.run_id
+        run_id = tracking.create_child_run(self.parent_id, f"trial {trial.number}", tags)
         trial.set_user_attr(RUN_ATTR, run_id)
         status = "FAILED"
         try:
             with mlflow.start_run(run_id=run_id):
                 mlflow.log_params({f"trial.{k}": v for k, v in trial.params.items()})
-                mlflow.log_params({f"config.{k}": v for k, v in config.to_dict().items()})
-                mlflow.log_params({f"preprocess.{k}": v for k, v in pre.to_dict().items()})
+                mlflow.log_params({f"{rec.CONFIG}{k}": v for k, v in config.to_dict().items()})
                 value = self._train(trial, config, pre, run_id)
                 mlflow.log_metric(f"value_{self.space.objective}", value)
             status = "FINISHED"
@@ -151,7 +147,9 @@ class Objective:
 
     def _train(self, trial, config, pre, run_id) -> float:
         result, _ = preprocess_step.run(self.data_dir, self.out_dir, None, pre, self.workers)
-        mlflow.set_tag("data.processed_dir", str(Path(result.out_dir).resolve()))
+        mlflow.set_tag(rec.PROCESSED_DIR, str(Path(result.out_dir).resolve()))
+        # The schema train runs log: the preprocessing the model sees, as resolved.
+        mlflow.log_params(tracking.preprocess_params(result.params["segmentation"]))
         values: dict[int, float] = {}
 
         def on_epoch(record):

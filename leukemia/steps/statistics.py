@@ -28,6 +28,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from .. import figures, metrics, registry
+from .. import record as rec
 from ..arms import DEFAULT_DEEP_ARMS
 from ..data import read_manifest
 from ..preprocess import stored_options
@@ -36,7 +37,7 @@ HEADLINE = ("test_accuracy", "test_f1_macro", "test_f1_weighted")
 
 
 def logged_predictions(run_id: str) -> pd.DataFrame:
-    text = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/predictions.csv")
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/{rec.PREDICTIONS}")
     return pd.read_csv(io.StringIO(text)).set_index("path").sort_index()
 
 
@@ -45,7 +46,7 @@ def held_out_groups(run_id: str, paths: pd.Index) -> tuple[pd.Series | None, str
     manifest the run trained on (its ``group`` column: duplicates, and with ``group_by
     index-block`` whole blocks of file numbers), and the resampling unit in words. None, and
     images as the unit, where that manifest is not on this machine."""
-    folder = MlflowClient().get_run(run_id).data.tags.get("data.processed_dir")
+    folder = MlflowClient().get_run(run_id).data.tags.get(rec.PROCESSED_DIR)
     manifest = Path(folder, "manifest.csv") if folder else None
     if manifest is None or not manifest.is_file():
         return None, "test images (the run's manifest is not on this machine, so not its groups)"
@@ -90,16 +91,13 @@ def paired(
     )
 
 
-ROBUSTNESS_PREDICTIONS = "evaluation/robustness_predictions.csv"
-
-
 def robustness_predictions(run_id: str) -> pd.DataFrame | None:
     """A train run's predicted class per test image and condition (``path`` index, ``label``,
     one column per condition), or None for a run logged before they were."""
-    names = {a.path for a in MlflowClient().list_artifacts(run_id, "evaluation")}
-    if ROBUSTNESS_PREDICTIONS not in names:
+    names = {a.path for a in MlflowClient().list_artifacts(run_id, rec.EVALUATION)}
+    if rec.ROBUSTNESS_PREDICTIONS not in names:
         return None
-    text = mlflow.artifacts.load_text(f"runs:/{run_id}/{ROBUSTNESS_PREDICTIONS}")
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/{rec.ROBUSTNESS_PREDICTIONS}")
     return pd.read_csv(io.StringIO(text)).set_index("path").sort_index()
 
 
@@ -253,7 +251,7 @@ def log_summary(table: dict, tests: dict) -> None:
     ]
     mlflow.log_text(pd.DataFrame(rows).to_csv(index=False), "comparison.csv")
     mlflow.log_dict(table, "comparison.json")
-    mlflow.log_dict(tests, "statistics.json")
+    mlflow.log_dict(tests, rec.STATISTICS)
     figure_table = {
         arm: [v["test_accuracy"] for v in entry["per_seed"].values()]
         for arm, entry in table.items()
@@ -320,9 +318,8 @@ def format_table(table: dict, tests: dict) -> str:
 def registered_version(run_ids, metric: str = registry.PROMOTION_METRIC) -> str | None:
     """The registered version (number) of the best of ``run_ids`` by ``metric``."""
     client = MlflowClient()
-    runs = [client.get_run(run_id) for run_id in run_ids]
-    runs = [r for r in runs if "registered_version" in r.data.tags]
-    if not runs:
+    records = [rec.TrainRecord.of(client.get_run(run_id)) for run_id in run_ids]
+    records = [r for r in records if r.registered_version]
+    if not records:
         return None
-    best = max(runs, key=lambda r: r.data.metrics.get(metric, float("-inf")))
-    return best.data.tags["registered_version"].rsplit("/", 1)[1]
+    return max(records, key=lambda r: r.metrics.get(metric, float("-inf"))).version

@@ -31,13 +31,13 @@ import mlflow
 import pandas as pd
 
 from .. import engine, evaluation, figures, inference, metrics, registry, serving, tracking, ui
+from .. import record as rec
 from .. import train as training
 from ..arms import arm_of
 from ..config import TrainConfig
 from ..data import read_manifest
 from ..model_files import ModelSpec
 from ..preprocess import stored_options
-from . import statistics as study_stats
 
 
 class ResumeError(ValueError):
@@ -54,14 +54,14 @@ def check_resumable(run_id: str, params: dict) -> None:
             f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}; resume expects the id of "
             "an interrupted train run"
         ) from None
-    if run.data.tags.get("step") != "train":
+    if run.data.tags.get(rec.STEP) != rec.TRAIN:
         raise ResumeError(f"run {run_id!r} is not a train run; resume expects one")
     if run.info.status == "FINISHED":
         raise ResumeError(f"run {run_id!r} already finished; there is nothing to resume")
     defining = {
         k: v
         for k, v in params.items()
-        if k.startswith(tracking.IDENTITY_PREFIXES) and k != "data.processed_dir"
+        if k.startswith(rec.IDENTITY_PREFIXES) and k != rec.PROCESSED_DIR
     }
     logged = run.data.params
     differ = sorted(k for k, v in defining.items() if k in logged and logged[k] != str(v))
@@ -192,18 +192,18 @@ def _prepare(config: TrainConfig, processed_dir: Path, segmentation: dict, origi
     arm = arm_of(segmentation, config.to_dict())
     origin = {
         **(origin or {}),
-        "manifest_hash": params["data.manifest_hash"],
+        "manifest_hash": params[rec.MANIFEST_HASH],
         "preprocessing": ", ".join(f"{k} {v}" for k, v in segmentation.items()),
     }
     tags = {
-        "step": "train",
-        "arm": arm,
-        **{f"preprocess.{k}": str(v) for k, v in segmentation.items()},
+        rec.STEP: rec.TRAIN,
+        rec.ARM: arm,
+        **{f"{rec.PREPROCESSING}{k}": str(v) for k, v in segmentation.items()},
         # Paths that differ between machines without changing what the model sees: tags.
-        "data.processed_dir": str(processed_dir.resolve()),
-        "data.source": str(origin.get("data_dir", "")),
-        "config.file": str(origin.get("config", "")),
-        "runtime.hardware": training.hardware(device),
+        rec.PROCESSED_DIR: str(processed_dir.resolve()),
+        rec.DATA_SOURCE: str(origin.get("data_dir", "")),
+        rec.CONFIG_FILE: str(origin.get("config", "")),
+        rec.HARDWARE: training.hardware(device),
     }
     return _Job(
         config, processed_dir, rows, segmentation, classifier, device, precision, params, tags,
@@ -284,7 +284,7 @@ def _log_robustness(model, spec, processed_dir: Path, device, echo) -> None:
     clean = results["clean"]
     columns = {"path": clean["paths"], "label": clean["labels"]}
     columns |= {name: result["probabilities"].argmax(1) for name, result in results.items()}
-    mlflow.log_text(pd.DataFrame(columns).to_csv(index=False), study_stats.ROBUSTNESS_PREDICTIONS)
+    mlflow.log_text(pd.DataFrame(columns).to_csv(index=False), rec.ROBUSTNESS_PREDICTIONS)
     echo(
         f"robustness: worst {worst['condition']} {worst['accuracy']:.4f} (clean "
         f"{table[0]['accuracy']:.4f})"
@@ -323,7 +323,7 @@ class _EpochLogger:
         if phase == self.last_phase:
             self.final_test.update(test or {})
             report = tracking.log_evaluation(
-                test, prefix="test_", paths=self.test_paths, artifact_dir="evaluation"
+                test, prefix="test_", paths=self.test_paths, artifact_dir=rec.EVALUATION
             )
             # Step 0, not the last epoch: the chart view's image card opens at step 0 and moves
             # only when every run it shows has one step (MLflow 3.17's UI); runs end at
@@ -371,5 +371,5 @@ def _train_and_log(job: _Job, work_dir: Path, resume: bool, register_as, echo) -
     if not register_as:
         return None
     version = registry.register_run_model(run_id, served.model_uri, register_as)
-    mlflow.set_tag("registered_version", f"{register_as}/{version.version}")
+    mlflow.set_tag(rec.REGISTERED_VERSION, f"{register_as}/{version.version}")
     return str(version.version)
