@@ -1,5 +1,5 @@
-"""The model commands: ``evaluate``, ``promote`` and ``predict`` (registered on the ``leukemia``
-group in ``cli``)."""
+"""The model commands: ``evaluate``, ``promote``, ``models``, ``predict`` and ``serve``
+(registered on the ``leukemia`` group in ``cli``)."""
 
 from __future__ import annotations
 

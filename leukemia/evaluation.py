@@ -4,7 +4,7 @@ A model is its two data files, ``weights.safetensors`` and ``model.json`` (``mod
 nothing else in a model folder is read, so nothing in it runs), loaded by
 ``inference.LeukemiaModel.from_folder`` so that raw images are scored exactly as the served model
 scores them. Perturbations (``PERTURBATIONS``) apply to the raw image, before that
-preprocessing. No MLflow here: ``steps.evaluate`` finds the model (``registry.resolve``) and
+preprocessing. No MLflow here: ``steps.evaluate`` finds the model (``model_uri.resolve``) and
 logs the run.
 """
 
@@ -177,7 +177,7 @@ def model_input(bundle: Bundle, rgb: np.ndarray) -> np.ndarray:
     return preprocess_image(_check_rgb(rgb), bundle.segmentation)
 
 
-def _tensor(bundle: Bundle, inputs: Sequence[np.ndarray]) -> torch.Tensor:
+def batch_tensor(bundle: Bundle, inputs: Sequence[np.ndarray]) -> torch.Tensor:
     """N x S x S x 3 uint8 model inputs -> the normalised N x 3 x S x S batch on the device."""
     return inference.model_batch(np.stack(inputs), bundle.transform, bundle.device)
 

@@ -12,7 +12,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .data import read_manifest
-from .evaluation import Bundle, _tensor, model_input, read_raw
+from .evaluation import Bundle, batch_tensor, model_input, read_raw
 from .model import Classifier
 
 
@@ -34,7 +34,7 @@ def _grad_cam(bundle: Bundle, rgb: np.ndarray, target: int | None):
     image = model_input(bundle, rgb)
     classifier = bundle.classifier
     with torch.inference_mode(False), torch.enable_grad():
-        x = _tensor(bundle, [image])
+        x = batch_tensor(bundle, [image])
         with torch.no_grad():  # only dlogit/dA is needed: no graph through the backbone
             features = classifier.backbone.forward_features(x)
         if features.ndim != 4:

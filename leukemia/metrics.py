@@ -1,11 +1,9 @@
-"""Test-set reports, paired statistics and figures for a classifier: numpy in, numbers out.
+"""Test-set reports, calibration and paired statistics for a classifier: numpy in, numbers out.
 
 Inputs are integer labels of shape (n,) and class probabilities of shape (n, C) (lists and CPU
 tensors are accepted through ``np.asarray``). Nothing here imports torch or MLflow: the
-engine produces the arrays, ``tracking`` logs what these functions return.
-
-Figures are built on ``matplotlib.figure.Figure`` directly, not pyplot, so no global figure
-state is kept and no GUI backend is needed; callers save or log the returned figure.
+engine produces the arrays, ``tracking`` logs what these functions return, and ``figures``
+draws them.
 """
 
 from __future__ import annotations

@@ -189,12 +189,12 @@ def served_copy(source: str) -> Iterator[Path]:
     regular and within their sizes, and an ``MLmodel`` whose only loader is this module
     (``check_mlmodel``). ``mlflow models serve`` itself imports whatever an ``MLmodel`` names;
     this is what ``leukemia serve`` adds. Removed on exit. Raises ``ValueError``."""
-    from . import registry
+    from . import model_uri
 
     with tempfile.TemporaryDirectory(prefix="leukemia-serve-") as scratch:
         download = Path(scratch, "download")
         download.mkdir()
-        local, _ = registry.resolve(source, download)
+        local, _ = model_uri.resolve(source, download)
         if not Path(local, "MLmodel").is_file():
             raise model_files.ModelFileError(
                 f"{source!r} holds no MLmodel; expected a served model (models:/NAME@ALIAS, "

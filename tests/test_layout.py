@@ -28,6 +28,7 @@ PURE = (
     "model_files",
     "preprocess",
     "preview",
+    "record",
     "processes",
     "search",
     "segmentation",

@@ -22,7 +22,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from .. import evaluation, gradcam, metrics, model_files, registry, tracking
+from .. import evaluation, gradcam, metrics, model_files, model_uri, tracking
 from .. import record as rec
 from ..data import CLASSES, read_manifest, split_fingerprint
 from ..evaluation import Bundle
@@ -30,9 +30,9 @@ from ..evaluation import Bundle
 
 def load_bundle(source: str) -> Bundle:
     """A model from a URI (``runs:/``, ``models:/``) or a local folder or file
-    (``registry.resolve``): only its two data files are read (``model_files``)."""
+    (``model_uri.resolve``): only its two data files are read (``model_files``)."""
     with tempfile.TemporaryDirectory(prefix="leukemia-evaluate-") as scratch:
-        local, name = registry.resolve(source, scratch)
+        local, name = model_uri.resolve(source, scratch)
         return evaluation.bundle_from_folder(model_files.find_folder(local, source), name)
 
 
@@ -40,7 +40,7 @@ def training_data(source: str) -> dict:
     """What the model behind ``source`` trained on, as its run recorded it: ``run_id``,
     ``manifest`` (the preprocess folder's ``manifest.csv``) and ``manifest_hash``; ``{}`` for a
     model folder, which records no run."""
-    run_id = registry.source_run_id(source)
+    run_id = model_uri.source_run_id(source)
     if not run_id:
         return {}
     try:
@@ -194,7 +194,7 @@ def _tags(source: str, bundle, split: str, relation: str, manifest_path: Path, r
         "evaluate.manifest": str(manifest_path.resolve()),
         "evaluate.dataset_root": str(root.resolve()),
     }
-    version = registry.alias_version(source)
+    version = model_uri.alias_version(source)
     if version:
         tags["model_version"] = version  # what an alias pointed to at evaluation time
     return tags

@@ -1,6 +1,6 @@
 """The ``main`` step: the whole study under one parent run.
 
-``compare`` (both deep arms x seeds, shortcut arms, statistics), then the registry: the better
+``compare`` (the deep arms x seeds, shortcut arms, statistics), then the registry: the best
 deep arm's best registered version is promoted to ``@champion`` when the promotion rules allow
 (``registry.decide_and_promote``), and the champion is evaluated on the study's test split as a
 nested ``evaluate`` run.
