@@ -145,6 +145,12 @@ def _run_all(
     initargs = (str(source_root), str(target_root), seg, max_pixels)
     method = _start_method(fork_ok) if workers > 1 else None
     tqdm.monitor_interval = 0  # tqdm's documented switch: no monitor thread, fork stays safe
+    if method == "fork":
+        # OpenCV's thread pool, started by any earlier OpenCV call in this process (a preview, a
+        # stain reference, synthetic images), is copied into a forked worker without its
+        # threads, and the worker's cv2.setNumThreads then waits on them forever. Stopping the
+        # pool here, in the process that owns its threads, makes the fork safe.
+        cv2.setNumThreads(1)
     bar = tqdm(
         total=len(tasks),
         unit="img",

@@ -342,6 +342,33 @@ def test_threaded_parent_reading_stdin_does_not_hang(synthetic_dir, tmp_path):
     assert done.stdout.strip() == "32"
 
 
+def test_opencv_used_before_the_workers_fork_does_not_hang_them(synthetic_dir, tmp_path):
+    """A process that ran OpenCV on its thread pool (a preview, synthetic images), then forks
+    preprocess workers: a worker's cv2.setNumThreads waited forever on pool threads the fork
+    did not copy (the report test hung there). It is a race (on the old code about one attempt
+    in three hung), so besides running the attempts the test checks its cause directly: the
+    parent's pool is stopped (one thread) whenever workers were forked."""
+    script = (
+        "import cv2, numpy as np\n"
+        "from leukemia.preprocess import preprocess\n"
+        "image = np.random.default_rng(0).integers(0, 255, (2000, 2000, 3), np.uint8)\n"
+        "for attempt in range(4):\n"
+        "    cv2.setNumThreads(-1)  # OpenCV's default pool, as a fresh process has it\n"
+        "    for _ in range(3):\n"
+        "        cv2.GaussianBlur(image, (5, 5), 0)  # large enough to run on the pool\n"
+        f"    r = preprocess({str(synthetic_dir)!r}, {str(tmp_path)!r} + f'/out{{attempt}}',"
+        " workers=2, progress=False, preview_per_class=0)\n"
+        "    print(r.counts['images'], cv2.getNumThreads())\n"
+    )
+    script_file = tmp_path / "fork_after_opencv.py"  # a file: so that the workers may fork
+    script_file.write_text(script)
+    done = subprocess.run(
+        [sys.executable, str(script_file)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:4] == ["32 1"] * 4
+
+
 def test_a_read_only_store_is_reused_without_a_write(synthetic_dir, tmp_path):
     """Issue 23, item 12: the same options on a read-only mount that holds the output reuse it
     (it used to fail writing the ``latest`` link's temporary name)."""
