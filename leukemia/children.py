@@ -82,6 +82,27 @@ class Slurm:
             )
         return cls(**(block or {}))
 
+    # The command-line options that set a field (``--slurm-time`` is minutes).
+    OPTIONS = {
+        "slurm_partition": "partition",
+        "slurm_time": "time_min",
+        "slurm_gpus": "gpus",
+        "slurm_cpus": "cpus",
+        "slurm_mem_gb": "mem_gb",
+    }
+
+    @classmethod
+    def from_options(cls, options: dict, config_path=None) -> Slurm:
+        """The ``slurm:`` block of the experiment YAML at ``config_path`` with the ``--slurm-*``
+        options given over it; takes those options out of ``options`` (click's keyword names).
+        Raises ``ValueError`` naming a bad key or file."""
+        from .config import slurm_block
+
+        given = {field: options.pop(name, None) for name, field in cls.OPTIONS.items()}
+        block = slurm_block(config_path) if config_path is not None else {}
+        where = repr(str(config_path)) if config_path is not None else "the options"
+        return cls.from_block({**block, **{k: v for k, v in given.items() if v is not None}}, where)
+
 
 def default_jobs() -> int:
     """One child at a time on a CPU; one per visible GPU on CUDA."""

@@ -10,7 +10,7 @@ import click
 
 from . import children, cli_models, cli_report, cli_search, processes, synthetic, tracking
 from . import options as cli_options
-from .config import TRAIN_FIELDS, TrainConfig, load_experiment, slurm_block
+from .config import TRAIN_FIELDS, TrainConfig, load_experiment
 from .data import DatasetError
 from .options import Failure as _Failure
 from .registry import DEFAULT_NAME, PROMOTION_METRIC
@@ -341,14 +341,8 @@ def _study_args(options: dict) -> dict:
     """Take the study options out of ``options`` (the rest are preprocessing options); the
     Slurm resources are the config's ``slurm:`` block with ``--slurm-*`` over it."""
     study = {k: options.pop(k) for k in _STUDY_KEYS}
-    given = {k: options.pop(f"slurm_{k}") for k in ("partition", "time", "gpus", "cpus", "mem_gb")}
-    given["time_min"] = given.pop("time")
     try:
-        block = slurm_block(study["config_path"])
-        study["slurm"] = children.Slurm.from_block(
-            {**block, **{k: v for k, v in given.items() if v is not None}},
-            repr(study["config_path"]),
-        )
+        study["slurm"] = children.Slurm.from_options(options, study["config_path"])
     except ValueError as error:
         raise _Failure(str(error)) from None
     return study

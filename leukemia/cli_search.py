@@ -143,7 +143,7 @@ def search_command(
         if not report_only or seeds:
             data = preprocess_step.resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
         if executor == "slurm" or (jobs or 1) > 1:
-            _run_workers(storage, executor, jobs, slurm_options)
+            _run_workers(storage, executor, jobs, slurm_options, _resolved(loaded.base))
             report_only = True  # the workers searched; this process reports (and confirms)
         if report_only:
             storage_object = search_lib.open_storage(storage, warn=click.echo)
@@ -197,9 +197,11 @@ def search_command(
 
 
 # Options of the launching command that its workers must not get (they would launch again).
-_LAUNCHER_ONLY = {"--executor", "--jobs", "--confirm-seeds", "--report"} | {
-    f"--slurm-{k}" for k in ("partition", "time", "gpus", "cpus", "mem-gb")
-}
+def _launcher_only() -> set[str]:
+    from .children import Slurm
+
+    slurm = {"--" + name.replace("_", "-") for name in Slurm.OPTIONS}
+    return {"--executor", "--jobs", "--confirm-seeds", "--report"} | slurm
 
 
 def worker_argv(argv: list[str]) -> list[str]:
@@ -211,15 +213,16 @@ def worker_argv(argv: list[str]) -> list[str]:
             skip = False
             continue
         name = word.split("=", 1)[0]
-        if name in _LAUNCHER_ONLY:
+        if name in _launcher_only():
             skip = "=" not in word and name != "--report"
             continue
         kept.append(word)
     return kept
 
 
-def _run_workers(storage: str, executor: str, jobs, slurm_options: dict) -> None:
-    """Several workers on one study: processes here, or a Slurm job array."""
+def _run_workers(storage: str, executor: str, jobs, slurm_options: dict, base_config) -> None:
+    """Several workers on one study: processes here, or a Slurm job array (resources: the
+    space's base config's ``slurm:`` block with ``--slurm-*`` over it)."""
     import sys
 
     from . import children
@@ -230,10 +233,7 @@ def _run_workers(storage: str, executor: str, jobs, slurm_options: dict) -> None
             f"{count} workers cannot share the SQLite storage {storage}; give a journal file "
             "(on a shared file system for Slurm) or a postgresql:// URL"
         )
-    given = {k: v for k, v in slurm_options.items() if v is not None}
-    if "slurm_time" in given:
-        given["slurm_time_min"] = given.pop("slurm_time")
-    settings = children.Slurm(**{k.removeprefix("slurm_"): v for k, v in given.items()})
+    settings = children.Slurm.from_options(dict(slurm_options), base_config)
     import mlflow
 
     mlflow.search_experiments(max_results=1)  # the store exists before N workers race on it

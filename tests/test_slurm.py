@@ -159,6 +159,19 @@ def test_bad_slurm_settings_are_one_line_before_any_job(tmp_path, monkeypatch):
         children.Slurm.from_block({"gpu": 1}, "x.yaml")
 
 
+def test_slurm_resources_are_the_config_block_with_the_options_over_it(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: test_efficientnet\nslurm:\n  partition: gpu\n  cpus: 8\n")
+    options = {"slurm_partition": None, "slurm_time": 30, "slurm_cpus": 4, "seeds": "1"}
+    slurm = children.Slurm.from_options(options, config)
+    assert (slurm.partition, slurm.time_min, slurm.cpus, slurm.gpus) == ("gpu", 30, 4, 0)
+    assert options == {"seeds": "1"}  # the --slurm-* options are taken out, the rest stay
+    assert children.Slurm.from_options({}, None) == children.Slurm()
+    config.write_text("slurm:\n  gpu: 1\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['gpu'\] in the slurm block of '"):
+        children.Slurm.from_options({}, config)
+
+
 @pytest.mark.slow
 def test_an_unknown_partition_is_named_with_the_real_ones(cluster):
     with pytest.raises(ValueError, match="unknown Slurm partition 'gpu'; this cluster has debug"):
