@@ -66,6 +66,30 @@ def start_run(
             raise
 
 
+SYSTEM_METRICS_SWITCH = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"  # MLflow's own variable
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str):
+    """CPU, memory, disk and network use (and GPU utilisation and memory where one is visible:
+    nvidia-ml-py) logged to ``run_id`` as MLflow's ``system/*`` metrics while the block runs,
+    every 10 s (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``). MLflow's monitor, scoped to
+    training: a thread alive during preprocessing would keep its workers from forking. On by
+    default; ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false`` turns it off, and ``=true`` leaves
+    it to MLflow, which then monitors every run itself."""
+    if os.environ.get(SYSTEM_METRICS_SWITCH, "").strip().lower() in ("false", "0", "true", "1"):
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, resume_logging=True)  # a resumed run goes on
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def create_child_run(parent_id: str, name: str, tags: dict) -> str:
     """A RUNNING child of ``parent_id`` in the parent's experiment, named ``name``, carrying
     this process's token (so a sweep can end it if the process dies); returns its id. The one

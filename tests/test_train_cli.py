@@ -110,17 +110,26 @@ def test_a_train_run_leaves_everything_in_mlflow(tracking_uri, tmp_path, monkeyp
 
 
 def test_same_seed_same_numbers_and_another_seed_differs(tracking_uri, tmp_path, monkeypatch):
+    """Also: system metrics are on by default, off with MLflow's switch, and change nothing."""
     monkeypatch.chdir(tmp_path)
-    for seed in (5, 5, 6):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    for seed, switch in ((5, None), (5, "false"), (6, None)):
+        if switch is None:
+            monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
+        else:
+            monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", switch)
         assert invoke(*TINY, "--seed", seed).exit_code == 0
-    by_seed = {}
-    for run in runs():
+    by_seed, system = {}, {}
+    for run in sorted(runs(), key=lambda r: r.info.start_time):
         curve = [v for _, v in history(run.info.run_id, "train_loss")]
-        by_seed.setdefault(run.data.params["config.seed"], []).append(
-            (curve, run.data.metrics["test_loss"])
-        )
+        seed = run.data.params["config.seed"]
+        by_seed.setdefault(seed, []).append((curve, run.data.metrics["test_loss"]))
+        system.setdefault(seed, []).append({k for k in run.data.metrics if k.startswith("system/")})
     assert by_seed["5"][0] == by_seed["5"][1]
     assert by_seed["6"][0] != by_seed["5"][0]
+    assert "system/cpu_utilization_percentage" in system["5"][0]
+    assert "system/system_memory_usage_megabytes" in system["5"][0]
+    assert system["5"][1] == set()  # MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false
 
 
 @pytest.mark.parametrize(

@@ -163,13 +163,14 @@ class Objective:
                 self.echo(f"trial {trial.number}: pruned after epoch {record['epoch']}")
                 raise optuna.TrialPruned()
 
-        outcome = training.train(
-            config,
-            result.out_dir,
-            Path(self.work_root) / run_id,
-            on_epoch=on_epoch,
-            evaluate_test=False,
-        )
+        with tracking.system_metrics(run_id):
+            outcome = training.train(
+                config,
+                result.out_dir,
+                Path(self.work_root) / run_id,
+                on_epoch=on_epoch,
+                evaluate_test=False,
+            )
         # The model kept is the last phase's best-validation-loss epoch: its value counts.
         phase = training.phases(config)[-1].name
         best = outcome["summary"][f"{phase}_best_epoch"]

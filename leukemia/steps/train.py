@@ -339,17 +339,18 @@ def _train_and_log(job: _Job, work_dir: Path, resume: bool, register_as, echo) -
         job.processed_dir / "manifest.csv", source=job.processed_dir.resolve(), context="training"
     )
     logger = _EpochLogger(job, tracking.logged_epochs(run_id) if resume else 0, echo)
-    result = training.train(
-        job.config,
-        job.processed_dir,
-        work_dir,
-        on_epoch=logger.on_epoch,
-        on_phase_end=logger.on_phase_end,
-        resume=resume,
-        classifier=job.classifier,
-        device=job.device,
-        precision=job.precision,
-    )
+    with tracking.system_metrics(run_id):
+        result = training.train(
+            job.config,
+            job.processed_dir,
+            work_dir,
+            on_epoch=logger.on_epoch,
+            on_phase_end=logger.on_phase_end,
+            resume=resume,
+            classifier=job.classifier,
+            device=job.device,
+            precision=job.precision,
+        )
     summary, model = result["summary"], result["model"]
     tracking.log_curves(result["history"], summary.get("phase2_start_epoch"))
     if result["history"]:
