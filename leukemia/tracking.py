@@ -357,15 +357,38 @@ def log_epoch(record: dict) -> None:
 
 def log_dataset(manifest_path, source: str, context: str) -> None:
     """A manifest as the run's input dataset (what MLflow's UI shows under Datasets)."""
+    _log_input(_dataset(manifest_path, source, "manifest"), context)
+
+
+# The contexts the split datasets are logged under, as MLflow's UI shows them.
+SPLIT_CONTEXTS = {"val": "validation", "test": "testing"}
+
+
+def log_split_datasets(manifest_path, source: str) -> dict:
+    """The validation and test splits of a manifest as input datasets of the active run (named
+    ``val`` and ``test``); returns them, for the metrics measured on each (``dataset=``)."""
+    datasets = {}
+    for split, context in SPLIT_CONTEXTS.items():
+        datasets[split] = _dataset(manifest_path, source, split)
+        _log_input(datasets[split], context)
+    return datasets
+
+
+def _dataset(manifest_path, source: str, split: str):
+    """A manifest (``split`` "manifest": all of it; else its rows of that split) as an MLflow
+    dataset named ``split``."""
     import pandas as pd
 
     manifest = pd.read_csv(manifest_path, dtype={"dhash": str})
+    if split != "manifest":
+        manifest = manifest[manifest["split"] == split].reset_index(drop=True)
     with warnings.catch_warnings():
         # MLflow hints about integer columns and guesses between two local source types.
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(
-            manifest, source=str(source), targets="label", name="manifest"
-        )
+        return mlflow.data.from_pandas(manifest, source=str(source), targets="label", name=split)
+
+
+def _log_input(dataset, context: str) -> None:
     for attempt in range(3):
         try:
             mlflow.log_input(dataset, context=context)
@@ -396,10 +419,19 @@ def log_robustness(table: list[dict], extra: dict | None = None) -> None:
     mlflow.log_dict({"conditions": table}, rec.ROBUSTNESS)
 
 
-def log_evaluation(result: dict, prefix: str, paths=None, artifact_dir: str | None = None):
-    """Log an ``engine.evaluate`` result as ``{prefix}accuracy`` ... metrics; with
-    ``artifact_dir``, also the confusion matrix (figure and JSON), the classification report
-    (text and JSON), the reliability diagram and per-image predictions. Returns the metrics."""
+def log_evaluation(
+    result: dict,
+    prefix: str,
+    paths=None,
+    artifact_dir: str | None = None,
+    *,
+    dataset=None,
+    model_id: str | None = None,
+):
+    """Log an ``engine.evaluate`` result as ``{prefix}accuracy`` ... metrics (measured on
+    ``dataset``, of the logged model ``model_id``, where given); with ``artifact_dir``, also the
+    confusion matrix (figure and JSON), the classification report (text and JSON), the
+    reliability diagram and per-image predictions. Returns the metrics."""
     import numpy as np
     import pandas as pd
 
@@ -409,7 +441,9 @@ def log_evaluation(result: dict, prefix: str, paths=None, artifact_dir: str | No
     labels = np.asarray(result["labels"])
     probabilities = np.asarray(result["probabilities"], dtype=np.float64)
     report = metrics.classification_metrics(labels, probabilities, loss=result.get("loss"))
-    mlflow.log_metrics(metrics.flat_metrics(report, prefix=prefix))
+    mlflow.log_metrics(
+        metrics.flat_metrics(report, prefix=prefix), dataset=dataset, model_id=model_id
+    )
     if artifact_dir is None:
         return report
     mlflow.log_text(report["report"], f"{artifact_dir}/classification_report.txt")
@@ -447,6 +481,33 @@ def log_curves(history: list[dict], phase2_start_epoch: int | None) -> None:
     if history:
         mlflow.log_figure(figures.curves_figure(history, phase2_start_epoch), "curves.png")
         mlflow.log_dict({"epochs": history}, "history.json")
+
+
+def log_checkpoint_model(classifier, spec, name: str, step: int, linked: dict, dataset) -> str:
+    """A checkpoint as a logged model of the active run (MLflow 3's Models tab): ``name`` at
+    ``step`` (its epoch), holding the served model's two data files (weights.safetensors and
+    model.json, nothing that runs), with the ``linked`` metrics (measured on ``dataset``)
+    attached to it. Returns its model id."""
+    import tempfile
+
+    from mlflow.entities import LoggedModelOutput
+
+    from . import model_files
+
+    run_id = mlflow.active_run().info.run_id
+    model = mlflow.initialize_logged_model(name=name, source_run_id=run_id)
+    client = mlflow.tracking.MlflowClient()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_files.write(tmp, classifier, spec)
+            client.log_model_artifacts(model.model_id, tmp)
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
+        mlflow.log_metrics(linked, step=step, model_id=model.model_id, dataset=dataset)
+    except BaseException:
+        mlflow.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    mlflow.finalize_logged_model(model.model_id, "READY")
+    return model.model_id
 
 
 def log_checkpoint(classifier, spec) -> None:

@@ -81,7 +81,33 @@ def test_a_train_run_leaves_everything_in_mlflow(tracking_uri, tmp_path, monkeyp
         "evaluation/predictions.csv",
     ):
         assert name in artifacts, name
-    assert run.inputs.dataset_inputs[0].dataset.name == "manifest"
+    inputs = {i.dataset.name: [t.value for t in i.tags] for i in run.inputs.dataset_inputs}
+    assert inputs == {"manifest": ["training"], "val": ["validation"], "test": ["testing"]}
+    # Each phase's best checkpoint is a logged model at its epoch, holding the two data files,
+    # with the validation and test metrics it scored linked to it and to their datasets.
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}'",
+        output_format="list",
+    )
+    by_name = {m.name: m for m in models}
+    assert set(by_name) == {"phase1-best", "phase2-best", "classifier"}
+    steps = {o.model_id: o.step for o in run.outputs.model_outputs}
+    assert steps[by_name["phase1-best"].model_id] == metrics["phase1_best_epoch"] == 1
+    linked = {(m.key, m.dataset_name) for m in by_name["phase1-best"].metrics}
+    assert {("phase1_best_val_loss", "val"), ("phase1_test_accuracy", "test")} <= linked
+    linked = {(m.key, m.dataset_name) for m in by_name["classifier"].metrics}
+    assert ("test_f1_macro", "test") in linked
+    for name in ("phase1-best", "phase2-best"):
+        files = Path(
+            mlflow.artifacts.download_artifacts(
+                f"models:/{by_name[name].model_id}", dst_path=str(tmp_path / name)
+            )
+        )
+        assert sorted(p.name for p in files.rglob("*") if p.is_file()) == [
+            "model.json",
+            "weights.safetensors",
+        ]
     # Model files are data: no pickle and no code anywhere in the run's artifacts, and the
     # classifier comes back from the two data files.
     names = []

@@ -293,9 +293,11 @@ def _log_robustness(model, spec, processed_dir: Path, device, echo) -> None:
 
 class _EpochLogger:
     """What training reports as it goes: each epoch (printed; logged once, even when resumed),
-    each phase's summary and test metrics, and the final phase's evaluation artifacts."""
+    each phase's summary, its best checkpoint as a logged model with the validation and test
+    metrics it scored linked to it, and the final phase's evaluation artifacts."""
 
-    def __init__(self, job: _Job, already_logged: int, echo):
+    def __init__(self, job: _Job, already_logged: int, datasets: dict, echo):
+        self.job, self.datasets = job, datasets
         self.already_logged, self.echo = already_logged, echo
         self.last_phase = training.phases(job.config)[-1]
         self.test_paths = [r["path"] for r in job.rows if r["split"] == "test"]
@@ -319,16 +321,51 @@ class _EpochLogger:
                 if k.startswith(phase.name) or k == "phase2_start_epoch"
             }
         )
-        tracking.log_evaluation(test, prefix=f"{phase.name}_test_")
+        checkpoint = self._log_checkpoint(phase, model, summary[f"{phase.name}_best_epoch"])
+        test_set = self.datasets["test"]
+        tracking.log_evaluation(
+            test, prefix=f"{phase.name}_test_", dataset=test_set, model_id=checkpoint
+        )
         if phase == self.last_phase:
             self.final_test.update(test or {})
             report = tracking.log_evaluation(
-                test, prefix="test_", paths=self.test_paths, artifact_dir=rec.EVALUATION
+                test,
+                prefix="test_",
+                paths=self.test_paths,
+                artifact_dir=rec.EVALUATION,
+                dataset=test_set,
             )
             # Step 0, not the last epoch: the chart view's image card opens at step 0 and moves
             # only when every run it shows has one step (MLflow 3.17's UI); runs end at
             # different epochs, so an end-of-training image at its epoch never drew on opening.
             ui.log_confusion_image("test_confusion", report["confusion_matrix"], 0)
+
+    def _log_checkpoint(self, phase, model, best_epoch: int) -> str:
+        """The phase's best weights as the logged model ``<phase>-best`` at its epoch, with
+        that epoch's validation metrics linked to it as ``<phase>_best_val_loss`` and
+        ``_accuracy`` (new keys: linking ``val_loss`` itself would log its point twice). They
+        are read back from the run: a resumed run may have logged that epoch before."""
+        client = mlflow.tracking.MlflowClient()
+        run_id = mlflow.active_run().info.run_id
+        linked = {
+            f"{phase.name}_best_{key}": point.value
+            for key in ("val_loss", "val_accuracy")
+            for point in client.get_metric_history(run_id, key)
+            if point.step == best_epoch
+        }
+        mean, std = training.normalisation(model)
+        spec = ModelSpec.for_classifier(
+            model,
+            model_name=self.job.config.model,
+            dropout=self.job.config.dropout,
+            mean=mean,
+            std=std,
+            segmentation=self.job.segmentation,
+        )
+        name = f"{phase.name}-best"
+        return tracking.log_checkpoint_model(
+            model, spec, name, best_epoch, linked, self.datasets["val"]
+        )
 
 
 def _train_and_log(job: _Job, work_dir: Path, resume: bool, register_as, echo) -> str | None:
@@ -338,7 +375,10 @@ def _train_and_log(job: _Job, work_dir: Path, resume: bool, register_as, echo) -
     tracking.log_dataset(
         job.processed_dir / "manifest.csv", source=job.processed_dir.resolve(), context="training"
     )
-    logger = _EpochLogger(job, tracking.logged_epochs(run_id) if resume else 0, echo)
+    datasets = tracking.log_split_datasets(
+        job.processed_dir / "manifest.csv", source=job.processed_dir.resolve()
+    )
+    logger = _EpochLogger(job, tracking.logged_epochs(run_id) if resume else 0, datasets, echo)
     with tracking.system_metrics(run_id):
         result = training.train(
             job.config,
@@ -368,6 +408,15 @@ def _train_and_log(job: _Job, work_dir: Path, resume: bool, register_as, echo) -
     )
     tracking.log_checkpoint(model, spec)
     served = serving.log_served_model(model, spec, name="classifier")
+    # The served model's test metrics, linked to it and to the test split they are measured on
+    # (MLflow's log_model links the run's step-0 metrics by logging them again, without their
+    # dataset: so here again, with it).
+    final = mlflow.get_run(run_id).data.metrics
+    mlflow.log_metrics(
+        {k: v for k, v in final.items() if k.startswith("test_")},
+        model_id=served.model_id,
+        dataset=datasets["test"],
+    )
     _log_robustness(model, spec, job.processed_dir, job.device, echo)
     if not register_as:
         return None
