@@ -70,6 +70,14 @@ def grad_cam(bundle: Bundle, rgb: np.ndarray, target: int | None = None) -> np.n
     return _grad_cam(bundle, rgb, target)[0]
 
 
+def overlay(bundle: Bundle, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The model input (S x S x 3 uint8) and the Grad-CAM of the predicted class blended over
+    it in the jet colour map, as ``gradcam_figure`` draws it."""
+    cam, image, _ = _grad_cam(bundle, rgb, None)
+    heat = cv2.applyColorMap(np.uint8(np.rint(cam * 255)), cv2.COLORMAP_JET)[..., ::-1]
+    return image, np.uint8(np.rint(0.55 * image + 0.45 * heat))
+
+
 def gradcam_figure(bundle: Bundle, samples: Sequence[tuple[np.ndarray, int]]) -> Figure:
     """One row per true class: for each ``(raw rgb, label)`` of it, the model input and the
     Grad-CAM of the predicted class over it, titled with true and predicted class."""

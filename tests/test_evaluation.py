@@ -434,6 +434,21 @@ def test_run_evaluation_logs_one_finished_run(tracking_uri, tmp_path, monkeypatc
     )
     predictions = pd.read_csv(local / "predictions.csv")
     assert predictions["path"].tolist() == [r["path"] for r in rows]
+    # The table view's misclassified images: every wrong one, most confident first, each with
+    # its model input and Grad-CAM as images of the run.
+    predicted = probabilities.argmax(1)
+    wrong = np.flatnonzero(predicted != labels)
+    assert len(wrong) > 0  # an untrained network: plenty
+    confidence = probabilities[wrong, predicted[wrong]]
+    expected = [rows[i]["path"] for i in wrong[np.argsort(-confidence, kind="stable")]]
+    table = json.loads((local / "misclassified.json").read_text())
+    assert table["columns"] == ["path", "true", "predicted", "confidence", "image", "gradcam"]
+    assert [row[0] for row in table["data"]] == expected[: evaluate_step.MAX_MISCLASSIFIED]
+    assert all(row[1] != row[2] for row in table["data"])
+    stored = {f.path for f in client.list_artifacts(run.info.run_id, "table_images/evaluation")}
+    assert stored == {"table_images/evaluation/misclassified"}
+    cell = table["data"][0][5]
+    assert cell["type"] == "image" and cell["filepath"].endswith(".png")
 
     # Clean only, no intervals, no figure: none of their metrics or artifacts.
     plain = evaluate_step.run(source, manifest, robustness=False, bootstrap=0, gradcam_per_class=0)

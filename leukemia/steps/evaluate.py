@@ -9,7 +9,9 @@ the manifest is the model's own training manifest, which is the default), with:
 - artifacts under ``evaluation/``: what ``tracking.log_evaluation`` writes for the clean images
   (confusion matrix, classification report, reliability diagram, ``predictions.csv``),
   ``robustness.json`` and ``robustness.csv`` (one row per condition: accuracy, f1_macro,
-  roc_auc_macro, ece, accuracy_drop vs clean) and ``gradcam.png``.
+  roc_auc_macro, ece, accuracy_drop vs clean), ``gradcam.png``, and ``misclassified.json``:
+  a table of the images the model gets wrong (true and predicted class, confidence, the model
+  input and its Grad-CAM), which the UI shows in its table view.
 
 The maths (loading, perturbations, robustness, Grad-CAM) is ``leukemia.evaluation``'s.
 """
@@ -20,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 
 from .. import evaluation, gradcam, metrics, model_files, model_uri, tracking
@@ -130,15 +133,12 @@ def run(
     table = evaluation.robustness_table(results)
     samples = gradcam.gradcam_samples(manifest_path, root, split, bundle, gradcam_per_class)
     figure = gradcam.gradcam_figure(bundle, samples) if samples else None
+    errors = _misclassified(bundle, manifest_path, root, clean_result)
     tags = _tags(source, bundle, split, relation, manifest_path, root)
     with tracking.start_run("evaluate", experiment, nested=nested, tags=tags) as run:
         _log_params(bundle, n_images, conditions, bootstrap, seed, manifest_path)
         report = _log_results(bundle, clean_result, split, intervals)
-        if robustness:
-            tracking.log_robustness(table)
-            mlflow.log_text(_csv(table), "evaluation/robustness.csv")
-        if figure is not None:
-            mlflow.log_figure(figure, "evaluation/gradcam.png")
+        _log_views(table if robustness else None, figure, errors)
     return {
         "run_id": run.info.run_id,
         "n_images": n_images,
@@ -150,6 +150,51 @@ def run(
         "data": relation,
         "no_interval": no_interval,
     }
+
+
+MISCLASSIFIED = f"{rec.EVALUATION}/misclassified.json"  # the UI's table view shows it
+MAX_MISCLASSIFIED = 48  # rows (two images each): the most confident mistakes
+
+
+def _misclassified(bundle: Bundle, manifest_path: Path, root: Path, clean: dict) -> pd.DataFrame:
+    """The images the model gets wrong, the most confident mistakes first (at most
+    ``MAX_MISCLASSIFIED``): path, true and predicted class, the served confidence, the model
+    input and the Grad-CAM of the predicted class over it (``mlflow.Image``, for
+    ``mlflow.log_table``)."""
+    probabilities = clean["probabilities"]
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != clean["labels"])
+    confidence = probabilities[wrong, predicted[wrong]]
+    chosen = wrong[np.argsort(-confidence, kind="stable")][:MAX_MISCLASSIFIED]
+    rows = {row["path"]: row for row in read_manifest(manifest_path)}
+    records = []
+    for i in chosen:
+        path = clean["paths"][i]
+        rgb = evaluation.read_raw(root, rows[path], int(bundle.config["max_pixels"]))
+        image, cam = gradcam.overlay(bundle, rgb)
+        records.append(
+            {
+                "path": path,
+                "true": bundle.classes[int(clean["labels"][i])],
+                "predicted": bundle.classes[int(predicted[i])],
+                "confidence": round(float(probabilities[i, predicted[i]]), 4),
+                "image": mlflow.Image(image),
+                "gradcam": mlflow.Image(cam),
+            }
+        )
+    return pd.DataFrame(records)
+
+
+def _log_views(table: list[dict] | None, figure, errors: pd.DataFrame) -> None:
+    """The robustness table, the Grad-CAM figure and the misclassified images, where there are
+    any, in the active run."""
+    if table is not None:
+        tracking.log_robustness(table)
+        mlflow.log_text(_csv(table), f"{rec.EVALUATION}/robustness.csv")
+    if figure is not None:
+        mlflow.log_figure(figure, f"{rec.EVALUATION}/gradcam.png")
+    if len(errors):
+        mlflow.log_table(errors, artifact_file=MISCLASSIFIED)
 
 
 def _as_pairs(intervals: dict) -> dict:
