@@ -277,12 +277,15 @@ def _echo_links(parent, comparison) -> None:
     experiment = parent.info.experiment_id
     arms = comparison.tests["deep_arms"]
     deep = [run for arm in arms for run in comparison.children[arm].values()]
+    view = ui.view_url(experiment, ui.study_view_key(parent.info.run_id))
     click.echo(
         f"\nparent run {parent.info.run_id}; in the MLflow UI (mlflow ui --backend-store-uri "
         f"{tracking.mlflow.get_tracking_uri()}):\n"
         f"  the answer (description):  {ui.run_url(experiment, parent.info.run_id)}\n"
         f"  the deep arms compared:    {ui.compare_url(experiment, deep)}\n"
-        f"  charts and images:         {ui.chart_url(experiment, parent.info.run_id)}"
+        f"  curves, one per arm:       {view}\n"
+        f"  charts and images:         {ui.chart_url(experiment, parent.info.run_id)} (expand "
+        "the parent row)"
     )
 
 

@@ -84,6 +84,76 @@ def compare_url(experiment_id: str, run_ids) -> str:
     return f"{_base()}/#/compare-runs?runs={runs}&experiments={experiments}"
 
 
+# A saved view of the runs page, as the 3.17 UI's "Views > Save as new view" stores it: an
+# experiment tag whose value holds the page state, deflated and base64-encoded. The URL's
+# viewStateShareKey opens it. Group by the arm tag: one curve per arm (its seeds' mean and
+# band), one colour each; image cards draw only for runs, not groups, so the view has none.
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+VIEW_LINES = ("val_accuracy", "val_loss", "train_accuracy", "train_loss")
+VIEW_BARS = ("test_accuracy", "test_f1_macro", "robust_worst_accuracy")
+
+
+def save_study_view(experiment_id: str, parent_run_id: str, name: str) -> str:
+    """Save the chart view of one study's children grouped by arm as a view of the
+    experiment; returns its key (``view_url`` opens it)."""
+    import base64
+    import time
+    import zlib
+
+    def chart(kind: str, key: str) -> dict:
+        common = {"uuid": f"{kind.lower()}-{key}", "type": kind, "runsCountToCompare": 10}
+        common |= {"metricSectionId": "study", "deleted": False, "isGenerated": False}
+        return {**common, "displayName": key, "metricKey": key}
+
+    lines = [
+        chart("LINE", key)
+        | {"lineSmoothness": 0, "xAxisKey": "step", "scaleType": "linear", "range": {}}
+        | {"xAxisScaleType": "linear", "selectedXAxisMetricKey": "", "yAxisKey": "metric"}
+        | {"yAxisExpressions": [], "ignoreOutliers": False, "useGlobalXaxisKey": True}
+        | {"useGlobalLineSmoothing": True}
+        for key in VIEW_LINES
+    ]
+    state = {
+        "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "groupBy": {
+            "aggregateFunction": "average",
+            "groupByKeys": [{"mode": "tag", "groupByData": "arm"}],
+        },
+        "useGroupedValuesInCharts": True,
+        "hideEmptyCharts": True,
+        "chartsSearchFilter": "",
+        "compareRunSections": [
+            {"uuid": "study", "name": "The arms, mean over seeds", "display": True}
+            | {"isReordered": False, "deleted": False, "isGenerated": False}
+        ],
+        "compareRunCharts": lines + [chart("BAR", key) for key in VIEW_BARS],
+    }
+    packed = base64.b64encode(zlib.compress(json.dumps(state).encode())).decode()
+    now = int(time.time() * 1000)
+    key = study_view_key(parent_run_id)
+    value = {"name": name, "createdAt": now, "updatedAt": now, "state": f"deflate;{packed}"}
+    mlflow.tracking.MlflowClient().set_experiment_tag(
+        experiment_id, VIEW_TAG_PREFIX + key, json.dumps(value)
+    )
+    return key
+
+
+def study_view_key(parent_run_id: str) -> str:
+    return f"study-{parent_run_id}"
+
+
+def view_url(experiment_id: str, key: str) -> str:
+    """The runs page opened on a saved view, in its chart mode."""
+    page = f"{_base()}/#/experiments/{experiment_id}/runs"
+    return f"{page}?viewStateShareKey={urllib.parse.quote(key)}&compareRunsMode=CHART"
+
+
 def chart_url(experiment_id: str, parent_run_id: str) -> str:
     """The experiment's chart view, filtered to one parent's child runs."""
     search = urllib.parse.quote(f"tags.mlflow.parentRunId = '{parent_run_id}'")

@@ -354,9 +354,7 @@ def _conclude(study: Plan, runs: dict, parent_id: str, config_stem: str, what: s
     best = max(tests["deep_arms"], key=lambda arm: table[arm][f"{metric}_mean"])
     mlflow.set_tag(rec.BEST_DEEP_ARM, best)  # by mean test macro F1; main promotes its version
     seeds = ",".join(map(str, study.seeds))
-    ui.describe(
-        parent_id,
-        ui.compare_note(table, tests, study.seeds, what),
-        name=f"{config_stem} study, seeds {seeds}",
-    )
+    name = f"{config_stem} study, seeds {seeds}"
+    ui.describe(parent_id, ui.compare_note(table, tests, study.seeds, what), name=name)
+    ui.save_study_view(mlflow.active_run().info.experiment_id, parent_id, name)
     return table, tests
