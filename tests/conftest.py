@@ -94,3 +94,33 @@ def mlflow_run_env(tmp_path: Path) -> dict:
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
         env.pop(name, None)
     return env
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(process, url: str, seconds: float, what: str) -> None:
+    """Wait until ``url`` (a server's /health) answers; else kill ``process``'s group (started
+    with ``start_new_session``) and fail the test naming ``what``."""
+    import signal
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    pytest.fail(f"{what} did not answer {url} within {seconds:.0f} s")

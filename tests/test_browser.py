@@ -9,16 +9,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, mlflow_run_env
+from .conftest import REPO, free_port, mlflow_run_env, wait_healthy
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 try:
@@ -38,12 +35,6 @@ DRAWN = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ui(env: dict, port: int, cwd: Path) -> subprocess.Popen:
     ui = subprocess.Popen(
         [Path(sys.executable).parent / "mlflow", "ui", "--backend-store-uri"]
@@ -54,15 +45,8 @@ def _ui(env: dict, port: int, cwd: Path) -> subprocess.Popen:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return ui
-        except OSError:
-            time.sleep(1)
-    os.killpg(ui.pid, signal.SIGKILL)
-    pytest.fail("mlflow ui did not start within 180 s")
+    wait_healthy(ui, f"http://127.0.0.1:{port}/health", 180, "mlflow ui")
+    return ui
 
 
 def test_a_study_reads_in_the_mlflow_ui(tmp_path):
@@ -79,7 +63,7 @@ def test_a_study_reads_in_the_mlflow_ui(tmp_path):
         timeout=900,
     )
     assert study.returncode == 0, (study.stdout + study.stderr)[-3000:]
-    port = _free_port()
+    port = free_port()
     names = ("the answer (description)", "curves, one per arm", "charts and images")
     links = {}
     for name in names:  # the links compare printed, for this server

@@ -5,24 +5,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, free_port, wait_healthy
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _server(tmp_path: Path, port: int) -> subprocess.Popen:
@@ -45,15 +37,8 @@ def _server(tmp_path: Path, port: int) -> subprocess.Popen:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return server
-        except OSError:
-            time.sleep(0.5)
-    _stop(server)
-    pytest.fail("mlflow server did not start within 90 s")
+    wait_healthy(server, f"http://127.0.0.1:{port}/health", 90, "mlflow server")
+    return server
 
 
 def _stop(server: subprocess.Popen) -> None:
@@ -66,7 +51,7 @@ def _stop(server: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_server_down_mid_training_then_resume(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
