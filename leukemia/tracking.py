@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -80,7 +81,12 @@ def system_metrics(run_id: str):
     if os.environ.get(SYSTEM_METRICS_SWITCH, "").strip().lower() in ("false", "0", "true", "1"):
         yield
         return
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as error:  # no psutil: an environment made before it was required
+        print(f"system metrics not recorded: {error}", file=sys.stderr)
+        yield
+        return
 
     monitor = SystemMetricsMonitor(run_id, resume_logging=True)  # a resumed run goes on
     monitor.start()

@@ -153,7 +153,7 @@ def run(
 
 
 MISCLASSIFIED = f"{rec.EVALUATION}/misclassified.json"  # the UI's table view shows it
-MAX_MISCLASSIFIED = 48  # rows (two images each): the most confident mistakes
+MAX_MISCLASSIFIED = 16  # rows (two images, four files each): the most confident mistakes
 
 
 def _misclassified(bundle: Bundle, manifest_path: Path, root: Path, clean: dict) -> pd.DataFrame:
