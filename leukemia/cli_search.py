@@ -207,13 +207,14 @@ def _launcher_only() -> set[str]:
 def worker_argv(argv: list[str]) -> list[str]:
     """``search`` and its arguments as given (``sys.argv``), less the launcher's options."""
     given = argv[argv.index("search") :]
+    launcher = _launcher_only()
     kept, skip = [], False
     for word in given:
         if skip:
             skip = False
             continue
         name = word.split("=", 1)[0]
-        if name in _launcher_only():
+        if name in launcher:
             skip = "=" not in word and name != "--report"
             continue
         kept.append(word)
