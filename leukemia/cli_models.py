@@ -49,8 +49,9 @@ def promote_command(name, candidate, metric, min_delta, recall_tolerance, force,
     """Move @champion to VERSION (a number or an alias; default @challenger) when it beats the
     champion on the same test manifest without losing any class's recall. The first version
     always wins; `leukemia models` lists the versions."""
-    from . import registry
+    from . import registry, tracking
 
+    tracking.open_store()
     try:
         decision = registry.decide_and_promote(
             name, candidate, metric, min_delta, recall_tolerance, force, dry_run=dry_run
@@ -79,8 +80,9 @@ def promote_command(name, candidate, metric, min_delta, recall_tolerance, force,
 def models_command(name, as_json):
     """List the versions of a registered model, newest first: aliases, arm, preprocessing,
     test metrics, manifest hash, run and creation time."""
-    from . import registry
+    from . import registry, tracking
 
+    tracking.open_store()
     try:
         rows = registry.list_versions(name)
     except ValueError as error:
@@ -131,8 +133,12 @@ def predict_command(image_files, model_uri, as_json):
     """Classify image files with a registered or logged model (its own preprocessing)."""
     import pandas as pd
 
+    from . import tracking
     from .inference import IMAGE_COLUMN, InvalidRequest, encode_image_file
     from .steps.evaluate import load_bundle
+
+    if tracking.opens_store(model_uri):
+        tracking.open_store()
 
     missing = [f for f in image_files if not os.path.isfile(f)]
     if missing:
@@ -190,6 +196,9 @@ def evaluate_command(
 ):
     """Score a model on a split: report, confusion matrix, ROC-AUC, calibration, bootstrap
     intervals, robustness table and Grad-CAM, logged as one MLflow run."""
+    from . import tracking
+
+    tracking.open_store()
 
     if data_dir == preprocess_step.SYNTHETIC:
         raise _Failure("--data-dir names the raw images of the manifest; omit it for synthetic")
@@ -259,7 +268,11 @@ def serve_command(model_uri, host, port, max_body_bytes, max_depth):
     import uvicorn
     from mlflow.pyfunc import scoring_server
 
+    from . import tracking
     from .serving import served_copy
+
+    if tracking.opens_store(model_uri):
+        tracking.open_store()
 
     with contextlib.ExitStack() as stack:
         try:

@@ -38,6 +38,9 @@ def report_command(run_ids, out_dir, registered_model_name, bootstrap):
     and sd over seeds with 95% intervals; every deep arm against baseline and against the best
     shortcut arm, per seed and pooled; data, config, commit, hardware, wall time; the
     champion's robustness. Everything comes from what the runs logged."""
+    from . import tracking
+
+    tracking.open_store()
     try:
         path = report_step.write_report(run_ids, out_dir, registered_model_name, bootstrap)
     except (ValueError, MlflowException) as error:

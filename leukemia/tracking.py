@@ -18,7 +18,7 @@ from pathlib import Path
 
 import mlflow
 
-from . import processes, ui
+from . import processes, sqlite_store, ui
 from . import record as rec
 from .arms import arm_of
 
@@ -41,7 +41,7 @@ def start_run(
     continues that existing run instead (resume), whatever the environment says.
     """
     tags = {**(tags or {}), PROCESS_TAG: processes.token()}
-    mark_stale_runs_killed()
+    open_store()
     if run_id:
         opened = mlflow.start_run(run_id=run_id, tags=tags)
     else:
@@ -121,7 +121,8 @@ HTTP_RETRY_DEFAULTS = {
 
 
 class TrackingUnavailable(RuntimeError):
-    """The tracking server did not answer within the retry budget."""
+    """The tracking store cannot be used: its server did not answer within the retry budget,
+    or a local SQLite store is half-created."""
 
 
 class _RetryNotice(logging.Handler):
@@ -172,6 +173,29 @@ def give_up_on_server() -> None:
 
 PROCESS_TAG = "leukemia.process"  # host:pid:start of the process that works in the run
 KILLED_TAG = "leukemia.killed"
+
+
+_created: set[str] = set()
+
+
+def open_store() -> None:
+    """What every command does before it reads or writes the tracking store: a local SQLite
+    store is created whole or refused in one line when it is half-created (``sqlite_store``),
+    then the runs of processes that died are ended KILLED (``mark_stale_runs_killed``)."""
+    uri = mlflow.get_tracking_uri()
+    if uri not in _created:
+        try:
+            sqlite_store.ensure(uri)
+        except sqlite_store.HalfCreated as error:
+            raise TrackingUnavailable(str(error)) from None
+        _created.add(uri)
+    mark_stale_runs_killed()
+
+
+def opens_store(model_uri: str) -> bool:
+    """Whether a model source is read through the tracking store (a ``runs:/`` or
+    ``models:/`` URI), so a command given it opens the store first; a local folder does not."""
+    return str(model_uri).startswith(("runs:", "models:"))
 
 
 def mark_stale_runs_killed() -> list[str]:

@@ -285,7 +285,7 @@ def _sweep(study, echo) -> None:
     failed = search_lib.fail_stale_trials(study)
     if failed:
         echo(f"trials {failed} of study {study.study_name} lost their worker: marked FAIL")
-    tracking.mark_stale_runs_killed()
+    tracking.open_store()
 
 
 def _counted(study) -> int:
