@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import random
 from collections.abc import Callable
@@ -45,6 +46,10 @@ def chunk_images(device: torch.device) -> int:
     if not text.isdigit():
         raise ValueError(f"{CHUNK_ENV} must be a whole number of images >= 0, got {text!r}")
     return int(text)
+
+
+class Diverged(ValueError):
+    """The training loss stopped being a number (a learning rate far too large)."""
 
 
 @dataclass(frozen=True)
@@ -340,6 +345,13 @@ class Run:
         while not self.progress.stopped(phase, self.config.patience):
             fit = self.fit_epoch(phase, optimizer)
             val = self.evaluate(self.loaders.val)
+            for split, loss in (("training", fit["loss"]), ("validation", val["loss"])):
+                if not math.isfinite(loss):
+                    raise Diverged(
+                        f"training diverged: the {split} loss of epoch "
+                        f"{self.progress.global_epoch + 1} ({phase.name}) is {loss}; expected a "
+                        f"finite loss: lower {phase.name}_lr ({phase.lr:g})"
+                    )
             record = {
                 "epoch": self.progress.global_epoch + 1,
                 "phase": phase.name,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from leukemia.config import load_config
-from leukemia.train import STATE_FILE, phases, train
+from leukemia.train import STATE_FILE, Diverged, phases, train
 
 from .conftest import REPO
 
@@ -43,6 +43,17 @@ def test_early_stopping_stops_a_phase(small_processed, tmp_path):
     records = []
     train(config, small_processed, tmp_path / "work", on_epoch=records.append)
     assert 2 <= len(records) < 6  # a rate of 1e-12 cannot keep improving the loss
+
+
+@pytest.mark.parametrize("phase", ["phase1", "phase2"])
+def test_a_diverged_loss_stops_training_naming_the_rate(small_processed, tmp_path, phase):
+    """Issue 23, item 11: a learning rate of 1e30 used to end in a TypeError (no best weights to
+    restore); now the epoch whose loss is not finite stops training in one line."""
+    config = demo(phase1_epochs=1, phase2_epochs=1, **{f"{phase}_lr": 1e30})
+    records = []
+    with pytest.raises(Diverged, match=rf"\({phase}\) is nan; .* lower {phase}_lr \(1e\+30\)$"):
+        train(config, small_processed, tmp_path / "work", on_epoch=records.append)
+    assert [r["phase"] for r in records] == (["phase1"] if phase == "phase2" else [])
 
 
 class Killed(Exception):
