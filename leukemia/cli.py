@@ -21,8 +21,8 @@ from .steps import statistics
 
 
 class _Commands(click.Group):
-    """Turns a failing file system (read-only, full, permission denied) into one line: what
-    failed and where. Whatever was being written is a temporary that is never published."""
+    """Turns a failing file system (read-only, full, permission denied, a name too long) into
+    one line: what failed and where. Whatever was being written is a temporary that is never published."""
 
     def invoke(self, ctx):
         try:
@@ -43,7 +43,15 @@ class _Commands(click.Group):
             ) from None
 
 
-_FILE_SYSTEM_ERRORS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM}
+_FILE_SYSTEM_ERRORS = {
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENAMETOOLONG,  # a path component over the file system's 255 bytes
+    errno.ELOOP,
+}
 
 
 @click.group(

@@ -136,3 +136,12 @@ def test_an_out_dir_that_is_a_mount_point_works(synthetic_dir, tmp_path, trackin
 def test_synthetic_size_bound_in_the_library(tmp_path):
     with pytest.raises(ValueError, match="size must be from 32 to 4096 pixels, got 5000"):
         synthetic.generate(tmp_path / "s", per_class=1, size=5000)
+
+
+def test_a_path_component_too_long_is_one_line(tmp_path, monkeypatch):
+    """Issue 23, item 11: a 300-character folder name was an OSError traceback."""
+    monkeypatch.chdir(tmp_path)
+    long = tmp_path / ("a" * 300)
+    for args in (["--synthetic-per-class", "8", "--out-dir", long], ["--data-dir", long]):
+        one_line_error(invoke("preprocess", *args), "File name too long")
+    assert list(tmp_path.iterdir()) == []
