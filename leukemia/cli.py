@@ -22,7 +22,8 @@ from .steps import statistics
 
 class _Commands(click.Group):
     """Turns a failing file system (read-only, full, permission denied, a name too long) into
-    one line: what failed and where. Whatever was being written is a temporary that is never published."""
+    one line: what failed and where. Whatever was being written is a temporary that is never
+    published."""
 
     def invoke(self, ctx):
         try:
