@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -130,11 +131,16 @@ def load_space(path: str | os.PathLike, objective: str | None = None) -> SearchS
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {str(path)!r}; valid keys: {_KEYS}")
     objective = objective or loaded.get("objective", "f1_macro")
-    if objective not in OBJECTIVES:
+    if not isinstance(objective, str) or objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {objective!r}")
     pruner = loaded.get("pruner", "median")
-    if pruner not in PRUNERS:
+    if not isinstance(pruner, str) or pruner not in PRUNERS:
         raise ValueError(f"pruner must be one of {PRUNERS}, got {pruner!r}")
+    sampler_seed = loaded.get("sampler_seed", 0)
+    if isinstance(sampler_seed, bool) or not isinstance(sampler_seed, int) or sampler_seed < 0:
+        raise ValueError(
+            f"sampler_seed in {str(path)!r} must be a whole number >= 0, got {sampler_seed!r}"
+        )
     if "base" not in loaded:
         raise ValueError(f"{str(path)!r} names no base config; expected base: experiments/X.yaml")
     space = loaded.get("space")
@@ -159,7 +165,7 @@ def load_space(path: str | os.PathLike, objective: str | None = None) -> SearchS
         dimensions=dimensions,
         objective=objective,
         pruner=pruner,
-        sampler_seed=int(loaded.get("sampler_seed", 0)),
+        sampler_seed=sampler_seed,
     )
 
 
@@ -178,6 +184,8 @@ def _checked(name: str, spec, dimension: Dimension) -> dict:
         low, high = number(spec["low"]), number(spec["high"])
     except (TypeError, ValueError):
         raise ValueError(f"{name} bounds must be {number.__name__}s, got {spec!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} bounds must be finite numbers, got [{low}, {high}]")
     smallest, largest = dimension.bounds
     if low > high:
         raise ValueError(f"{name}: low {low} is above high {high}")
@@ -185,7 +193,9 @@ def _checked(name: str, spec, dimension: Dimension) -> dict:
         raise ValueError(f"{name} must lie in [{smallest}, {largest}], got [{low}, {high}]")
     if name == "kernel_size" and (low % 2 == 0 or high % 2 == 0):
         raise ValueError(f"kernel_size bounds must be odd, got [{low}, {high}]")
-    log = bool(spec.get("log", False))
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise ValueError(f"{name}: log must be true or false, got {log!r}")
     if log and low <= 0:
         raise ValueError(f"{name}: a log range needs low > 0, got {low}")
     return {"low": low, "high": high, "log": log}

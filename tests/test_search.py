@@ -56,14 +56,26 @@ def optuna_warnings_fail():
         ({"colour": [1, 2]}, "unknown search dimension 'colour'; valid ones: kernel_size"),
         ({"channel": ["gray", "blue"]}, "choices ['blue'] are not among"),
         ({"phase2_lr": {"low": 0, "high": 1e-2, "log": True}}, "must lie in"),
+        # Issue 23, item 11: these passed the checks (NaN compares false) or were tracebacks.
+        ({"phase2_lr": {"low": float("nan"), "high": 1e-2}}, "bounds must be finite numbers"),
+        ({"phase2_lr": {"low": 1e-3, "high": 1e-2, "log": "no"}}, "log must be true or false"),
+        ({"objective": ["f1_macro"]}, "objective must be one of"),
+        ({"sampler_seed": [1, 2]}, "sampler_seed in"),
+        ({"sampler_seed": "abc"}, "must be a whole number >= 0, got 'abc'"),
     ],
 )
 def test_a_bad_space_is_one_line_before_any_trial(tmp_path, tracking_uri, space, message):
-    path = write_space(tmp_path / "space.yaml", space)
+    top = {k: space.pop(k) for k in ("objective", "sampler_seed") if k in space}
+    if top:
+        space["phase2_lr"] = {"low": 1e-3, "high": 1e-2}
+    path = write_space(tmp_path / "space.yaml", space, **top)
     result = invoke("--space", path, "--storage", tmp_path / "j.log", *SHORT)
     assert result.exit_code == 1 and message in result.output, result.output
     assert result.output.count("\n") == 1
-    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
+    store = tmp_path / "mlflow.db"  # the tracking_uri fixture's: never created is cheapest
+    assert not store.exists() or not mlflow.search_runs(
+        search_all_experiments=True, output_format="list"
+    )
 
 
 def test_bad_storage_and_a_study_name_taken_by_another_space(tmp_path, tracking_uri):
