@@ -113,3 +113,38 @@ def test_compare_more_arms_and_report_them(tracking_uri, tmp_path, monkeypatch, 
     # A second report replaces the first, whole.
     again = invoke("report", parent.info.run_id, "--out-dir", tmp_path / "out")
     assert again.exit_code == 0 and (tmp_path / "out" / "report.md").read_text() == report
+
+    # A child killed after the study (or deleted) leaves its seed out of every arm, said so,
+    # instead of a KeyError (issue 23, item 11); the arms stay paired by seed.
+    killed = children["masked-rgb"]["2"]
+    mlflow.MlflowClient().set_terminated(killed, "KILLED")
+    partial = invoke("report", parent.info.run_id, "--out-dir", tmp_path / "partial")
+    assert partial.exit_code == 0, partial.output
+    text = (tmp_path / "partial" / "report.md").read_text()
+    assert f"masked-rgb seed 2 (run {killed}: KILLED)" in text
+    assert "baseline seed 2 (another arm has no finished run)" in text
+    assert f"| baseline | 1 | {accuracy[0]:.3f} ± 0.000 |" in text, text
+
+
+@pytest.mark.parametrize(
+    "logged, message",
+    [
+        (["not", "a", "mapping"], "is not {arm: {seed: run id}}"),
+        ({"baseline": {"one": "0" * 32}}, "a seed is not a whole number"),
+        ({"baseline": {"1": "../../etc"}}, "'../../etc' is not a run id"),
+    ],
+)
+def test_a_tampered_children_json_is_one_line(tracking_uri, logged, message):
+    from leukemia import record as rec
+
+    mlflow.set_experiment("tampered")
+    with mlflow.start_run(tags={rec.STEP: "compare"}) as parent:
+        mlflow.log_dict(logged, rec.CHILDREN)
+    result = invoke("report", parent.info.run_id)
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        f"Error: children.json of run {parent.info.run_id} {message}\n"
+        if message.startswith("is")
+        else f"Error: children.json of run {parent.info.run_id} is not {{arm: {{seed: run id}}}}"
+        f": {message}\n"
+    )

@@ -14,9 +14,11 @@ Figures: accuracy per arm and seed, and the pooled differences with their interv
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import statistics as stats
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -58,6 +60,7 @@ class Study:
     children: dict[str, dict[int, str]]  # arm -> seed -> run id
     deep_arms: list[str]
     runs: dict[str, mlflow.entities.Run]  # run id -> run
+    left_out: list[str] = field(default_factory=list)  # "arm seed N (run id: STATUS)"
 
 
 def load_study(run_id: str) -> Study:
@@ -74,17 +77,21 @@ def load_study(run_id: str) -> Study:
         )
     try:  # written by compare since the report exists; older parents: found by tags below
         logged = mlflow.artifacts.load_dict(f"runs:/{run_id}/{rec.CHILDREN}")
-        ids = {r for by in logged.values() for r in by.values()}
     except (MlflowException, OSError):
-        logged, ids = None, set()
+        logged = None
+    logged = None if logged is None else _checked_children(logged, run_id)
+    ids = {r for by in (logged or {}).values() for r in by.values()}
     query = rec.query(rec.TRAIN, **{"mlflow.parentRunId": run_id})
     found = client.search_runs([parent.info.experiment_id], query)
     reused = parent.data.tags.get(rec.REUSED_RUNS, "")
     runs = {r.info.run_id: r for r in found}
-    runs.update({i: client.get_run(i) for i in {*ids, *filter(None, reused.split(","))}})
-    runs = {i: r for i, r in runs.items() if r.info.status == "FINISHED"}
+    for i in {*ids, *filter(None, reused.split(","))}:
+        with contextlib.suppress(MlflowException):  # deleted for good: left out below
+            runs[i] = client.get_run(i)
+    status = {i: _state(r) for i, r in runs.items()}
+    runs = {i: r for i, r in runs.items() if status[i] == "FINISHED"}
     if logged is not None:
-        children = {arm: {int(s): r for s, r in by.items()} for arm, by in logged.items()}
+        children = logged
     else:
         children = {}
         for run in runs.values():
@@ -97,6 +104,7 @@ def load_study(run_id: str) -> Study:
             else {int(s): r for s, r in by.items()}
             for arm, by in children.items()
         }
+    children, left_out = _complete_seeds(children, runs, status)
     named = parent.data.params.get("compare.arms", "")
     order = named.split(",") if named else [a.name for a in ARMS if a.features is None]
     deep = [arm for arm in order if arm in children]
@@ -105,7 +113,46 @@ def load_study(run_id: str) -> Study:
     # Rows in a fixed order: the deep arms as the study named them, then the shortcut arms.
     shortcuts = [a.name for a in ARMS if a.features is not None and a.name in children]
     children = {arm: children[arm] for arm in [*deep, *shortcuts]}
-    return Study(parent, children, deep, runs)
+    return Study(parent, children, deep, runs, left_out)
+
+
+def _state(run) -> str:
+    return "DELETED" if run.info.lifecycle_stage == "deleted" else run.info.status
+
+
+def _checked_children(logged, run_id: str) -> dict[str, dict[int, str]]:
+    """``children.json`` as {arm: {seed: run id}}, or one error naming it."""
+    expected = f"{rec.CHILDREN} of run {run_id} is not {{arm: {{seed: run id}}}}"
+    if not isinstance(logged, dict) or not all(isinstance(by, dict) for by in logged.values()):
+        raise ValueError(expected)
+    try:
+        children = {str(arm): {int(s): r for s, r in by.items()} for arm, by in logged.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"{expected}: a seed is not a whole number") from None
+    bad = [r for by in children.values() for r in by.values() if not _RUN_ID.fullmatch(str(r))]
+    if bad:
+        raise ValueError(f"{expected}: {str(bad[0])[:40]!r} is not a run id")
+    return children
+
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _complete_seeds(children, runs, status) -> tuple[dict, list[str]]:
+    """Only the seeds at which every arm's run finished (arms are paired by seed): a killed,
+    failed or deleted child leaves its seed out of every arm, said in ``left_out``."""
+    finished = {arm: {s: r for s, r in by.items() if r in runs} for arm, by in children.items()}
+    finished = {arm: by for arm, by in finished.items() if by}
+    seeds = set.intersection(*(set(by) for by in finished.values())) if finished else set()
+    left_out = []
+    for arm, by in children.items():
+        for seed, run_id in by.items():
+            if run_id not in runs:
+                left_out.append(f"{arm} seed {seed} (run {run_id}: {status.get(run_id, 'GONE')})")
+            elif seed not in seeds:
+                left_out.append(f"{arm} seed {seed} (another arm has no finished run)")
+    kept = {arm: {s: r for s, r in by.items() if s in seeds} for arm, by in finished.items()}
+    return {arm: by for arm, by in kept.items() if by}, left_out
 
 
 def _interval(result: dict) -> str:
@@ -232,6 +279,11 @@ def section(
         f"- hardware: {_values(deep_runs, 'runtime.hardware', 'tags')}; device "
         f"{_values(deep_runs, 'runtime.device')}, precision "
         f"{_values(deep_runs, 'runtime.precision')}",
+        *(
+            [f"- left out, so that every arm is compared at the same seeds: {'; '.join(left)}"]
+            if (left := study.left_out)
+            else []
+        ),
         "",
         f"Test split. The 95% intervals resample {tests['resampled']} with these trained "
         "models held fixed: they cover the test sample, not a new training run (the sd over "
