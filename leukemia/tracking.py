@@ -156,13 +156,18 @@ def watch_tracking_server(echo) -> None:
 
 
 def unreachable(error: BaseException) -> bool:
-    """Whether ``error`` is MLflow giving up on a tracking server that does not answer."""
+    """Whether ``error`` is MLflow giving up on a tracking server that does not answer, or
+    answers only HTTP 5xx or 429 through every retry (its database down behind it: 503)."""
     import requests
 
+    down = (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.RetryError,  # urllib3's retries on 429/5xx used up
+    )
     cause = error.__cause__ or error.__context__
-    return isinstance(error, requests.exceptions.ConnectionError) or (
-        isinstance(error, mlflow.exceptions.MlflowException)
-        and isinstance(cause, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
+    return isinstance(error, down) or (
+        isinstance(error, mlflow.exceptions.MlflowException) and isinstance(cause, down)
     )
 
 

@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,49 @@ def test_server_down_mid_training_then_resume(tmp_path):
             mlflow.set_tracking_uri(None)
     finally:
         _stop(server)
+
+
+class _Unavailable(BaseHTTPRequestHandler):
+    """A tracking server whose database is down: HTTP 503 to every request, as MLflow's
+    server answers then."""
+
+    def _answer(self):
+        body = b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "database is down"}'
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_answering_503_is_unreachable_in_one_line(tmp_path, monkeypatch):
+    """Issue 23, item 11: PostgreSQL down behind the tracking server made it answer 503, which
+    was not taken as unreachable: three chained tracebacks; and with no run yet the line read
+    'is unreachable when it is back'."""
+    from click.testing import CliRunner
+
+    from leukemia.cli import main
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.setenv("LEUKEMIA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    train = ["train", "--config", REPO / "experiments" / "demo.yaml", "--synthetic-per-class", 8]
+    try:
+        for command in (["models"], train):
+            result = CliRunner().invoke(main, [str(a) for a in command])
+            assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+            assert result.output.splitlines()[-1] == (
+                f"Error: MLflow tracking server {uri} is unreachable; try again when it is back"
+            )
+    finally:
+        server.shutdown()

@@ -138,9 +138,11 @@ def run_training(
     except Exception as error:
         if not tracking.unreachable(error):
             raise
-        saved = f"; the training state is saved: continue with --resume {run_id}" if run_id else ""
+        then = "try again"
+        if run_id:
+            then = f"the training state is saved: continue with --resume {run_id}"
         raise tracking.TrackingUnavailable(
-            f"MLflow tracking server {mlflow.get_tracking_uri()} is unreachable{saved} when it "
+            f"MLflow tracking server {mlflow.get_tracking_uri()} is unreachable; {then} when it "
             "is back"
         ) from None
     _echo_done(echo, run_id, job.name, final, register_as, version, run.info.experiment_id)
