@@ -115,9 +115,23 @@ def make_optimizer(classifier: m.Classifier, phase: Phase, config: TrainConfig):
 
 
 def _save_atomically(state: dict, path: Path) -> None:
+    """``state`` at ``path`` whole, or the previous file untouched. Written through a Python
+    file, so a full disk is an OSError (ENOSPC: one line from any command) rather than
+    torch's RuntimeError, and the temporary is removed whatever stopped the write."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, RuntimeError) and isinstance(error.__context__, OSError):
+            # torch's zip writer, closing after the write failed, hides the OSError behind its
+            # own "unexpected pos" RuntimeError.
+            raise error.__context__ from None
+        raise
 
 
 def _rng_state(loader_generator: torch.Generator, augment_generator: torch.Generator) -> dict:

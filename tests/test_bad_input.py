@@ -145,3 +145,21 @@ def test_a_path_component_too_long_is_one_line(tmp_path, monkeypatch):
     for args in (["--synthetic-per-class", "8", "--out-dir", long], ["--data-dir", long]):
         one_line_error(invoke("preprocess", *args), "File name too long")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_full_while_saving_the_training_state_leaves_nothing_half_written(
+    small_processed, tmp_path
+):
+    """Issue 23, item 11: torch.save onto a full disk was a RuntimeError traceback and left a
+    .state.pt.tmp behind; now it is ENOSPC (one line from any command) and no temporary."""
+    import errno
+
+    from leukemia.config import load_config
+    from leukemia.train import train
+
+    config = load_config(REPO / "experiments" / "demo.yaml", {"phase1_epochs": 1})
+    with tmpfs(tmp_path / "full", "size=64k") as full:
+        with pytest.raises(OSError) as raised:
+            train(config, small_processed, full / "work")
+        assert raised.value.errno == errno.ENOSPC
+        assert [p.name for p in (full / "work").iterdir()] == []
