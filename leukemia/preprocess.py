@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from . import data, images
+from . import data, images, processes
 from .audit import rows_and_audit
 from .preview import write_preview
 from .segmentation import SegmentationParams, fit_stain_reference, preprocess_planes, resize
@@ -96,17 +96,24 @@ def output_name(path: str, taken: set[str]) -> str:
 _worker: dict = {}
 
 
-def _init_worker(source_root: str, target_root: str, seg: SegmentationParams, max_pixels: int):
+def _init_worker(
+    source_root: str, target_root: str, seg: SegmentationParams, max_pixels: int, owner: str
+):
     cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would only contend
     _worker.update(source=source_root, target=target_root, seg=seg, max_pixels=max_pixels)
     if multiprocessing.parent_process() is not None:
-        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+        threading.Thread(target=_exit_with_owner, args=(owner,), daemon=True).start()
 
 
-def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
-    """End this worker once its parent is gone (killed with SIGKILL, say): a worker waiting on
-    the task queue would otherwise block forever, since it holds the queue's write end too."""
-    while os.getppid() == parent:
+def _exit_with_owner(owner: str, interval: float = 0.5) -> None:
+    """End this worker once the process that started the pool (``owner``, a process token) is
+    gone, killed with SIGKILL say: a worker waiting on the task queue would otherwise block
+    forever, since it holds the queue's write end too. The owner, not the parent: a
+    forkserver's workers are its children, and the forkserver waits for them (each holds its
+    'alive' pipe) before it exits, so a worker watching its parent kept all three alive
+    (issue 23, item 8: a search worker on PostgreSQL runs Optuna's heartbeat thread, which
+    sends preprocessing to forkserver)."""
+    while not processes.is_gone(owner):
         time.sleep(interval)
     os._exit(1)
 
@@ -142,7 +149,7 @@ def _run_all(
     """Process every task on ``workers`` processes; ``side_job`` (a function and its arguments)
     runs on the same pool meanwhile, so that its cost hides behind the per-image work."""
     results: list[dict | None] = [None] * len(tasks)
-    initargs = (str(source_root), str(target_root), seg, max_pixels)
+    initargs = (str(source_root), str(target_root), seg, max_pixels, processes.token())
     method = _start_method(fork_ok) if workers > 1 else None
     tqdm.monitor_interval = 0  # tqdm's documented switch: no monitor thread, fork stays safe
     if method == "fork":

@@ -3,6 +3,7 @@ concurrency, no output inside the dataset, workers that die with their parent.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -177,35 +178,55 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        with contextlib.suppress(FileNotFoundError):
+            for child in _children(todo.pop()):
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pids) -> list[int]:
+    """The pids that are still running (not gone, not zombies)."""
+    alive = []
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError):
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z":
+                alive.append(pid)
+    return alive
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
-def test_workers_exit_when_the_parent_is_killed(tmp_path):
+# "threaded": a parent with a second thread (a search worker on PostgreSQL runs Optuna's
+# heartbeat) starts its workers through a forkserver, whose workers are not its children: they
+# used to outlive it, with the forkserver and the resource tracker (issue 23, item 8).
+@pytest.mark.parametrize("parent_kind", ["plain", "threaded"])
+def test_workers_exit_when_the_parent_is_killed(tmp_path, parent_kind):
     data_dir = synthetic.generate(tmp_path / "data", per_class=60, seed=1)
+    thread = "import threading, time\nthreading.Thread(target=time.sleep, args=(600,)).start()\n"
     script = (
-        "from leukemia.preprocess import preprocess\n"
+        (thread if parent_kind == "threaded" else "")
+        + "from leukemia.preprocess import preprocess\n"
         f"preprocess({str(data_dir)!r}, {str(tmp_path / 'out')!r}, workers=2, progress=False)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", script])
+    # Two workers, plus the forkserver and the resource tracker when the parent is threaded.
+    expected = 2 if parent_kind == "plain" else 4
     deadline = time.monotonic() + 60
-    workers: set[int] = set()
-    while time.monotonic() < deadline and len(workers) < 2:
-        try:
-            workers = _children(parent.pid)
-        except FileNotFoundError:
-            break
+    helpers: set[int] = set()
+    while time.monotonic() < deadline and len(helpers) < expected:
+        helpers = _descendants(parent.pid)
         time.sleep(0.05)
-    assert len(workers) >= 2, "the preprocess never started its workers"
+    assert len(helpers) >= expected, "the preprocess never started its workers"
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+    while time.monotonic() < deadline and _alive(helpers):
         time.sleep(0.1)
-    alive = [
-        w
-        for w in workers
-        if Path(f"/proc/{w}/stat").exists()
-        and Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    ]
-    assert not alive, f"workers {alive} outlived their killed parent"
+    assert not _alive(helpers), f"{_alive(helpers)} outlived their killed parent"
     # The next run removes the killed run's temporary folder: it is provably ours.
     assert run(data_dir, tmp_path / "out").counts["images"] == 240
     assert not list((tmp_path / "out").glob(".tmp-*"))
