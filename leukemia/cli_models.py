@@ -15,7 +15,6 @@ from .data import DatasetError
 from .metrics import N_RESAMPLES
 from .options import Failure as _Failure
 from .registry import CHAMPION, DEFAULT_NAME, PROMOTION_METRIC, RECALL_TOLERANCE
-from .steps import evaluate as evaluate_step
 from .steps import preprocess as preprocess_step
 
 
@@ -199,6 +198,8 @@ def evaluate_command(
     from . import tracking
 
     tracking.open_store()
+
+    from .steps import evaluate as evaluate_step  # torch: imported by the commands that use it
 
     if data_dir == preprocess_step.SYNTHETIC:
         raise _Failure("--data-dir names the raw images of the manifest; omit it for synthetic")

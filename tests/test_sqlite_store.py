@@ -34,7 +34,7 @@ def _whole(path) -> bool:
 def test_kill_9_while_the_store_is_created_leaves_no_half_store(tmp_path):
     path = tmp_path / "mlflow.db"
     uri = f"sqlite:///{path}"
-    for delay in (0.2, 0.8):
+    for delay in (0.5,):  # inside the migrations (about 0.4 to 1.5 s after the file appears)
         process = _ensure_process(uri)
         # Killed once creation has begun: the temporary (or, before the fix, mlflow.db) exists.
         deadline = time.monotonic() + 60
@@ -88,16 +88,15 @@ def test_a_half_created_store_is_named_and_left_alone(tmp_path):
     sqlite_store.check(other)
 
 
-def test_a_command_on_a_half_created_store_says_so_in_one_line(tmp_path, monkeypatch):
+def test_a_command_on_a_half_created_store_says_so_in_one_line(tmp_path, tracking_uri):
     from click.testing import CliRunner
 
     from leukemia.cli import main
 
-    path = tmp_path / "mlflow.db"
+    path = sqlite_store.local_path(tracking_uri)  # the fixture's, set as MLflow's URI too
     _make_store(path)
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE _alembic_tmp_params (key TEXT)")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
     for command in (["models"], ["promote"], ["report", "0" * 32]):
         result = CliRunner().invoke(main, command)
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output

@@ -17,7 +17,6 @@ from mlflow.tracking import MlflowClient
 from .. import record as rec
 from .. import registry
 from . import compare as compare_step
-from . import evaluate as evaluate_step
 from . import statistics
 
 
@@ -65,6 +64,8 @@ def run_study(
     except MlflowException:
         return StudyResult(comparison, best, promotion, None)
     try:
+        from . import evaluate as evaluate_step  # torch: only once there is a champion
+
         evaluated = evaluate_step.run(
             f"models:/{name}@{registry.CHAMPION}", comparison.manifest, nested=True
         )
