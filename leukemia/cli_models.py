@@ -136,8 +136,7 @@ def predict_command(image_files, model_uri, as_json):
     from .inference import IMAGE_COLUMN, InvalidRequest, encode_image_file
     from .steps.evaluate import load_bundle
 
-    if tracking.opens_store(model_uri):
-        tracking.open_store()
+    tracking.open_store_for(model_uri)
 
     missing = [f for f in image_files if not os.path.isfile(f)]
     if missing:
@@ -272,8 +271,7 @@ def serve_command(model_uri, host, port, max_body_bytes, max_depth):
     from . import tracking
     from .serving import served_copy
 
-    if tracking.opens_store(model_uri):
-        tracking.open_store()
+    tracking.open_store_for(model_uri)
 
     with contextlib.ExitStack() as stack:
         try:

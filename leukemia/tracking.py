@@ -197,10 +197,11 @@ def open_store() -> None:
     mark_stale_runs_killed()
 
 
-def opens_store(model_uri: str) -> bool:
-    """Whether a model source is read through the tracking store (a ``runs:/`` or
-    ``models:/`` URI), so a command given it opens the store first; a local folder does not."""
-    return str(model_uri).startswith(("runs:", "models:"))
+def open_store_for(model_uri: str) -> None:
+    """``open_store`` when a model source is read through the tracking store (a ``runs:/`` or
+    ``models:/`` URI); a local folder touches no store."""
+    if str(model_uri).startswith(("runs:", "models:")):
+        open_store()
 
 
 def mark_stale_runs_killed() -> list[str]:
