@@ -242,8 +242,8 @@ def _read_yaml(path: str | os.PathLike) -> dict:
     path = resolve_config_path(path)
     if not path.is_file():
         raise ValueError(
-            f"config file {str(path)!r} does not exist; expected an experiment YAML such as "
-            f"{DEFAULT_CONFIG} or {PAPER_CONFIG}"
+            f"config file {str(path)!r} {yamlfile.not_a_file(path)}; expected an experiment YAML "
+            f"such as {DEFAULT_CONFIG} or {PAPER_CONFIG}"
         )
     try:
         loaded = yamlfile.load(path, f"config file {str(path)!r}") or {}

@@ -84,6 +84,16 @@ def _subdirs(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _holds(directory: Path) -> str:
+    """'is empty', or what a folder without subfolders holds instead ('holds 3 files, no
+    folders (e.g. 'a.jpg')'): a folder of images without class folders is not empty."""
+    with os.scandir(directory) as entries:
+        names = sorted(e.name for e in entries if not e.name.startswith("."))
+    if not names:
+        return "is empty"
+    return f"holds {len(names)} file(s) and no folders (e.g. {names[0]!r})"
+
+
 def resolve_root(data_dir: str | os.PathLike) -> tuple[Path, dict[str, str]]:
     """Find the folder that holds the class folders: DIR itself or one level below it.
 
@@ -95,7 +105,7 @@ def resolve_root(data_dir: str | os.PathLike) -> tuple[Path, dict[str, str]]:
     subdirs = _subdirs(data_dir)
     if not subdirs:
         raise DatasetError(
-            f"data directory {str(data_dir)!r} is empty; expected class folders "
+            f"data directory {str(data_dir)!r} {_holds(data_dir)}; expected class folders "
             f"{_expected_folders()} or a folder holding them (e.g. Original/)"
         )
     if any(canonical_class(d.name) for d in subdirs):
@@ -198,16 +208,24 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"manifest {str(path)!r} does not exist")
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        required = {"path", "class", "split", "sha256"}
-        missing = required - set(reader.fieldnames or ())
-        if missing:
-            raise DatasetError(
-                f"manifest {str(path)!r} lacks column(s) {sorted(missing)}; "
-                f"expected a manifest.csv written by leukemia preprocess"
-            )
-        rows = list(reader)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            required = {"path", "class", "split", "sha256"}
+            missing = required - set(reader.fieldnames or ())
+            if missing:
+                raise DatasetError(
+                    f"manifest {str(path)!r} lacks column(s) {sorted(missing)}; "
+                    f"expected a manifest.csv written by leukemia preprocess"
+                )
+            rows = list(reader)
+            if any("\x00" in str(value) for row in rows for value in row.values()):
+                raise csv.Error("NUL byte")  # Python 3.11's csv reads them; no path holds one
+    except (UnicodeDecodeError, csv.Error) as error:  # a binary file, NUL bytes
+        raise DatasetError(
+            f"manifest {str(path)!r} is not a UTF-8 CSV ({error}); "
+            f"expected a manifest.csv written by leukemia preprocess"
+        ) from None
     bad_class = sorted({r["class"] for r in rows} - set(CLASSES))
     bad_split = sorted({r["split"] for r in rows} - set(SPLITS))
     if bad_class or bad_split:

@@ -120,7 +120,9 @@ def load_space(path: str | os.PathLike, objective: str | None = None) -> SearchS
     """Read and check a search YAML (see the module); ``objective`` overrides its own."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"search space {str(path)!r} does not exist; expected a search YAML")
+        raise ValueError(
+            f"search space {str(path)!r} {yamlfile.not_a_file(path)}; expected a search YAML"
+        )
     try:
         loaded = yamlfile.load(path, f"search space {str(path)!r}") or {}
     except OSError as error:

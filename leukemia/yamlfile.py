@@ -9,6 +9,7 @@ first. Neither has a use in a config, so both are refused, and the text itself i
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import yaml
 
@@ -55,6 +56,14 @@ def loads(text: str, source: str):
         at = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or "malformed YAML"
         raise ValueError(f"{source} is not readable YAML{at}: {problem}") from None
+
+
+def not_a_file(path: Path) -> str:
+    """Why ``path``, which is not a regular file, cannot be read as one, for an error line:
+    ``base: /etc`` is a folder, not a file that "does not exist"."""
+    if path.is_dir():
+        return "is a folder"
+    return "is not a regular file" if path.exists() else "does not exist"
 
 
 def load(path: str | os.PathLike, source: str | None = None):

@@ -57,6 +57,8 @@ def test_bad_values_are_clear_errors(overrides, message):
 def test_bad_yaml_files(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match=r"config file '.*' is a folder; expected an experiment"):
+        load_config(tmp_path)  # base: /etc
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="must hold a mapping"):
         load_config(tmp_path / "list.yaml")

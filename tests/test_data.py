@@ -71,6 +71,12 @@ def test_missing_class_and_bad_directories(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DatasetError, match="is empty"):
         data.resolve_root(tmp_path / "empty")
+    flat = tmp_path / "flat"  # images without class folders: not "empty"
+    flat.mkdir()
+    for i in range(3):
+        (flat / f"img{i}.jpg").write_bytes(b"x")
+    with pytest.raises(data.DatasetError, match=r"holds 3 file\(s\) and no folders \(e.g. 'img0"):
+        data.resolve_root(flat)
     (tmp_path / "other" / "photos").mkdir(parents=True)
     with pytest.raises(data.DatasetError, match="no class folders"):
         data.resolve_root(tmp_path / "other")
@@ -173,3 +179,9 @@ def test_manifest_bytes_are_sorted_and_stable(tmp_path):
         data.read_manifest(tmp_path / "bad.csv")
     with pytest.raises(data.DatasetError, match="does not exist"):
         data.read_manifest(tmp_path / "missing.csv")
+    (tmp_path / "binary.csv").write_bytes(bytes(range(256)) * 4)  # a tarball passed by mistake
+    with pytest.raises(data.DatasetError, match=r"binary.csv' is not a UTF-8 CSV"):
+        data.read_manifest(tmp_path / "binary.csv")
+    (tmp_path / "nul.csv").write_bytes(b"path,class,split,sha256\na\x00,Benign,train,x\n")
+    with pytest.raises(data.DatasetError, match=r"nul.csv' is not a UTF-8 CSV"):
+        data.read_manifest(tmp_path / "nul.csv")
