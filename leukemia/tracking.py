@@ -222,15 +222,22 @@ def mark_stale_runs_killed() -> list[str]:
         owner = run.data.tags[PROCESS_TAG]
         if not processes.is_gone(owner):
             continue
-        how = (
-            f"continue it with: leukemia train ... --resume {run.info.run_id} (same options)"
-            if run.data.tags.get(rec.STEP) == rec.TRAIN
-            else "run the same command again (finished child runs are reused)"
-        )
+        how = _how_to_continue(run)
         client.set_tag(run.info.run_id, KILLED_TAG, f"its process {owner} is gone; {how}")
         client.set_terminated(run.info.run_id, "KILLED")
         ended.append(run.info.run_id)
     return ended
+
+
+def _how_to_continue(run) -> str:
+    """What a user does about a run the sweep ends: a train run whose state is on this host
+    resumes; one that logged epochs and lost its state cannot."""
+    if run.data.tags.get(rec.STEP) != rec.TRAIN:
+        return "run the same command again (finished child runs are reused)"
+    state = run.data.tags.get(rec.TRAINING_STATE)
+    if state and not os.path.isfile(state) and logged_epochs(run.info.run_id):
+        return f"its training state {state} is gone, so it cannot continue: start a new run"
+    return f"continue it with: leukemia train ... --resume {run.info.run_id} (same options)"
 
 
 def git_commit(path: str | os.PathLike = ".") -> str:

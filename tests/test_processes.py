@@ -15,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from leukemia import processes, tracking
+from leukemia import record as rec
 
 from .conftest import REPO, forget_experiment, mlflow_run_env
 
@@ -77,13 +78,18 @@ def test_a_child_that_ignores_interrupts_exits_after_the_grace_saying_where_it_w
     assert 'File "<string>", line 7' in done.stderr, done.stderr  # the main thread's sleep
 
 
-def test_stale_running_runs_are_marked_killed_with_the_way_on(tracking_uri):
+def test_stale_running_runs_are_marked_killed_with_the_way_on(tracking_uri, tmp_path):
     client = MlflowClient()
     experiment = client.create_experiment("stale")
     host = socket.gethostname()
     dead = f"{host}:{2**22 + 17}:12345"
     runs = {
         "gone-train": {"step": "train", tracking.PROCESS_TAG: dead},
+        "gone-state": {  # logged an epoch, and its state.pt was deleted: --resume cannot help
+            "step": "train",
+            tracking.PROCESS_TAG: dead,
+            rec.TRAINING_STATE: str(tmp_path / "deleted" / "state.pt"),
+        },
         "gone-compare": {"step": "compare", tracking.PROCESS_TAG: dead},
         "alive": {"step": "train", tracking.PROCESS_TAG: processes.token()},
         "elsewhere": {"step": "train", tracking.PROCESS_TAG: f"other-host:{2**22 + 17}:1"},
@@ -92,11 +98,13 @@ def test_stale_running_runs_are_marked_killed_with_the_way_on(tracking_uri):
     ids = {
         name: client.create_run(experiment, tags=tags).info.run_id for name, tags in runs.items()
     }
+    client.log_metric(ids["gone-state"], "val_loss", 0.5, step=1)
     with tracking.start_run("preprocess", "another") as run:
         pass
     status = {name: client.get_run(i).info.status for name, i in ids.items()}
     assert status == {
         "gone-train": "KILLED",
+        "gone-state": "KILLED",
         "gone-compare": "KILLED",
         "alive": "RUNNING",
         "elsewhere": "RUNNING",
@@ -104,6 +112,8 @@ def test_stale_running_runs_are_marked_killed_with_the_way_on(tracking_uri):
     }
     why = client.get_run(ids["gone-train"]).data.tags[tracking.KILLED_TAG]
     assert dead in why and f"--resume {ids['gone-train']}" in why
+    why = client.get_run(ids["gone-state"]).data.tags[tracking.KILLED_TAG]
+    assert "deleted/state.pt is gone, so it cannot continue: start a new run" in why, why
     assert (
         "same command again" in client.get_run(ids["gone-compare"]).data.tags[tracking.KILLED_TAG]
     )

@@ -81,6 +81,8 @@ def test_a_train_run_reads_well_in_the_ui_and_the_terminal(tracking_uri, tmp_pat
     # Paths are tags, not params: two machines' runs of the same thing have the same params.
     assert not [v for v in run.data.params.values() if str(v).startswith(str(tmp_path))]
     assert Path(run.data.tags["data.processed_dir"], "manifest.csv").is_file()
+    # Where its training state lives, so a sweep can tell whether --resume would work.
+    assert run.data.tags["runtime.state_file"].endswith(f"{run.info.run_id}/state.pt")
     # Confusion matrices per validation epoch and on test, and the curves, as keyed images.
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     logged = [re.match(r"images/(\w+)\+step\+(\d+)\+", path).groups() for path in images]

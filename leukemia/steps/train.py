@@ -124,6 +124,7 @@ def run_training(
             echo(f"MLflow run {run_id} ({job.arm} arm, {job.device}, {job.precision.name})")
             ui.describe(run_id, job.note(), name=job.name)
             work_dir = Path(work_root) / run_id
+            mlflow.set_tag(rec.TRAINING_STATE, str(work_dir.resolve() / training.STATE_FILE))
             version = _train_and_log(job, work_dir, bool(resume), register_as, echo)
             final = mlflow.get_run(run_id).data.metrics
             if version is not None:
