@@ -31,8 +31,7 @@ class _Commands(click.Group):
         except OSError as error:
             if error.errno not in _FILE_SYSTEM_ERRORS:
                 raise
-            where = f": {error.filename}" if error.filename else ""
-            raise _Failure(f"{error.strerror or error}{where}") from None
+            raise _Failure(_file_system_failure(error)) from None
         except tracking.TrackingUnavailable as error:
             raise _Failure(str(error)) from None
         except Exception as error:
@@ -53,6 +52,18 @@ _FILE_SYSTEM_ERRORS = {
     errno.ENAMETOOLONG,  # a path component over the file system's 255 bytes
     errno.ELOOP,
 }
+
+
+def _file_system_failure(error: OSError) -> str:
+    """One line for a file-system error: the file it names, or for a full disk the folder that
+    was being written (a full artifact store fails on a temporary name nobody knows)."""
+    if not error.filename:
+        return str(error.strerror or error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        # A copy's error names its source first, its destination second (shutil's sendfile).
+        written = error.filename2 or error.filename
+        return f"{error.strerror}: nothing more fits in {os.path.dirname(written)}"
+    return f"{error.strerror or error}: {error.filename}"
 
 
 @click.group(

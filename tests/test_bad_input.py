@@ -163,3 +163,20 @@ def test_a_disk_full_while_saving_the_training_state_leaves_nothing_half_written
             train(config, small_processed, full / "work")
         assert raised.value.errno == errno.ENOSPC
         assert [p.name for p in (full / "work").iterdir()] == []
+
+
+def test_a_full_artifact_store_names_its_folder_and_fails_the_run(tracking_uri, tmp_path):
+    """Issue 23, Smaller: a full artifact store's error named a temporary file of the copy
+    (/tmp/tmpXXXX); now the store's folder that nothing more fits in, and the run is FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    with tmpfs(tmp_path / "full", "size=64k") as full:
+        client.create_experiment("full", artifact_location=(full / "art").as_uri())
+        result = invoke(
+            "train", "--experiment", "full", "--synthetic-per-class", "8", "--phase1_epochs", "1",
+            "--phase2_epochs", "1", "--registered-model-name", "",
+        )  # fmt: skip
+        one_line_error(result, f"No space left on device: nothing more fits in {full / 'art'}/")
+    runs = client.search_runs([client.get_experiment_by_name("full").experiment_id])
+    assert [r.info.status for r in runs if r.data.tags.get("step") == "train"] == ["FAILED"]
