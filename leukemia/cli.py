@@ -38,7 +38,7 @@ class _Commands(click.Group):
             if not tracking.unreachable(error):
                 raise
             raise _Failure(
-                f"MLflow tracking server {tracking.mlflow.get_tracking_uri()} is unreachable; "
+                f"MLflow tracking server {tracking.shown_uri()} is unreachable; "
                 "try again when it is back"
             ) from None
 
@@ -300,7 +300,7 @@ def _echo_links(parent, comparison) -> None:
     view = ui.view_url(experiment, ui.study_view_key(parent.info.run_id))
     click.echo(
         f"\nparent run {parent.info.run_id}; in the MLflow UI (mlflow ui --backend-store-uri "
-        f"{tracking.mlflow.get_tracking_uri()}):\n"
+        f"{tracking.shown_uri()}):\n"
         f"  the answer (description):  {ui.run_url(experiment, parent.info.run_id)}\n"
         f"  the deep arms compared:    {ui.compare_url(experiment, deep)}\n"
         f"  curves, one per arm:       {view}\n"

@@ -34,6 +34,7 @@ import optuna
 from . import yamlfile
 from .config import PREPROCESS_FIELDS
 from .segmentation import CHANNELS, KERNEL_SHAPES, OUTPUTS, STAIN_NORMS
+from .urls import redacted
 
 
 @dataclass(frozen=True)
@@ -243,23 +244,6 @@ def open_storage(spec: str, warn=print, on_stale=None):
     except Exception as error:  # SQLAlchemy's errors, whichever driver the URL names
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(f"cannot open Optuna storage {redacted(spec)!r}: {first}") from None
-
-
-_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)[^&#]*", re.IGNORECASE)
-
-
-def redacted(url: str) -> str:
-    """``url`` with everything between ``user:`` and the host's ``@``, and the value of a
-    ``password=`` query parameter, as ``***``: messages end up in logs. Not parsed (a malformed
-    URL is what errors are about): the last ``@`` ends the credentials, so a password holding
-    ``@``, ``:``, ``/`` or ``?`` is hidden whole (more is hidden if the query holds an ``@``)."""
-    url = _QUERY_PASSWORD.sub(r"\1***", url)
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in credentials:
-        return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
 
 
 def holds_password(url: str) -> bool:

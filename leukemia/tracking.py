@@ -18,7 +18,7 @@ from pathlib import Path
 
 import mlflow
 
-from . import processes, sqlite_store, ui
+from . import processes, sqlite_store, ui, urls
 from . import record as rec
 from .arms import arm_of
 
@@ -143,6 +143,11 @@ class _RetryNotice(logging.Handler):
         )
 
 
+def shown_uri() -> str:
+    """The tracking URI as messages, links and reports show it: any password hidden."""
+    return urls.redacted(mlflow.get_tracking_uri())
+
+
 def watch_tracking_server(echo) -> None:
     """For an http(s) tracking URI: bound MLflow's retries and announce the first retry."""
     uri = mlflow.get_tracking_uri()
@@ -152,7 +157,7 @@ def watch_tracking_server(echo) -> None:
         os.environ.setdefault(name, value)
     logger = logging.getLogger("urllib3.connectionpool")
     if not any(isinstance(h, _RetryNotice) for h in logger.handlers):
-        logger.addHandler(_RetryNotice(uri, echo))
+        logger.addHandler(_RetryNotice(shown_uri(), echo))
 
 
 def unreachable(error: BaseException) -> bool:

@@ -18,6 +18,8 @@ import urllib.parse
 import mlflow
 import numpy as np
 
+from . import urls
+
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"
@@ -69,7 +71,7 @@ def log_confusion_image(key: str, counts, step: int) -> None:
 
 
 def _base() -> str:
-    uri = mlflow.get_tracking_uri()
+    uri = urls.redacted(mlflow.get_tracking_uri())  # a printed link is a message too
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
 
 

@@ -431,3 +431,25 @@ def test_a_password_in_the_storage_url_is_refused_under_mlflow_run():
     with pytest.raises(ValueError, match="PGPASSWORD or ~/.pgpass") as error:
         search_lib.check_storage_secret(url, under_mlflow_run=True)
     assert "secret" not in str(error.value) and "u:***@db" in str(error.value)
+
+
+def test_the_tracking_uri_is_shown_without_its_password(monkeypatch):
+    """Issue 23, item 10: messages, printed links and reports show the tracking URI too."""
+    import mlflow
+    from click.testing import CliRunner
+
+    from leukemia import ui
+    from leukemia.cli import main
+
+    uri = "http://u:secret@127.0.0.1:9"  # nothing listens on port 9
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow.set_tracking_uri(uri)
+    try:
+        result = CliRunner().invoke(main, ["models"])
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        assert "tracking server http://u:***@127.0.0.1:9 is unreachable" in result.output
+        assert "secret" not in result.output
+        assert "secret" not in ui.run_url("1", "abc")
+    finally:
+        mlflow.set_tracking_uri(None)

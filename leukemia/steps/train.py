@@ -51,7 +51,7 @@ def check_resumable(run_id: str, params: dict) -> None:
         run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException:
         raise ResumeError(
-            f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}; resume expects the id of "
+            f"no MLflow run {run_id!r} in {tracking.shown_uri()}; resume expects the id of "
             "an interrupted train run"
         ) from None
     if run.data.tags.get(rec.STEP) != rec.TRAIN:
@@ -143,8 +143,7 @@ def run_training(
         if run_id:
             then = f"the training state is saved: continue with --resume {run_id}"
         raise tracking.TrackingUnavailable(
-            f"MLflow tracking server {mlflow.get_tracking_uri()} is unreachable; {then} when it "
-            "is back"
+            f"MLflow tracking server {tracking.shown_uri()} is unreachable; {then} when it is back"
         ) from None
     _echo_done(echo, run_id, job.name, final, register_as, version, run.info.experiment_id)
     return run_id
