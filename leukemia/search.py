@@ -274,13 +274,40 @@ def _rdb_storage(spec: str, on_stale):
             if on_stale is not None:
                 on_stale(trial)
 
-        return RDBStorage(
+        class Storage(RDBStorage):
+            def record_heartbeat(self, trial_id: int) -> None:
+                # Optuna's heartbeat thread dies with a traceback on the first failed beat;
+                # with the storage away, the next beat tries again and the trial's own next
+                # call to the storage is the error the worker reports (storage_unreachable).
+                try:
+                    super().record_heartbeat(trial_id)
+                except Exception as error:  # noqa: BLE001 - the thread's only other way out
+                    if not storage_unreachable(error):
+                        raise
+
+        return Storage(
             spec,
             engine_kwargs={"pool_pre_ping": True},
             heartbeat_interval=HEARTBEAT_INTERVAL_S,
             grace_period=HEARTBEAT_GRACE_S,
             heartbeat_stale_trial_callback=stale,
         )
+
+
+def storage_unreachable(error: BaseException) -> str | None:
+    """The driver's first line when ``error`` (or what caused it: Optuna wraps it in
+    ``StorageInternalError``) is an RDB storage that cannot be reached: the server down,
+    restarting, or the connection lost. None for any other error."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (OperationalError, InterfaceError)):
+            original = getattr(error, "orig", None) or error
+            return str(original).strip().splitlines()[0] if str(original).strip() else repr(error)
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:

@@ -475,3 +475,57 @@ def test_server_restart_mid_training_then_resume(server, tmp_path):
         steps = sorted(m.step for m in client.get_metric_history(run_id, metric))
         assert steps == list(range(1, last + 1)), (metric, steps)  # each epoch once
     assert "test_accuracy" in run.data.metrics
+
+
+def test_the_optuna_database_going_down_mid_trial_is_one_line_and_nothing_stays_running(
+    tmp_path,
+):
+    """Issue 23, item 11: PostgreSQL stopping under a search worker's trial was ten chained
+    tracebacks (the heartbeat thread's among them) and left the search's parent run RUNNING.
+    Now one line naming the storage (password hidden), the trial's and the parent's runs ended,
+    and the trial left RUNNING in the storage for the next worker's heartbeat check to retry.
+    Its own cluster: stopping the module's would take the tracking server down with it."""
+    if pg.unavailable_reason():
+        pytest.skip(pg.unavailable_reason())
+    space = write_space(
+        tmp_path / "space.yaml", {"phase2_lr": {"low": 1e-3, "high": 1e-2}}, pruner="none"
+    )
+    with pg.cluster({"optuna": PASSWORDS["optuna"]}) as cluster:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(CLIENT_DROPS)},
+            "MLFLOW_TRACKING_URI": uri,
+            "PGPASSWORD": PASSWORDS["optuna"],
+            "LEUKEMIA_CACHE_DIR": str(tmp_path / "cache"),
+        }
+        command = [
+            sys.executable, "-c", WORKER, "--space", str(space), "--storage",
+            cluster.url("optuna"), "--study-name", "down", "--n-trials", "2", *TINY,
+            "--phase1_epochs", "1", "--phase2_epochs", "30", "--patience", "0",
+        ]  # fmt: skip
+        storage = optuna.storages.RDBStorage(cluster.url("optuna", password=True))
+        with (tmp_path / "worker.log").open("w") as log:
+            worker = subprocess.Popen(
+                command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+            try:
+                lost = _wait_until_inside_a_trial(storage, "down", worker)
+                time.sleep(GRACE_S)  # heartbeats (1 s) and epochs under way
+                storage.engine.dispose()
+                cluster._run(
+                    cluster.bin / "pg_ctl", "-D", cluster.data, "-m", "immediate", "-w", "stop"
+                )
+                assert worker.wait(timeout=120) != 0
+            finally:
+                _kill_group(worker)
+    output = (tmp_path / "worker.log").read_text()
+    assert "Traceback" not in output and "Exception in thread" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, output[-3000:]
+    assert f"Optuna storage {cluster.url('optuna')} is unreachable (" in errors[0]
+    assert PASSWORDS["optuna"] not in output
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    status = sorted((r.data.tags.get("step"), r.info.status) for r in runs)
+    assert status == [("search", "FAILED"), ("search-trial", "FAILED")], (status, lost)

@@ -233,19 +233,35 @@ def run(
     except KeyboardInterrupt:
         outcome = "KILLED"
         raise
-    except BaseException:
+    except BaseException as error:
         outcome = "FAILED"
+        why = search_lib.storage_unreachable(error)
+        if why:
+            raise StopSearch(
+                f"Optuna storage {search_lib.redacted(storage)} is unreachable ({why}); this "
+                "worker's trial run ended FAILED, and the trial, left RUNNING there, is failed "
+                "and retried by the next worker once the storage is back: run the search again "
+                "then"
+            ) from None
         raise
     finally:
-        end_parent_if_idle(study, outcome)
+        end_parent_if_idle(study, outcome, parent_id)
     return study
 
 
-def end_parent_if_idle(study: optuna.Study, outcome: str = "FINISHED") -> None:
+def end_parent_if_idle(
+    study: optuna.Study, outcome: str = "FINISHED", parent_id: str | None = None
+) -> None:
     """The last worker out ends the parent (mlflow run ends its own): while a worker is still
-    in a trial, the parent stays RUNNING."""
-    parent_id = study.user_attrs.get(PARENT_ATTR)
-    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    in a trial, the parent stays RUNNING. A storage that cannot be reached cannot say, so the
+    parent is ended rather than left RUNNING for good."""
+    try:
+        parent_id = parent_id or study.user_attrs.get(PARENT_ATTR)
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    except Exception as error:  # noqa: BLE001 - only the storage being away is handled
+        if not (parent_id and search_lib.storage_unreachable(error)):
+            raise
+        running = []
     if not parent_id or running or parent_id == os.environ.get("MLFLOW_RUN_ID"):
         return
     client = MlflowClient()
