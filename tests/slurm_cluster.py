@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
 
 
@@ -31,12 +33,6 @@ def why_not() -> str | None:
     if os.geteuid() != 0:
         return "slurmd must run as root"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _daemon(name: str) -> str:
@@ -83,8 +79,8 @@ SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=socket={sock}
 CredType=cred/munge
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 StateSaveLocation={folder / "state"}
 SlurmdSpoolDir={folder / "spool"}
 SlurmctldPidFile={folder / "slurmctld.pid"}

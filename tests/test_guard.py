@@ -18,6 +18,7 @@ import pytest
 
 from leukemia.guard import RequestGuard, json_depth
 
+from .conftest import free_port
 from .test_model_files import _request, logged  # noqa: F401 - the logged-model fixture
 from .test_serve_format import _model_copy
 
@@ -77,7 +78,7 @@ def test_the_guard_refuses_before_the_app_and_passes_the_rest_unchanged():
 def test_leukemia_serve_answers_images_and_refuses_deep_json_with_400(logged, tmp_path):  # noqa: F811
     _, original = logged
     folder = _model_copy(original, tmp_path / "model")
-    port = _free_port()
+    port = free_port()
     venv_bin = Path(sys.executable).parent
     log = tmp_path / "serve.log"
     with log.open("wb") as output:
@@ -119,11 +120,3 @@ def _post(url: str, data: bytes) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

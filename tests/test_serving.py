@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from leukemia.model import create_classifier
 from leukemia.model_files import ModelSpec
 from leukemia.segmentation import SegmentationParams, preprocess_image
 
-from .conftest import forget_experiment
+from .conftest import forget_experiment, free_port
 
 SEG = SegmentationParams(image_size=64)
 MAX_PIXELS = 100 * 100  # small, so that an oversized image is cheap to make
@@ -271,12 +270,6 @@ def test_log_served_model_checks_its_arguments(tracking_uri):
 # mlflow models serve
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _post(url: str, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(
         url, json.dumps(payload).encode(), {"Content-Type": "application/json"}
@@ -311,7 +304,7 @@ def test_mlflow_models_serve_answers_images_and_rejects_garbage_with_400(
     classifier = _classifier().eval()
     model_info = _log(classifier, registered_model_name="leukemia-served")
     model_uri = f"models:/leukemia-served/{model_info.registered_model_version}"
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "server.log"
     venv_bin = Path(sys.executable).parent
     command = [venv_bin / "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
