@@ -11,7 +11,10 @@ images with exposure, contrast, saturation, gamma and hue jittered in training (
 cannot lean on the scanner's exposure or the stain batch's colour), and ``stain-norm`` on the
 resized RGB images with Reinhard stain normalisation to a reference fitted on the training split
 (stored with the model, so the served model applies it), and ``stain-norm-jitter`` both at once,
-with a wider jitter (0.6: brightening by 1.4 lies inside its range, not at its edge).
+with a wider jitter (0.6: brightening by 1.4 lies inside its range, not at its edge), and
+``exposure-norm`` on the resized RGB images with each image's exposure undone inside the
+network (``model.Classifier``: mean intensity scaled to one level, so x0.6 or x1.4 reaches the
+backbone as the same image) and colour jitter 0.4 for what scaling cannot undo.
 A shortcut arm fits colour or brightness histograms + logistic regression on one arm's
 images, to show how far stain colour alone goes; ``shortcut-background`` only the colours
 outside the paper's mask, to show how much of the class the background gives away.
@@ -31,7 +34,7 @@ class Arm:
     preprocessing: tuple[tuple[str, str], ...] = ()
     # Training knobs the arm turns on (``TrainConfig`` names, numbers that are off at 0) with
     # the value it uses where the study leaves the knob off; a study that sets one keeps its own.
-    training: tuple[tuple[str, float], ...] = ()
+    training: tuple[tuple[str, float | bool], ...] = ()
 
     @property
     def images(self) -> str:
@@ -51,7 +54,10 @@ class Arm:
 
 
 def _on(value) -> bool:
-    """A training knob counts as on when it is a number above 0 (``colour_jitter 0.4``)."""
+    """A training knob counts as on when it is true or a number above 0 (``colour_jitter
+    0.4``), as a value or as its logged text (``True``, ``0.4``)."""
+    if str(value).lower() == "true":
+        return True
     try:
         return float(value) > 0
     except (TypeError, ValueError):
@@ -71,6 +77,12 @@ ARMS = (
         segment=False,
         preprocessing=(("stain_norm", "reinhard"),),
         training=(("colour_jitter", 0.6),),
+    ),
+    # exposure-norm before colour-jitter: it turns on colour jitter too.
+    Arm(
+        "exposure-norm",
+        segment=False,
+        training=(("exposure_norm", True), ("colour_jitter", 0.4)),
     ),
     Arm("colour-jitter", segment=False, training=(("colour_jitter", 0.4),)),
     Arm("stain-norm", segment=False, preprocessing=(("stain_norm", "reinhard"),)),

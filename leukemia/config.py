@@ -57,6 +57,9 @@ class TrainConfig:
     # Not the paper's: colour jitter of strength s in training (exposure, contrast, saturation,
     # gamma within 1 +/- s, hue within +/- s/4 of a turn), 0 = off; the colour-jitter arm's.
     colour_jitter: float = 0.0
+    # Not the paper's: each image's exposure scaled to one level inside the network, in
+    # training and wherever the model is used (model.Classifier); the exposure-norm arm's.
+    exposure_norm: bool = False
     # Run.
     # auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported) and on CPUs with native
     # bf16 (AVX512-BF16/AMX), else fp32. Not a choice the paper made; it only changes speed.

@@ -177,7 +177,7 @@ def train_head_epoch(
         moved = (_to_device(i, labels, device, precision, batch_transform) for i, labels in bar)
         for group in _groups(moved, chunk_batches):
             with torch.no_grad(), precision.autocast():
-                features = model.backbone(torch.cat([images for images, _ in group]))
+                features = model.features(torch.cat([images for images, _ in group]))
             sizes = [len(labels) for _, labels in group]
             for piece, (_, labels) in zip(features.split(sizes), group, strict=True):
                 step = train_step(

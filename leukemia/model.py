@@ -21,23 +21,49 @@ class PretrainedWeightsError(RuntimeError):
     """ImageNet weights could not be had; the message names the ways out."""
 
 
-class Classifier(nn.Module):
-    """backbone (features, pooled) -> Dropout(p) -> Linear(num_classes); logits out."""
+EXPOSURE_LEVEL = 0.5  # exposure_norm: every image's mean intensity (0..1) is scaled to this
 
-    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float):
+
+class Classifier(nn.Module):
+    """backbone (features, pooled) -> Dropout(p) -> Linear(num_classes); logits out.
+
+    With ``exposure_norm`` (not the paper's), each image's exposure is undone before the
+    backbone: back from the backbone's normalisation to intensities, scaled so the image's mean
+    intensity is ``EXPOSURE_LEVEL``, normalised again. Under- or over-exposure by a factor (up
+    to where bright pixels saturate) then reaches the backbone as the same image. It is part of
+    the network, so training, evaluation and the served model all apply it; it has no weights.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, num_classes: int, dropout: float, exposure_norm: bool = False
+    ):
         super().__init__()
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.num_features, num_classes)
+        self.exposure_norm = bool(exposure_norm)
+        if self.exposure_norm:
+            cfg = backbone.pretrained_cfg  # what the input was normalised with
+            for name in ("mean", "std"):
+                value = torch.tensor(cfg[name], dtype=torch.float32).view(1, 3, 1, 1)
+                self.register_buffer(f"input_{name}", value, persistent=False)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images (N x 3 x S x S) -> pooled backbone features (N x F)."""
+        if self.exposure_norm:
+            intensity = images * self.input_std + self.input_mean
+            level = intensity.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+            images = (intensity * (EXPOSURE_LEVEL / level) - self.input_mean) / self.input_std
+        return self.backbone(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and not any(p.requires_grad for p in self.backbone.parameters()):
             # Phase 1: a frozen backbone builds no autograd graph, so an epoch costs about
             # what inference costs.
             with torch.no_grad():
-                features = self.backbone(images)
+                features = self.features(images)
         else:
-            features = self.backbone(images)
+            features = self.features(images)
         return self.classify(features)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
@@ -77,9 +103,11 @@ def create_classifier(
     num_classes: int = 4,
     dropout: float = 0.4,
     pretrained: str = "imagenet",
+    exposure_norm: bool = False,
 ) -> Classifier:
     """Build the classifier. ``pretrained``: ``imagenet`` (timm downloads from the Hugging Face
-    hub), ``none``, or a path to a local ``.safetensors``/``.pth`` state dict of the backbone."""
+    hub), ``none``, or a path to a local ``.safetensors``/``.pth`` state dict of the backbone;
+    ``exposure_norm``: see ``Classifier``."""
     check_model_name(model_name)
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
@@ -99,7 +127,7 @@ def create_classifier(
         backbone = timm.create_model(model_name, pretrained=False, num_classes=0, global_pool="avg")
         if pretrained != "none":
             load_backbone_weights(backbone, pretrained)
-    return Classifier(backbone, num_classes, dropout)
+    return Classifier(backbone, num_classes, dropout, exposure_norm)
 
 
 def check_model_name(model_name: str) -> None:

@@ -94,6 +94,7 @@ class ModelSpec:
     segmentation: SegmentationParams
     max_pixels: int = images.DEFAULT_MAX_PIXELS
     temperature: float = 1.0  # probabilities are softmax(logits / temperature)
+    exposure_norm: bool = False  # model.Classifier's: each image's exposure undone first
 
     def __post_init__(self):
         if not isinstance(self.model, str):
@@ -113,6 +114,8 @@ class ModelSpec:
                 _number(name, value, 1e-6 if name == "std" else -10.0, 10.0)
         _integer("max_pixels", self.max_pixels, 1, 2**40)
         _number("temperature", self.temperature, 0.01, 100.0)
+        if not isinstance(self.exposure_norm, bool):
+            raise ValueError(f"exposure_norm must be true or false, got {self.exposure_norm!r}")
         object.__setattr__(self, "segmentation", segmentation_params(self.segmentation))
         for name in ("classes", "mean", "std"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -141,6 +144,7 @@ class ModelSpec:
             segmentation=segmentation_params(segmentation),
             max_pixels=int(max_pixels),
             temperature=float(temperature),
+            exposure_norm=bool(getattr(classifier, "exposure_norm", False)),
         )
 
     def to_json(self) -> dict:
@@ -154,6 +158,7 @@ class ModelSpec:
             "segmentation": self.segmentation.to_dict(),
             "max_pixels": self.max_pixels,
             "temperature": self.temperature,
+            "exposure_norm": self.exposure_norm,
         }
 
     @classmethod
@@ -161,7 +166,8 @@ class ModelSpec:
         expected = [f.name for f in fields(cls)]
         if not isinstance(values, dict):
             raise ValueError(f"expected a JSON object with keys {expected}")
-        optional = ("temperature",)  # absent from files written before calibration
+        # Absent from files written before calibration, and before exposure normalisation.
+        optional = ("temperature", "exposure_norm")
         missing = [k for k in expected if k not in values and k not in optional]
         unknown = sorted(set(values) - set(expected))
         if missing or unknown:
@@ -288,7 +294,11 @@ def load(
     source = source or str(folder)
     spec = read_spec(folder, source)
     classifier = create_classifier(
-        spec.model, num_classes=spec.num_classes, dropout=spec.dropout, pretrained="none"
+        spec.model,
+        num_classes=spec.num_classes,
+        dropout=spec.dropout,
+        pretrained="none",
+        exposure_norm=spec.exposure_norm,
     )
     raw = read_regular(
         Path(folder, WEIGHTS_FILE), MAX_WEIGHTS_BYTES, f"{WEIGHTS_FILE} of {source!r}"

@@ -58,6 +58,7 @@ DIMENSIONS = {
     "dropout": Dimension("train", "float", (0.0, 0.95)),
     "unfreeze_last": Dimension("train", "int", (1, 1000)),
     "colour_jitter": Dimension("train", "float", (0.0, 0.95)),
+    "exposure_norm": Dimension("train", "choice", choices=(True, False)),
 }
 OBJECTIVES = {"f1_macro": "maximize", "loss": "minimize"}
 PRUNERS = ("median", "hyperband", "none")

@@ -183,7 +183,11 @@ def build_classifier(config: TrainConfig, image_size: int) -> m.Classifier:
     m.check_model_name(config.model)
     seed_everything(config.seed)  # the head's (and a from-scratch backbone's) initial weights
     classifier = m.create_classifier(
-        config.model, num_classes=len(CLASSES), dropout=config.dropout, pretrained=config.pretrained
+        config.model,
+        num_classes=len(CLASSES),
+        dropout=config.dropout,
+        pretrained=config.pretrained,
+        exposure_norm=config.exposure_norm,
     )
     m.check_image_size(classifier.backbone, image_size)
     return classifier

@@ -54,6 +54,17 @@ def test_the_combined_arm_needs_both_parts():
     }
 
 
+def test_exposure_norm_names_its_arm_as_a_value_or_as_logged_text():
+    raw = {"segment": False}
+    assert arm_of(raw, {"exposure_norm": True, "colour_jitter": 0.4}) == "exposure-norm"
+    assert arm_of(raw, {"exposure_norm": "True", "colour_jitter": "0.4"}) == "exposure-norm"
+    assert arm_of(raw, {"exposure_norm": "False", "colour_jitter": "0.4"}) == "colour-jitter"
+    assert by_name("exposure-norm").train_fields({"colour_jitter": 0.0}) == {
+        "exposure_norm": True,
+        "colour_jitter": 0.4,
+    }
+
+
 def test_an_arm_keeps_a_knob_the_study_turned_on():
     jitter = by_name("colour-jitter")
     assert jitter.train_fields({"colour_jitter": 0.0}) == {"colour_jitter": 0.4}

@@ -192,6 +192,7 @@ def test_code_planted_beside_an_old_format_model_is_ignored(logged, tmp_path):
             "stain reference of 6 finite numbers",
         ),
         ({"extra": 1}, r"unknown keys \['extra'\]"),
+        ({"exposure_norm": "yes"}, "exposure_norm must be true or false"),
     ],
 )
 def test_model_json_is_checked_before_use(logged, tmp_path, change, reason):
@@ -280,3 +281,38 @@ def test_the_temperature_is_data_and_older_files_load_uncalibrated(logged, tmp_p
     (folder / model_files.SPEC_FILE).write_text(json.dumps({**values, "temperature": 0}))
     with pytest.raises(ModelFileError, match=r"temperature must be in \[0.01, 100.0\]"):
         model_files.read_spec(folder)
+
+
+def test_exposure_norm_travels_with_the_model_and_undoes_exposure(tmp_path):
+    """The exposure-norm arm's operation is part of the network: written to model.json, rebuilt
+    on load, and an image scaled by 0.6 (nothing saturates) gives the same logits; without it,
+    not. A file written before the field existed loads without it."""
+    from leukemia.model import create_classifier
+
+    torch.manual_seed(0)
+    classifier = create_classifier(
+        "test_efficientnet", pretrained="none", exposure_norm=True
+    ).eval()
+    spec = ModelSpec.for_classifier(
+        classifier, model_name="test_efficientnet", dropout=0.4, mean=(0.5,) * 3,
+        std=(0.5,) * 3, segmentation={},
+    )  # fmt: skip
+    assert spec.exposure_norm is True
+    model_files.write(tmp_path, classifier, spec)
+    loaded, read = model_files.load(tmp_path)
+    assert read.exposure_norm and loaded.exposure_norm
+    mean = torch.tensor(classifier.backbone.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(classifier.backbone.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    intensity = torch.rand(2, 3, 64, 64) * 0.5 + 0.2
+    normalised = [(intensity * a - mean) / std for a in (1.0, 0.6)]
+    with torch.no_grad():
+        same = [loaded(x) for x in normalised]
+        plain = create_classifier("test_efficientnet", pretrained="none").eval()
+        plain.load_state_dict(loaded.state_dict())
+        differ = [plain(x) for x in normalised]
+    torch.testing.assert_close(same[0], same[1], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(differ[0], differ[1], atol=1e-3)
+    values = json.loads((tmp_path / model_files.SPEC_FILE).read_text())
+    values.pop("exposure_norm")
+    (tmp_path / model_files.SPEC_FILE).write_text(json.dumps(values))
+    assert model_files.read_spec(tmp_path).exposure_norm is False
