@@ -263,8 +263,22 @@ def check_storage_secret(url: str, under_mlflow_run: bool) -> None:
         )
 
 
+class _Storage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage whose heartbeat outlives a storage that is away for a while."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        # Optuna's heartbeat thread dies with a traceback on the first failed beat; with the
+        # storage away, the next beat tries again, and the trial's own next call to the
+        # storage is the error the worker reports (storage_unreachable).
+        try:
+            super().record_heartbeat(trial_id)
+        except Exception as error:  # noqa: BLE001 - the thread's only other way out
+            if not storage_unreachable(error):
+                raise
+
+
 def _rdb_storage(spec: str, on_stale):
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and work
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -275,18 +289,7 @@ def _rdb_storage(spec: str, on_stale):
             if on_stale is not None:
                 on_stale(trial)
 
-        class Storage(RDBStorage):
-            def record_heartbeat(self, trial_id: int) -> None:
-                # Optuna's heartbeat thread dies with a traceback on the first failed beat;
-                # with the storage away, the next beat tries again and the trial's own next
-                # call to the storage is the error the worker reports (storage_unreachable).
-                try:
-                    super().record_heartbeat(trial_id)
-                except Exception as error:  # noqa: BLE001 - the thread's only other way out
-                    if not storage_unreachable(error):
-                        raise
-
-        return Storage(
+        return _Storage(
             spec,
             engine_kwargs={"pool_pre_ping": True},
             heartbeat_interval=HEARTBEAT_INTERVAL_S,
