@@ -250,6 +250,7 @@ def test_log_served_model_writes_a_registered_self_describing_model(
         "segmentation": SEG.to_dict(),
         "max_pixels": MAX_PIXELS,
         "temperature": 1.0,
+        "exposure_norm": False,
     }
     from safetensors.torch import load_file
 
