@@ -125,6 +125,19 @@ def test_compare_more_arms_and_report_them(tracking_uri, tmp_path, monkeypatch, 
     assert "baseline seed 2 (another arm has no finished run)" in text
     assert f"| baseline | 1 | {accuracy[0]:.3f} ± 0.000 |" in text, text
 
+    # A study stopped before it wrote children.json: its children are found by their tags,
+    # the unfinished ones said, and the header says the study did not finish.
+    from urllib.parse import urlparse
+
+    parent_id = parent.info.run_id
+    Path(urlparse(mlflow.get_run(parent_id).info.artifact_uri).path, "children.json").unlink()
+    mlflow.MlflowClient().set_terminated(parent_id, "KILLED")
+    stopped = invoke("report", parent_id, "--out-dir", tmp_path / "stopped")
+    assert stopped.exit_code == 0, stopped.output
+    text = (tmp_path / "stopped" / "report.md").read_text()
+    assert "**the study did not finish** (its parent run is KILLED)" in text, text
+    assert f"masked-rgb seed 2 (run {killed}: KILLED)" in text, text
+
 
 @pytest.mark.parametrize(
     "logged, message",

@@ -89,12 +89,16 @@ def load_study(run_id: str) -> Study:
         with contextlib.suppress(MlflowException):  # deleted for good: left out below
             runs[i] = client.get_run(i)
     status = {i: _state(r) for i, r in runs.items()}
+    tagged = runs
     runs = {i: r for i, r in runs.items() if status[i] == "FINISHED"}
     if logged is not None:
         children = logged
     else:
+        # No children.json: a study stopped before writing it (or an older one). Its children
+        # are the runs tagged with it, unfinished ones too, so that the report says what is
+        # missing instead of passing for a smaller study; a finished run wins a seed.
         children = {}
-        for run in runs.values():
+        for run in sorted(tagged.values(), key=lambda r: status[r.info.run_id] == "FINISHED"):
             seed = rec.TrainRecord.of(run).seed  # None: a shortcut arm, one run for all seeds
             children.setdefault(run.data.tags.get(rec.ARM, "?"), {})[seed] = run.info.run_id
         seeds = sorted({int(s) for by in children.values() for s in by if s is not None})
@@ -106,6 +110,19 @@ def load_study(run_id: str) -> Study:
         }
     children, left_out = _complete_seeds(children, runs, status)
     named = parent.data.params.get("compare.arms", "")
+    planned = parent.data.params.get("compare.seeds", "")
+    if logged is None and named and planned:  # seeds the stopped study never started
+        for arm in named.split(","):
+            started = {str(s) for s in (children.get(arm) or {})} | {
+                entry.split(" seed ")[1].split(" ")[0]
+                for entry in left_out
+                if entry.startswith(f"{arm} seed ")
+            }
+            left_out += [
+                f"{arm} seed {seed} (no run: the study stopped before it)"
+                for seed in planned.split(",")
+                if seed not in started
+            ]
     order = named.split(",") if named else [a.name for a in ARMS if a.features is None]
     deep = [arm for arm in order if arm in children]
     if not deep:
@@ -279,6 +296,14 @@ def section(
         f"- hardware: {_values(deep_runs, 'runtime.hardware', 'tags')}; device "
         f"{_values(deep_runs, 'runtime.device')}, precision "
         f"{_values(deep_runs, 'runtime.precision')}",
+        *(
+            [
+                f"- **the study did not finish** (its parent run is {parent.info.status}): "
+                "these are the runs it finished"
+            ]
+            if parent.info.status != "FINISHED"
+            else []
+        ),
         *(
             [f"- left out, so that every arm is compared at the same seeds: {'; '.join(left)}"]
             if (left := study.left_out)
