@@ -136,6 +136,7 @@ def test_compare_more_arms_and_report_them(tracking_uri, tmp_path, monkeypatch, 
     assert stopped.exit_code == 0, stopped.output
     text = (tmp_path / "stopped" / "report.md").read_text()
     assert "**the study did not finish** (its parent run is KILLED)" in text, text
+    assert f", KILLED ({parent_id[:8]}) |" in text, text  # the summary row says so too
     assert f"masked-rgb seed 2 (run {killed}: KILLED)" in text, text
 
 

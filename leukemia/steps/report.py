@@ -274,6 +274,8 @@ def section(
     config_file = parent.data.params.get("compare.config") or tags.get(rec.CONFIG_FILE)
     config_file = config_file or first.get("config", "?")
     name = parent.data.tags.get("mlflow.runName", parent.info.run_id)
+    if parent.info.status != "FINISHED":
+        name = f"{name}, {parent.info.status}"  # every table that names it says so
     train_minutes = [(r.info.end_time - r.info.start_time) / 60000 for r in deep_runs]
     config = ", ".join(
         f"{k} {first.get(rec.CONFIG + k, first.get(rec.PREPROCESSING + k, '?'))}"
