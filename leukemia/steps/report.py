@@ -108,20 +108,16 @@ def load_study(run_id: str) -> Study:
             else {int(s): r for s, r in by.items()}
             for arm, by in children.items()
         }
+    started = {arm: {str(s) for s in by} for arm, by in children.items()}  # finished or not
     children, left_out = _complete_seeds(children, runs, status)
     named = parent.data.params.get("compare.arms", "")
     planned = parent.data.params.get("compare.seeds", "")
     if logged is None and named and planned:  # seeds the stopped study never started
         for arm in named.split(","):
-            started = {str(s) for s in (children.get(arm) or {})} | {
-                entry.split(" seed ")[1].split(" ")[0]
-                for entry in left_out
-                if entry.startswith(f"{arm} seed ")
-            }
             left_out += [
                 f"{arm} seed {seed} (no run: the study stopped before it)"
                 for seed in planned.split(",")
-                if seed not in started
+                if seed not in started.get(arm, ())
             ]
     order = named.split(",") if named else [a.name for a in ARMS if a.features is None]
     deep = [arm for arm in order if arm in children]
