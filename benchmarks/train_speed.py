@@ -334,6 +334,7 @@ def main() -> None:
             augment=True,
             generator=torch.Generator().manual_seed(0),
             colour=config.colour_jitter,
+            exposure=config.exposure_jitter,
         ).to(device)
         shape = tuple(train_set[0][0].shape)  # from the folder, which --data may size
         batch = random_batch(shape, config.batch_size, device, precision)

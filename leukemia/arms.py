@@ -14,7 +14,9 @@ resized RGB images with Reinhard stain normalisation to a reference fitted on th
 with a wider jitter (0.6: brightening by 1.4 lies inside its range, not at its edge), and
 ``exposure-norm`` on the resized RGB images with each image's exposure undone inside the
 network (``model.Classifier``: mean intensity scaled to one level, so x0.6 or x1.4 reaches the
-backbone as the same image) and colour jitter 0.4 for what scaling cannot undo.
+backbone as the same image) and colour jitter 0.4 for what scaling cannot undo, and
+``exposure-aug`` the same with exposure itself jittered (x/ 1.8, log-uniform, clipped at
+white) so that the saturated background of an over-exposed slide is a common training image.
 A shortcut arm fits colour or brightness histograms + logistic regression on one arm's
 images, to show how far stain colour alone goes; ``shortcut-background`` only the colours
 outside the paper's mask, to show how much of the class the background gives away.
@@ -78,7 +80,12 @@ ARMS = (
         preprocessing=(("stain_norm", "reinhard"),),
         training=(("colour_jitter", 0.6),),
     ),
-    # exposure-norm before colour-jitter: it turns on colour jitter too.
+    # exposure-aug before exposure-norm, and both before colour-jitter: each needs the next.
+    Arm(
+        "exposure-aug",
+        segment=False,
+        training=(("exposure_norm", True), ("colour_jitter", 0.4), ("exposure_jitter", 0.8)),
+    ),
     Arm(
         "exposure-norm",
         segment=False,

@@ -26,6 +26,7 @@ from .split import GROUP_BY, SplitParams
 _SEGMENTATION = SegmentationParams()  # the paper's operator, declared in segmentation.py
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_EXPOSURE_JITTER = 3.0  # exposure factors within x/ 4 at most
 
 # What every command and MLproject entry point runs when no --config is given: the demo, minutes
 # on a CPU with nothing to download. The dataclass defaults below are the paper's values, which
@@ -60,6 +61,10 @@ class TrainConfig:
     # Not the paper's: each image's exposure scaled to one level inside the network, in
     # training and wherever the model is used (model.Classifier); the exposure-norm arm's.
     exposure_norm: bool = False
+    # Not the paper's: each training image's exposure multiplied by a factor drawn log-uniform
+    # in [1/(1+e), 1+e] and clipped at white, so over-exposure and the saturated background it
+    # brings are common draws, not a rare edge of colour jitter; 0 = off; the exposure-aug arm's.
+    exposure_jitter: float = 0.0
     # Run.
     # auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported) and on CPUs with native
     # bf16 (AVX512-BF16/AMX), else fp32. Not a choice the paper made; it only changes speed.
@@ -85,6 +90,10 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not 0 <= self.colour_jitter < 1:  # NaN fails too
             raise ValueError(f"colour_jitter must be in [0, 1), got {self.colour_jitter}")
+        if not 0 <= self.exposure_jitter <= MAX_EXPOSURE_JITTER:  # NaN fails too
+            raise ValueError(
+                f"exposure_jitter must be in [0, {MAX_EXPOSURE_JITTER}], got {self.exposure_jitter}"
+            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.precision not in PRECISIONS:

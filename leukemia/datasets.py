@@ -6,6 +6,7 @@ Kept apart from data.py so that ``preprocess`` and its worker processes never im
 from __future__ import annotations
 
 import csv
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -109,6 +110,13 @@ class BatchTransform(torch.nn.Module):
     gamma in the same range and a hue shift within +/- colour / 4 of a turn, applied by
     torchvision's own functions (``colour_jitter``), so that a model cannot lean on the
     scanner's exposure or the stain batch's hue.
+
+    ``exposure`` = e > 0 then multiplies each image's exposure by a factor drawn log-uniform in
+    [1/(1+e), 1+e] (``exposure_factors``; torchvision's ``adjust_brightness``, which clips at
+    white), so over-exposure, with the saturated background it brings, is a common draw (at
+    e = 0.8, one image in five is brightened by more than 1.4) rather than the edge of one of
+    five jitter factors. Neither draws from ``generator`` when off, so runs without them keep
+    their sequence.
     """
 
     def __init__(
@@ -118,6 +126,7 @@ class BatchTransform(torch.nn.Module):
         augment: bool = False,
         generator: torch.Generator | None = None,
         colour: float = 0.0,
+        exposure: float = 0.0,
     ):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -127,6 +136,9 @@ class BatchTransform(torch.nn.Module):
         self.augment = augment
         self.generator = generator
         self.colour = float(colour)
+        if not exposure >= 0:
+            raise ValueError(f"exposure jitter must be >= 0, got {exposure}")
+        self.exposure = float(exposure)
 
     def affine(self, n: int) -> torch.Tensor:
         """N x 2 x 3 matrices mapping output to input coordinates (``affine_grid``'s way)."""
@@ -161,6 +173,8 @@ class BatchTransform(torch.nn.Module):
             )
             if self.colour > 0:
                 x = colour_jitter(x, colour_factors(len(x), self.colour, self.generator))
+            if self.exposure > 0:
+                x = expose(x, exposure_factors(len(x), self.exposure, self.generator))
         return (x - self.mean) / self.std
 
 
@@ -202,6 +216,22 @@ def colour_jitter(x: torch.Tensor, factors: dict) -> torch.Tensor:
         for name, adjust in _COLOUR_STEPS:
             image = adjust(image, float(factors[name][i]))
         out.append(image)
+    return torch.stack(out) if out else x
+
+
+def exposure_factors(
+    n: int, strength: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Per-image exposure factors (an (n,) CPU tensor) log-uniform in [1/(1+e), 1+e]: as
+    likely to halve the light as to double it."""
+    bound = math.log1p(float(strength))
+    return torch.exp(torch.rand(n, generator=generator) * (2 * bound) - bound)
+
+
+def expose(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """float N x 3 x H x W batch in [0, 1] -> image i's intensities times ``factors[i]``,
+    clipped at white (torchvision's ``adjust_brightness``)."""
+    out = [v2.functional.adjust_brightness(image, float(f)) for image, f in zip(x, factors)]
     return torch.stack(out) if out else x
 
 

@@ -59,6 +59,7 @@ DIMENSIONS = {
     "unfreeze_last": Dimension("train", "int", (1, 1000)),
     "colour_jitter": Dimension("train", "float", (0.0, 0.95)),
     "exposure_norm": Dimension("train", "choice", choices=(True, False)),
+    "exposure_jitter": Dimension("train", "float", (0.0, 3.0)),
 }
 OBJECTIVES = {"f1_macro": "maximize", "loss": "minimize"}
 PRUNERS = ("median", "hyperband", "none")

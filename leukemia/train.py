@@ -415,7 +415,12 @@ def prepare(
     mean, std = normalisation(classifier)
     augment_order = torch.Generator().manual_seed(config.seed + 1)
     augment = BatchTransform(
-        mean, std, augment=True, generator=augment_order, colour=config.colour_jitter
+        mean,
+        std,
+        augment=True,
+        generator=augment_order,
+        colour=config.colour_jitter,
+        exposure=config.exposure_jitter,
     )
     labels = loaders.train.dataset.labels
     weights = class_weights(labels).to(device) if config.class_weights else None

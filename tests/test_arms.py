@@ -65,6 +65,18 @@ def test_exposure_norm_names_its_arm_as_a_value_or_as_logged_text():
     }
 
 
+def test_exposure_aug_needs_all_three_knobs():
+    raw = {"segment": False}
+    knobs = {"exposure_norm": "True", "colour_jitter": "0.4", "exposure_jitter": "0.8"}
+    assert arm_of(raw, knobs) == "exposure-aug"
+    assert arm_of(raw, {**knobs, "exposure_jitter": "0.0"}) == "exposure-norm"
+    assert by_name("exposure-aug").train_fields({"colour_jitter": 0.0}) == {
+        "exposure_norm": True,
+        "colour_jitter": 0.4,
+        "exposure_jitter": 0.8,
+    }
+
+
 def test_an_arm_keeps_a_knob_the_study_turned_on():
     jitter = by_name("colour-jitter")
     assert jitter.train_fields({"colour_jitter": 0.0}) == {"colour_jitter": 0.4}

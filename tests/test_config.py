@@ -47,6 +47,8 @@ def test_overrides_win_and_strings_are_coerced(tmp_path):
         ({"class_weights": "maybe"}, "class_weights must be bool"),
         ({"precision": "fp8"}, "unsupported precision"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"exposure_jitter": float("nan")}, r"exposure_jitter must be in \[0, 3.0\], got nan"),
+        ({"exposure_jitter": 4}, r"exposure_jitter must be in \[0, 3.0\], got 4"),
     ],
 )
 def test_bad_values_are_clear_errors(overrides, message):

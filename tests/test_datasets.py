@@ -172,6 +172,35 @@ def test_colour_jitter_is_per_image_and_off_by_default(processed):
         BatchTransform((0.5,) * 3, (0.5,) * 3, colour=1.5)
 
 
+def test_exposure_jitter_scales_and_clips_and_is_off_by_default(processed):
+    from leukemia.datasets import BatchTransform, expose, exposure_factors
+
+    factors = exposure_factors(20000, 0.8, torch.Generator().manual_seed(0))
+    assert 1 / 1.8 <= float(factors.min()) < 1 < float(factors.max()) <= 1.8
+    # log-uniform: halving and doubling equally likely; about one draw in five above x1.4.
+    assert abs(float(torch.log(factors).mean())) < 0.01
+    assert 0.19 < float((factors > 1.4).float().mean()) < 0.24
+    x = torch.tensor([0.2, 0.5, 0.9]).view(1, 3, 1, 1).expand(2, 3, 2, 2)
+    out = expose(x, torch.tensor([0.5, 1.5]))
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([0.1, 0.25, 0.45]))
+    assert torch.allclose(out[1, :, 0, 0], torch.tensor([0.3, 0.75, 1.0]))  # 1.35 clipped
+
+    images = torch.stack([ManifestDataset(processed, "train")[i][0] for i in range(4)])
+
+    def augmented(exposure):
+        generator = torch.Generator().manual_seed(0)
+        return BatchTransform((0.5,) * 3, (0.5,) * 3, True, generator, exposure=exposure)(images)
+
+    assert torch.equal(
+        augmented(0.0),
+        BatchTransform((0.5,) * 3, (0.5,) * 3, True, torch.Generator().manual_seed(0))(images),
+    )
+    assert torch.equal(augmented(0.8), augmented(0.8))
+    assert not torch.equal(augmented(0.8), augmented(0.0))
+    with pytest.raises(ValueError, match=r"exposure jitter must be >= 0, got -0.5"):
+        BatchTransform((0.5,) * 3, (0.5,) * 3, exposure=-0.5)
+
+
 def test_in_memory_split_gives_the_same_items_as_reading_from_disk(processed, monkeypatch):
     from leukemia import datasets
 
