@@ -134,7 +134,7 @@ def predict_command(image_files, model_uri, as_json):
 
     from . import tracking
     from .inference import IMAGE_COLUMN, InvalidRequest, encode_image_file
-    from .steps.evaluate import load_bundle
+    from .steps.evaluate import load_model
 
     tracking.open_store_for(model_uri)
 
@@ -142,7 +142,7 @@ def predict_command(image_files, model_uri, as_json):
     if missing:
         raise _Failure(f"image file(s) not found: {missing[:3]}")
     try:  # the model's two data files only: nothing that came with the model runs
-        model = load_bundle(model_uri).served
+        model = load_model(model_uri)
     except ValueError as error:
         raise _Failure(str(error)) from None
     frame = pd.DataFrame({IMAGE_COLUMN: [encode_image_file(f) for f in image_files]})

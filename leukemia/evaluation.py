@@ -1,9 +1,9 @@
 """Evaluation maths: a logged classifier on a manifest's raw images, clean and perturbed.
 
 A model is its two data files, ``weights.safetensors`` and ``model.json`` (``model_files``;
-nothing else in a model folder is read, so nothing in it runs), loaded by
-``inference.LeukemiaModel.from_folder`` so that raw images are scored exactly as the served model
-scores them. Perturbations (``PERTURBATIONS``) apply to the raw image, before that
+nothing else in a model folder is read, so nothing in it runs), loaded as the one loaded-model
+type, ``inference.LeukemiaModel`` (``from_folder``), so that raw images are scored exactly as
+the served model scores them. Perturbations (``PERTURBATIONS``) apply to the raw image, before that
 preprocessing. No MLflow here: ``steps.evaluate`` finds the model (``model_uri.resolve``) and
 logs the run.
 """
@@ -14,7 +14,6 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -25,51 +24,7 @@ from tqdm.auto import tqdm
 from . import images, inference, metrics
 from .data import SPLITS, read_manifest
 from .inference import LeukemiaModel
-from .model import Classifier
-from .segmentation import SegmentationParams, preprocess_image
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-@dataclass
-class Bundle:
-    """A logged classifier ready to predict: the network (eval mode) and its preprocessing."""
-
-    classifier: Classifier
-    config: dict  # model.json
-    served: LeukemiaModel  # what the served pyfunc predicts with
-    source: str  # the URI or absolute path it was loaded from (runs:/<id> as runs:/<id>/classifier)
-    segmentation: SegmentationParams
-    transform: Callable  # uint8 N x 3 x S x S tensor -> normalised float tensor
-    device: torch.device
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.config["classes"])
-
-    @property
-    def image_size(self) -> int:
-        return self.segmentation.image_size
-
-
-def bundle_from_folder(folder: Path, source: str) -> Bundle:
-    """The model in ``folder`` (``model_files``: its two data files only) as a Bundle."""
-    return bundle_of(LeukemiaModel.from_folder(folder, source), source)
-
-
-def bundle_of(served: LeukemiaModel, source: str) -> Bundle:
-    """A loaded (or just trained) served model as a Bundle."""
-    return Bundle(
-        classifier=served.model,
-        config=served.spec.to_json(),
-        served=served,
-        source=source,
-        segmentation=served.segmentation,
-        transform=served.transform,
-        device=served.device,
-    )
-
+from .segmentation import preprocess_image
 
 # ---------------------------------------------------------------------------------------------
 # Perturbations: H x W x 3 uint8 RGB in, the same shape out, before the model's preprocessing
@@ -172,27 +127,29 @@ def _check_rgb(rgb, index: int = 0) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def model_input(bundle: Bundle, rgb: np.ndarray) -> np.ndarray:
+def model_input(model: LeukemiaModel, rgb: np.ndarray) -> np.ndarray:
     """S x S x 3 uint8: what the network sees for one raw RGB image (resize, segmentation)."""
-    return preprocess_image(_check_rgb(rgb), bundle.segmentation)
+    return preprocess_image(_check_rgb(rgb), model.segmentation)
 
 
-def batch_tensor(bundle: Bundle, inputs: Sequence[np.ndarray]) -> torch.Tensor:
+def batch_tensor(model: LeukemiaModel, inputs: Sequence[np.ndarray]) -> torch.Tensor:
     """N x S x S x 3 uint8 model inputs -> the normalised N x 3 x S x S batch on the device."""
-    return inference.model_batch(np.stack(inputs), bundle.transform, bundle.device)
+    return inference.model_batch(np.stack(inputs), model.transform, model.device)
 
 
-def _probabilities(bundle: Bundle, inputs: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+def _probabilities(
+    model: LeukemiaModel, inputs: Sequence[np.ndarray], batch_size: int
+) -> np.ndarray:
     """Model inputs -> (n, C) float64 probabilities, computed as the served model does."""
     if len(inputs) == 0:
-        return np.zeros((0, len(bundle.classes)))
+        return np.zeros((0, len(model.classes)))
     return inference.probabilities(
-        bundle.classifier,
-        bundle.transform,
-        bundle.device,
+        model.classifier,
+        model.transform,
+        model.device,
         np.stack(inputs),
         batch_size,
-        bundle.served.spec.temperature,
+        model.spec.temperature,
     )
 
 
@@ -201,13 +158,15 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(len(os.sched_getaffinity(0)), thread_name_prefix="leukemia-eval")
 
 
-def predict_rgb(bundle: Bundle, rgbs: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+def predict_rgb(
+    model: LeukemiaModel, rgbs: Sequence[np.ndarray], batch_size: int = 32
+) -> np.ndarray:
     """Class probabilities (n, C) for raw H x W x 3 uint8 RGB images (any sizes)."""
     _check_batch_size(batch_size)
     rgbs = [_check_rgb(rgb, i) for i, rgb in enumerate(rgbs)]
     with _pool() as pool:
-        inputs = list(pool.map(lambda rgb: preprocess_image(rgb, bundle.segmentation), rgbs))
-    return _probabilities(bundle, inputs, batch_size)
+        inputs = list(pool.map(lambda rgb: preprocess_image(rgb, model.segmentation), rgbs))
+    return _probabilities(model, inputs, batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,11 +208,11 @@ def read_raw(root: Path, row: dict, max_pixels: int) -> np.ndarray:
         raise ValueError(f"{str(path)!r}: {error}") from None
 
 
-def _perturbed_input(bundle: Bundle, seed: int, name: str, index: int, rgb: np.ndarray):
+def _perturbed_input(model: LeukemiaModel, seed: int, name: str, index: int, rgb: np.ndarray):
     """The model input for image ``index`` under perturbation ``name``; its noise comes from
     ``default_rng((seed, position of name in PERTURBATIONS, index))``."""
     rng = np.random.default_rng((seed, list(PERTURBATIONS).index(name), index))
-    return preprocess_image(PERTURBATIONS[name](rgb, rng), bundle.segmentation)
+    return preprocess_image(PERTURBATIONS[name](rgb, rng), model.segmentation)
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -262,7 +221,7 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 def evaluate_manifest(
-    bundle: Bundle,
+    model: LeukemiaModel,
     manifest_path,
     dataset_root=None,
     split: str = "test",
@@ -273,7 +232,7 @@ def evaluate_manifest(
     """Score one split's raw images under each perturbation.
 
     Returns ``{condition: {"labels": (n,) int, "probabilities": (n, C), "paths": [n]}}`` with
-    rows in manifest order; labels index ``bundle.classes``. Each raw image is read once, in
+    rows in manifest order; labels index ``model.classes``. Each raw image is read once, in
     chunks of ``batch_size``, so memory stays bounded whatever the dataset's image sizes. Image
     i's noise is the same whatever the threads, chunks or other perturbations asked for (see
     ``_perturbed_input``).
@@ -287,9 +246,9 @@ def evaluate_manifest(
     if not rows:
         raise ValueError(f"manifest {str(manifest_path)!r} lists no {split!r} images")
     root = resolve_dataset_root(manifest_path, dataset_root)
-    unknown = sorted({r["class"] for r in rows} - set(bundle.classes))
+    unknown = sorted({r["class"] for r in rows} - set(model.classes))
     if unknown:
-        raise ValueError(f"manifest classes {unknown} are not among the model's {bundle.classes}")
+        raise ValueError(f"manifest classes {unknown} are not among the model's {model.classes}")
     missing = [r["path"] for r in rows if not (root / r["path"]).is_file()]
     if missing:
         raise ValueError(
@@ -297,8 +256,8 @@ def evaluate_manifest(
             f"missing under {str(root)!r} (e.g. {missing[:3]}); pass the dataset_root they are "
             "relative to"
         )
-    labels = np.array([bundle.classes.index(r["class"]) for r in rows], dtype=np.int64)
-    max_pixels = int(bundle.config["max_pixels"])
+    labels = np.array([model.classes.index(r["class"]) for r in rows], dtype=np.int64)
+    max_pixels = int(model.max_pixels)
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
     starts = range(0, len(rows), batch_size)
     with _pool() as pool:
@@ -308,8 +267,8 @@ def evaluate_manifest(
             raws = list(pool.map(lambda row: read_raw(root, row, max_pixels), chunk))
             for name in names:
                 jobs = [(name, start + i, rgb) for i, rgb in enumerate(raws)]
-                inputs = list(pool.map(lambda job: _perturbed_input(bundle, seed, *job), jobs))
-                chunks[name].append(_probabilities(bundle, inputs, batch_size))
+                inputs = list(pool.map(lambda job: _perturbed_input(model, seed, *job), jobs))
+                chunks[name].append(_probabilities(model, inputs, batch_size))
     paths = [r["path"] for r in rows]
     return {
         name: {"labels": labels.copy(), "probabilities": np.concatenate(c), "paths": list(paths)}

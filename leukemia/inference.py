@@ -126,19 +126,27 @@ def check_rgb_batch(array: np.ndarray, max_pixels: int) -> np.ndarray:
 class LeukemiaModel:
     """Image files or RGB arrays -> ``label`` and ``prob_<class>`` per image (see the module)."""
 
-    def __init__(self, classifier: Classifier, spec: ModelSpec, device: torch.device):
+    def __init__(
+        self, classifier: Classifier, spec: ModelSpec, device: torch.device, source: str = ""
+    ):
         self.spec = spec
+        self.source = source  # where it was loaded from (a URI or an absolute path), in messages
         self.classes = list(spec.classes)
         self.max_pixels = spec.max_pixels
         self.segmentation = spec.segmentation
         self.device = device
         self.transform = build_transform(False, spec.mean, spec.std)
-        self.model = classifier
+        self.classifier = classifier  # in eval mode
         pixels = self.segmentation.image_size**2
         on_gpu = self.device.type == "cuda"
         self.batch_size = CUDA_BATCH_SIZE if on_gpu else max(1, CPU_BATCH_PIXELS // pixels)
         self.max_rows = _limit_from_env(MAX_ROWS_ENV, MAX_ROWS)
         self.max_request_pixels = _limit_from_env(MAX_PIXELS_ENV, MAX_REQUEST_PIXELS)
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square model input."""
+        return self.segmentation.image_size
 
     def get_raw_model(self) -> LeukemiaModel:
         """What ``mlflow.pyfunc.load_model(uri).get_raw_model()`` returns: this object, whose
@@ -150,7 +158,7 @@ class LeukemiaModel:
         """Read the two model files in ``folder`` (``model_files.load``: data only)."""
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         classifier, spec = model_files.load(folder, source, device)
-        return cls(classifier, spec, device)
+        return cls(classifier, spec, device, source or str(Path(folder).resolve()))
 
     def predict(self, model_input: pd.DataFrame | np.ndarray, params=None) -> pd.DataFrame:
         """What MLflow's pyfunc wrapper calls (after checking a DataFrame against the
@@ -207,7 +215,12 @@ class LeukemiaModel:
     def _predict_preprocessed(self, batch: np.ndarray) -> pd.DataFrame:
         """N x S x S x 3 uint8 model inputs -> the output DataFrame."""
         probs = probabilities(
-            self.model, self.transform, self.device, batch, self.batch_size, self.spec.temperature
+            self.classifier,
+            self.transform,
+            self.device,
+            batch,
+            self.batch_size,
+            self.spec.temperature,
         )
         labels = np.asarray(self.classes, dtype=object)[probs.argmax(axis=1)]
         return pd.DataFrame(

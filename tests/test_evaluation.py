@@ -31,7 +31,7 @@ from leukemia.steps import evaluate as evaluate_step
 SEG = SegmentationParams(image_size=64)
 PROB_COLUMNS = [prob_column(name) for name in CLASSES]
 REGISTERED = "leukemia-classifier"
-# The bundle runs on CUDA when there is one; TF32 convolutions there differ from the CPU
+# The model runs on CUDA when there is one; TF32 convolutions there differ from the CPU
 # reference (and between batch compositions) in the fourth decimal, on the CPU in the ninth.
 ATOL = 1e-4 if torch.cuda.is_available() else 1e-6
 
@@ -88,9 +88,9 @@ def classifier():
 
 
 @pytest.fixture(scope="module")
-def bundle(classifier, tmp_path_factory):
+def model(classifier, tmp_path_factory):
     folder = _write_model_folder(tmp_path_factory.mktemp("model") / "checkpoint", classifier)
-    return evaluate_step.load_bundle(str(folder))
+    return evaluate_step.load_model(str(folder))
 
 
 def _smears(sizes=(64, 80, 48, 96)) -> list[np.ndarray]:
@@ -107,8 +107,8 @@ def _reference_probabilities(classifier, rgbs) -> np.ndarray:
         return torch.softmax(classifier(batch), dim=1).double().numpy()
 
 
-def _same_weights(bundle, classifier) -> bool:
-    loaded = bundle.classifier.state_dict()
+def _same_weights(model, classifier) -> bool:
+    loaded = model.classifier.state_dict()
     return all(torch.equal(loaded[k].cpu(), v) for k, v in classifier.state_dict().items())
 
 
@@ -116,7 +116,7 @@ def _same_weights(bundle, classifier) -> bool:
 # Loading
 
 
-def test_load_bundle_from_run_and_registry_uris_predicts_as_the_served_model(
+def test_load_model_from_run_and_registry_uris_predicts_as_the_served_model(
     tracking_uri, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)  # MLflow puts a SQLite store's artifacts under ./mlruns
@@ -141,12 +141,12 @@ def test_load_bundle_from_run_and_registry_uris_predicts_as_the_served_model(
         local_pyfunc: str(Path(local_pyfunc).resolve()),  # weights in its artifacts/
     }
     for source, normalised in sources.items():
-        bundle = evaluate_step.load_bundle(source)
-        assert bundle.source == normalised
-        assert not bundle.classifier.training and _same_weights(bundle, classifier)
-        assert bundle.config["segmentation"]["image_size"] == 64 and bundle.image_size == 64
+        model = evaluate_step.load_model(source)
+        assert model.source == normalised
+        assert not model.classifier.training and _same_weights(model, classifier)
+        assert model.spec.to_json()["segmentation"]["image_size"] == 64 and model.image_size == 64
         # Several chunks and images of several sizes, against the pyfunc's own answer.
-        probabilities = evaluation.predict_rgb(bundle, rgbs, batch_size=3)
+        probabilities = evaluation.predict_rgb(model, rgbs, batch_size=3)
         np.testing.assert_allclose(probabilities, served, atol=ATOL, rtol=0)
 
     failures = {
@@ -160,48 +160,48 @@ def test_load_bundle_from_run_and_registry_uris_predicts_as_the_served_model(
     }
     for source, reason in failures.items():
         with pytest.raises(ValueError) as caught:
-            evaluate_step.load_bundle(source)
+            evaluate_step.load_model(source)
         message = str(caught.value)
         assert "\n" not in message and source in message and "expected runs:/" in message
         assert reason in message
 
 
-def test_load_bundle_from_local_files_and_what_it_refuses(classifier, tmp_path):
+def test_load_model_from_local_files_and_what_it_refuses(classifier, tmp_path):
     folder = _write_model_folder(tmp_path / "checkpoint", classifier)
     for source in (folder, folder / "weights.safetensors"):  # a folder or one of its files
-        bundle = evaluate_step.load_bundle(str(source))
-        assert bundle.source == str(source.resolve()) and _same_weights(bundle, classifier)
-        assert bundle.config["classes"] == list(CLASSES)
+        model = evaluate_step.load_model(str(source))
+        assert model.source == str(source.resolve()) and _same_weights(model, classifier)
+        assert model.classes == list(CLASSES)
         rgbs = _smears((72, 64))
         np.testing.assert_allclose(
-            evaluation.predict_rgb(bundle, rgbs),
+            evaluation.predict_rgb(model, rgbs),
             _reference_probabilities(classifier, rgbs),
             atol=ATOL,
         )
 
     with pytest.raises(ValueError, match="neither a model URI nor an existing path"):
-        evaluate_step.load_bundle(str(tmp_path / "absent"))
+        evaluate_step.load_model(str(tmp_path / "absent"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no weights.safetensors"):
-        evaluate_step.load_bundle(str(tmp_path / "empty"))
+        evaluate_step.load_model(str(tmp_path / "empty"))
     config = json.loads((folder / "model.json").read_text())
     del config["mean"]
     (folder / "model.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"lacks the keys \['mean'\]"):
-        evaluate_step.load_bundle(str(folder))
+        evaluate_step.load_model(str(folder))
     other = create_classifier("test_efficientnet", num_classes=3, dropout=0.2, pretrained="none")
     folder = _write_model_folder(tmp_path / "mismatch", other)  # model.json says 4 classes
     with pytest.raises(ValueError, match="does not fit a test_efficientnet with 4 classes"):
-        evaluate_step.load_bundle(str(folder))
+        evaluate_step.load_model(str(folder))
 
 
-def test_predict_rgb_rejects_what_is_not_an_rgb_image(bundle):
+def test_predict_rgb_rejects_what_is_not_an_rgb_image(model):
     for bad in (np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.float32), "image.png"):
         with pytest.raises(ValueError, match="image 1: expected a uint8 RGB array"):
-            evaluation.predict_rgb(bundle, [np.zeros((8, 8, 3), np.uint8), bad])
-    assert evaluation.predict_rgb(bundle, []).shape == (0, 4)
+            evaluation.predict_rgb(model, [np.zeros((8, 8, 3), np.uint8), bad])
+    assert evaluation.predict_rgb(model, []).shape == (0, 4)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
-        evaluation.predict_rgb(bundle, [np.zeros((8, 8, 3), np.uint8)], batch_size=0)
+        evaluation.predict_rgb(model, [np.zeros((8, 8, 3), np.uint8)], batch_size=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,12 +259,12 @@ def test_perturbations_have_their_known_effects():
 # A manifest's raw images
 
 
-def test_evaluate_manifest_scores_raw_test_images_under_each_perturbation(bundle, small_processed):
+def test_evaluate_manifest_scores_raw_test_images_under_each_perturbation(model, small_processed):
     manifest = small_processed / "manifest.csv"
     root = Path(json.loads((small_processed / "params.json").read_text())["dataset_root"])
     rows = [r for r in read_manifest(manifest) if r["split"] == "test"]
     results = evaluation.evaluate_manifest(
-        bundle, manifest, perturbations=("clean", "darken", "noise"), batch_size=2
+        model, manifest, perturbations=("clean", "darken", "noise"), batch_size=2
     )
     assert list(results) == ["clean", "darken", "noise"]
     raws = [images.read_image(root / r["path"]) for r in rows]
@@ -273,11 +273,11 @@ def test_evaluate_manifest_scores_raw_test_images_under_each_perturbation(bundle
         assert result["labels"].tolist() == [CLASSES.index(r["class"]) for r in rows]
         assert result["probabilities"].shape == (len(rows), 4)
     np.testing.assert_allclose(
-        results["clean"]["probabilities"], evaluation.predict_rgb(bundle, raws), atol=ATOL
+        results["clean"]["probabilities"], evaluation.predict_rgb(model, raws), atol=ATOL
     )
     darkened = [PERTURBATIONS["darken"](raw, None) for raw in raws]
     np.testing.assert_allclose(
-        results["darken"]["probabilities"], evaluation.predict_rgb(bundle, darkened), atol=ATOL
+        results["darken"]["probabilities"], evaluation.predict_rgb(model, darkened), atol=ATOL
     )
     # Image i's noise comes from default_rng((seed, index of "noise", i)): the same whatever
     # the chunking and the other conditions asked for, different for another seed.
@@ -287,53 +287,53 @@ def test_evaluate_manifest_scores_raw_test_images_under_each_perturbation(bundle
         for i, raw in enumerate(raws)
     ]
     np.testing.assert_allclose(
-        results["noise"]["probabilities"], evaluation.predict_rgb(bundle, noisy), atol=ATOL
+        results["noise"]["probabilities"], evaluation.predict_rgb(model, noisy), atol=ATOL
     )
-    alone = evaluation.evaluate_manifest(bundle, manifest, perturbations="noise", batch_size=2)
+    alone = evaluation.evaluate_manifest(model, manifest, perturbations="noise", batch_size=2)
     np.testing.assert_array_equal(
         alone["noise"]["probabilities"], results["noise"]["probabilities"]
     )
     reseeded = evaluation.evaluate_manifest(
-        bundle, manifest, perturbations="noise", seed=1, batch_size=2
+        model, manifest, perturbations="noise", seed=1, batch_size=2
     )
     difference = reseeded["noise"]["probabilities"] - results["noise"]["probabilities"]
     assert np.abs(difference).max() > 1e-6
     with pytest.raises(ValueError, match="unsupported perturbations \\['fog'\\]; expected"):
-        evaluation.evaluate_manifest(bundle, manifest, perturbations=("clean", "fog"))
+        evaluation.evaluate_manifest(model, manifest, perturbations=("clean", "fog"))
     with pytest.raises(ValueError, match="unsupported split"):
-        evaluation.evaluate_manifest(bundle, manifest, split="holdout")
+        evaluation.evaluate_manifest(model, manifest, split="holdout")
 
 
-def test_evaluate_manifest_names_missing_raw_files(bundle, small_processed, dataset_copy):
+def test_evaluate_manifest_names_missing_raw_files(model, small_processed, dataset_copy):
     manifest = small_processed / "manifest.csv"
     first = next(r for r in read_manifest(manifest) if r["split"] == "test")
     (dataset_copy / first["path"]).unlink()
     with pytest.raises(ValueError, match=r"1 of the \d+ test images .* missing") as caught:
-        evaluation.evaluate_manifest(bundle, manifest, dataset_root=dataset_copy)
+        evaluation.evaluate_manifest(model, manifest, dataset_root=dataset_copy)
     assert first["path"] in str(caught.value)
     with pytest.raises(ValueError, match="is not a folder"):
-        evaluation.evaluate_manifest(bundle, manifest, dataset_root=dataset_copy / "absent")
+        evaluation.evaluate_manifest(model, manifest, dataset_root=dataset_copy / "absent")
 
 
 # ---------------------------------------------------------------------------------------------
 # Grad-CAM
 
 
-def test_grad_cam_is_the_class_activation_map_at_the_input_size(bundle):
+def test_grad_cam_is_the_class_activation_map_at_the_input_size(model):
     rgb = _smears((80,))[0]
-    x = build_transform(False, bundle.config["mean"], bundle.config["std"])(
-        torch.from_numpy(evaluation.model_input(bundle, rgb)).permute(2, 0, 1)[None]
-    ).to(bundle.device)
+    x = build_transform(False, model.spec.mean, model.spec.std)(
+        torch.from_numpy(evaluation.model_input(model, rgb)).permute(2, 0, 1)[None]
+    ).to(model.device)
     with torch.inference_mode():
-        features, logits = gradcam.features_and_logits(bundle.classifier, x)
-        torch.testing.assert_close(logits, bundle.classifier(x), atol=1e-5, rtol=0)
+        features, logits = gradcam.features_and_logits(model.classifier, x)
+        torch.testing.assert_close(logits, model.classifier(x), atol=1e-5, rtol=0)
     assert features.ndim == 4
     # With global average pooling and a linear head, dy_t/dA_cij = W_tc / (h w): Grad-CAM is
     # the CAM of Zhou et al., ReLU(sum_c W_tc A_c), up to the normalisation.
-    weight = bundle.classifier.head.weight.detach().cpu().numpy()
+    weight = model.classifier.head.weight.detach().cpu().numpy()
     maps = features[0].cpu().numpy()
     for target in range(4):
-        cam = gradcam.grad_cam(bundle, rgb, target)
+        cam = gradcam.grad_cam(model, rgb, target)
         assert cam.shape == (64, 64) and cam.min() >= 0 and cam.max() <= 1
         reference = np.maximum(np.tensordot(weight[target], maps, axes=1), 0)
         reference = cv2.resize(reference.astype(np.float32), (64, 64))
@@ -344,21 +344,21 @@ def test_grad_cam_is_the_class_activation_map_at_the_input_size(bundle):
             assert not cam.any()
     predicted = int(logits.argmax())
     np.testing.assert_array_equal(
-        gradcam.grad_cam(bundle, rgb), gradcam.grad_cam(bundle, rgb, predicted)
+        gradcam.grad_cam(model, rgb), gradcam.grad_cam(model, rgb, predicted)
     )
     with pytest.raises(ValueError, match=r"target must be a class index in \[0, 4\), got 4"):
-        gradcam.grad_cam(bundle, rgb, 4)
+        gradcam.grad_cam(model, rgb, 4)
 
 
-def test_gradcam_figure_has_a_row_per_class(bundle):
+def test_gradcam_figure_has_a_row_per_class(model):
     samples = [(rgb, i % 4) for i, rgb in enumerate(_smears((64, 72, 80, 64, 56, 64, 64, 64)))]
-    fig = gradcam.gradcam_figure(bundle, samples)
+    fig = gradcam.gradcam_figure(model, samples)
     assert isinstance(fig, Figure) and len(fig.axes) == 4 * 4
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[0] == "true: Benign" and titles[1].startswith("pred: ")
     fig.savefig(io.BytesIO(), format="png")
     with pytest.raises(ValueError, match="at least one"):
-        gradcam.gradcam_figure(bundle, [])
+        gradcam.gradcam_figure(model, [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,9 +397,9 @@ def test_run_evaluation_logs_one_finished_run(tracking_uri, tmp_path, monkeypatc
 
     rows = [r for r in read_manifest(manifest) if r["split"] == "test"]
     root = Path(json.loads((small_processed / "params.json").read_text())["dataset_root"])
-    bundle = evaluate_step.load_bundle(source)
+    model = evaluate_step.load_model(source)
     probabilities = evaluation.predict_rgb(
-        bundle, [images.read_image(root / r["path"]) for r in rows]
+        model, [images.read_image(root / r["path"]) for r in rows]
     )
     labels = np.array([CLASSES.index(r["class"]) for r in rows])
     assert result["n_images"] == len(rows)

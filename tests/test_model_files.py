@@ -115,7 +115,7 @@ def test_the_logged_model_holds_only_data_files(logged):
 def _three_paths(folder: Path, image: Path) -> dict[str, str]:
     """What evaluate, predict and serve make of a model folder."""
     return {
-        "evaluate": _attempt(lambda: evaluate_step.load_bundle(str(folder))),
+        "evaluate": _attempt(lambda: evaluate_step.load_model(str(folder))),
         "predict": _attempt(
             lambda: _ok(
                 CliRunner().invoke(main, ["predict", str(image), "--model-uri", str(folder)])
@@ -166,8 +166,8 @@ def test_code_planted_beside_an_old_format_model_is_ignored(logged, tmp_path):
         shutil.copy(original / "data" / "model" / name, folder / "artifacts" / name)
     (folder / "served_model.py").write_text(_payloads(marker)["python"].decode())
     (folder / "python_model.pkl").write_bytes(_payloads(marker)["pickle"])
-    bundle = evaluate_step.load_bundle(str(folder))
-    assert bundle.served.predict(_request()).shape == (2, 5)
+    model = evaluate_step.load_model(str(folder))
+    assert model.predict(_request()).shape == (2, 5)
     image = tmp_path / "cell.png"
     image.write_bytes(base64.b64decode(_request(1)["image"][0]))
     result = CliRunner().invoke(main, ["predict", str(image), "--model-uri", str(folder)])

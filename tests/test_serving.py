@@ -367,7 +367,7 @@ def test_per_request_limits_refuse_before_decoding(served, monkeypatch):
     raw = served[1].get_raw_model()
     monkeypatch.setenv(inference.MAX_ROWS_ENV, "3")
     monkeypatch.setenv(inference.MAX_PIXELS_ENV, str(2 * 64 * 64))
-    limited = serving.ServedModel(raw.model, raw.spec, raw.device)
+    limited = serving.ServedModel(raw.classifier, raw.spec, raw.device)
     small = _b64(_png(_smear(0, 64)))
     assert len(limited.predict(pd.DataFrame({"image": [small, small]}))) == 2
     with pytest.raises(MlflowException, match=r"at most 3 images per request .* got 4") as caught:
@@ -385,4 +385,4 @@ def test_per_request_limits_refuse_before_decoding(served, monkeypatch):
         limited.predict(pd.DataFrame({"image": [_b64(bytes(header))]}))
     monkeypatch.setenv(inference.MAX_ROWS_ENV, "many")
     with pytest.raises(ValueError, match="LEUKEMIA_SERVE_MAX_ROWS must be a positive integer"):
-        serving.ServedModel(raw.model, raw.spec, raw.device)
+        serving.ServedModel(raw.classifier, raw.spec, raw.device)

@@ -118,16 +118,15 @@ def test_a_train_run_leaves_everything_in_mlflow(tracking_uri, tmp_path, monkeyp
     assert "checkpoint/weights.safetensors" in names
     assert not [n for n in names if n.endswith((".pkl", ".pth", ".pt", ".py"))], names
     assert not [n for n in names if n.startswith("model/")], "no pickled mlflow.pytorch copy"
-    bundle = evaluate_step.load_bundle(f"runs:/{run_id}")
+    model = evaluate_step.load_model(f"runs:/{run_id}")
     # Calibration: the temperature fitted on validation is the served model's, and the test
     # split's ECE and Brier score are logged before and after it.
-    assert bundle.served.spec.temperature == pytest.approx(metrics["calibration_temperature"])
+    assert model.spec.temperature == pytest.approx(metrics["calibration_temperature"])
     assert 0.05 <= metrics["calibration_temperature"] <= 20
     for key in ("test_ece", "test_ece_calibrated", "test_brier", "test_brier_calibrated"):
         assert 0 <= metrics[key] <= 2, key
-    model = bundle.classifier
     with torch.inference_mode():
-        assert model(torch.zeros(3, 3, 64, 64)).shape == (3, 4)
+        assert model.classifier(torch.zeros(3, 3, 64, 64)).shape == (3, 4)
     predictions = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/predictions.csv")
     test_images = len(predictions.strip().splitlines()) - 1
     assert test_images == sum(
@@ -278,8 +277,8 @@ def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
         assert logged == history(reference.info.run_id, key), key
     for key in ("test_loss", "test_accuracy", "phase1_test_f1_macro", "phase2_best_epoch"):
         assert finished.data.metrics[key] == reference.data.metrics[key], key
-    model = evaluate_step.load_bundle(f"runs:/{run_id}").classifier
-    same = evaluate_step.load_bundle(f"runs:/{reference.info.run_id}").classifier
+    model = evaluate_step.load_model(f"runs:/{run_id}").classifier
+    same = evaluate_step.load_model(f"runs:/{reference.info.run_id}").classifier
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype("float32"))
     with torch.inference_mode():
         assert torch.equal(model(x), same(x))

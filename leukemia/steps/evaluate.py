@@ -28,15 +28,15 @@ import pandas as pd
 from .. import evaluation, gradcam, metrics, model_files, model_uri, tracking
 from .. import record as rec
 from ..data import CLASSES, read_manifest, split_fingerprint
-from ..evaluation import Bundle
+from ..inference import LeukemiaModel
 
 
-def load_bundle(source: str) -> Bundle:
+def load_model(source: str) -> LeukemiaModel:
     """A model from a URI (``runs:/``, ``models:/``) or a local folder or file
     (``model_uri.resolve``): only its two data files are read (``model_files``)."""
     with tempfile.TemporaryDirectory(prefix="leukemia-evaluate-") as scratch:
         local, name = model_uri.resolve(source, scratch)
-        return evaluation.bundle_from_folder(model_files.find_folder(local, source), name)
+        return LeukemiaModel.from_folder(model_files.find_folder(local, source), name)
 
 
 def training_data(source: str) -> dict:
@@ -121,23 +121,23 @@ def run(
         raise ValueError(
             f"bootstrap and gradcam_per_class must be >= 0, got {bootstrap}, {gradcam_per_class}"
         )
-    bundle = _load_checked(source)
+    model = _load_checked(source)
     manifest_path, relation = choose_manifest(source, manifest_path)
     root = evaluation.resolve_dataset_root(manifest_path, dataset_root)
     conditions = tuple(evaluation.PERTURBATIONS) if robustness else ("clean",)
     results = evaluation.evaluate_manifest(
-        bundle, manifest_path, root, split, conditions, seed, batch_size
+        model, manifest_path, root, split, conditions, seed, batch_size
     )
     clean_result, n_images = results["clean"], len(results["clean"]["labels"])
     intervals, no_interval = _intervals(clean_result, manifest_path, bootstrap, seed)
     table = evaluation.robustness_table(results)
-    samples = gradcam.gradcam_samples(manifest_path, root, split, bundle, gradcam_per_class)
-    figure = gradcam.gradcam_figure(bundle, samples) if samples else None
-    errors = _misclassified(bundle, manifest_path, root, clean_result)
-    tags = _tags(source, bundle, split, relation, manifest_path, root)
+    samples = gradcam.gradcam_samples(manifest_path, root, split, model, gradcam_per_class)
+    figure = gradcam.gradcam_figure(model, samples) if samples else None
+    errors = _misclassified(model, manifest_path, root, clean_result)
+    tags = _tags(source, model, split, relation, manifest_path, root)
     with tracking.start_run("evaluate", experiment, nested=nested, tags=tags) as run:
-        _log_params(bundle, n_images, conditions, bootstrap, seed, manifest_path)
-        report = _log_results(bundle, clean_result, split, intervals)
+        _log_params(model, n_images, conditions, bootstrap, seed, manifest_path)
+        report = _log_results(model, clean_result, split, intervals)
         _log_views(table if robustness else None, figure, errors)
     return {
         "run_id": run.info.run_id,
@@ -156,7 +156,9 @@ MISCLASSIFIED = f"{rec.EVALUATION}/misclassified.json"  # the UI's table view sh
 MAX_MISCLASSIFIED = 16  # rows (two images, four files each): the most confident mistakes
 
 
-def _misclassified(bundle: Bundle, manifest_path: Path, root: Path, clean: dict) -> pd.DataFrame:
+def _misclassified(
+    model: LeukemiaModel, manifest_path: Path, root: Path, clean: dict
+) -> pd.DataFrame:
     """The images the model gets wrong, the most confident mistakes first (at most
     ``MAX_MISCLASSIFIED``): path, true and predicted class, the served confidence, the model
     input and the Grad-CAM of the predicted class over it (``mlflow.Image``, for
@@ -170,13 +172,13 @@ def _misclassified(bundle: Bundle, manifest_path: Path, root: Path, clean: dict)
     records = []
     for i in chosen:
         path = clean["paths"][i]
-        rgb = evaluation.read_raw(root, rows[path], int(bundle.config["max_pixels"]))
-        image, cam = gradcam.overlay(bundle, rgb)
+        rgb = evaluation.read_raw(root, rows[path], int(model.max_pixels))
+        image, cam = gradcam.overlay(model, rgb)
         records.append(
             {
                 "path": path,
-                "true": bundle.classes[int(clean["labels"][i])],
-                "predicted": bundle.classes[int(predicted[i])],
+                "true": model.classes[int(clean["labels"][i])],
+                "predicted": model.classes[int(predicted[i])],
                 "confidence": round(float(probabilities[i, predicted[i]]), 4),
                 "image": mlflow.Image(image),
                 "gradcam": mlflow.Image(cam),
@@ -207,12 +209,12 @@ def _as_pairs(intervals: dict) -> dict:
     }
 
 
-def _log_params(bundle, n_images: int, conditions, bootstrap: int, seed: int, manifest_path):
+def _log_params(model, n_images: int, conditions, bootstrap: int, seed: int, manifest_path):
     # Prefixed keys: `mlflow run` logs its own -P parameters under the plain names.
     mlflow.log_params(
         {
-            "evaluate.model": bundle.config["model"],
-            "evaluate.image_size": bundle.image_size,
+            "evaluate.model": model.spec.model,
+            "evaluate.image_size": model.image_size,
             "evaluate.images": n_images,
             "evaluate.perturbations": ",".join(conditions),
             "evaluate.bootstrap": bootstrap,
@@ -224,16 +226,16 @@ def _log_params(bundle, n_images: int, conditions, bootstrap: int, seed: int, ma
 
 
 def _load_checked(source: str):
-    bundle = load_bundle(source)
-    if tuple(bundle.classes) != CLASSES:
-        raise ValueError(f"model classes {bundle.classes} differ from the dataset's {CLASSES}")
-    return bundle
+    model = load_model(source)
+    if tuple(model.classes) != CLASSES:
+        raise ValueError(f"model classes {model.classes} differ from the dataset's {CLASSES}")
+    return model
 
 
-def _tags(source: str, bundle, split: str, relation: str, manifest_path: Path, root: Path):
+def _tags(source: str, model, split: str, relation: str, manifest_path: Path, root: Path):
     tags = {
         rec.STEP: rec.EVALUATE,
-        "model_uri": bundle.source,
+        "model_uri": model.source,
         "split": split,
         "evaluate.data": relation,
         "evaluate.manifest": str(manifest_path.resolve()),
@@ -267,14 +269,14 @@ def _intervals(clean: dict, manifest_path, bootstrap: int, seed: int):
     return intervals, None
 
 
-def _log_results(bundle, clean: dict, split: str, intervals: dict) -> dict:
+def _log_results(model, clean: dict, split: str, intervals: dict) -> dict:
     """Log the clean evaluation and its intervals in the active run; returns the report.
 
     The served probabilities are calibrated (softmax(logits / T), T fitted on the validation
     split in training); dividing log p by 1/T undoes it. As in a train run, the plain keys and
     files are the network's own softmax, *_calibrated the served."""
     labels, probabilities = clean["labels"], clean["probabilities"]
-    temperature = bundle.served.spec.temperature
+    temperature = model.spec.temperature
     own = metrics.temperature_scaled(probabilities, 1 / temperature)
     report = tracking.log_evaluation(
         {"labels": labels, "probabilities": own},

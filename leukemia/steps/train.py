@@ -265,16 +265,16 @@ def _calibrate(validation: dict, test: dict) -> float:
     return temperature
 
 
-def _log_robustness(model, spec, processed_dir: Path, device, echo) -> None:
+def _log_robustness(classifier, spec, processed_dir: Path, device, echo) -> None:
     """Score the test split's raw images under every perturbation as the served model would
     (``evaluation.evaluate_manifest``) and log the table, the worst case and each image's
     predicted class per condition (see the module). A dataset that is no longer where
     preprocess read it is said in one line and skipped: the run itself is complete."""
-    bundle = evaluation.bundle_of(inference.LeukemiaModel(model.eval(), spec, device), "training")
+    model = inference.LeukemiaModel(classifier.eval(), spec, device, "training")
     conditions = tuple(evaluation.PERTURBATIONS)
     try:
         results = evaluation.evaluate_manifest(
-            bundle, processed_dir / "manifest.csv", None, "test", conditions
+            model, processed_dir / "manifest.csv", None, "test", conditions
         )
     except ValueError as error:
         echo(f"robustness not measured: {error}")
