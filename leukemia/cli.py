@@ -8,7 +8,7 @@ import os
 
 import click
 
-from . import children, cli_models, cli_report, cli_search, processes, synthetic, tracking
+from . import cli_models, cli_report, cli_search, processes, slurm, synthetic, tracking
 from . import options as cli_options
 from .config import TRAIN_FIELDS, TrainConfig, load_experiment
 from .data import DatasetError
@@ -365,7 +365,7 @@ def _study_args(options: dict) -> dict:
     Slurm resources are the config's ``slurm:`` block with ``--slurm-*`` over it."""
     study = {k: options.pop(k) for k in _STUDY_KEYS}
     try:
-        study["slurm"] = children.Slurm.from_options(options, study["config_path"])
+        study["slurm"] = slurm.Slurm.from_options(options, study["config_path"])
     except ValueError as error:
         raise _Failure(str(error)) from None
     return study

@@ -198,7 +198,7 @@ def search_command(
 
 # Options of the launching command that its workers must not get (they would launch again).
 def _launcher_only() -> set[str]:
-    from .children import Slurm
+    from .slurm import Slurm
 
     slurm = {"--" + name.replace("_", "-") for name in Slurm.OPTIONS}
     return {"--executor", "--jobs", "--confirm-seeds", "--report"} | slurm
@@ -226,7 +226,7 @@ def _run_workers(storage: str, executor: str, jobs, slurm_options: dict, base_co
     space's base config's ``slurm:`` block with ``--slurm-*`` over it)."""
     import sys
 
-    from . import children
+    from . import children, slurm
 
     count = jobs or 1
     if storage.startswith("sqlite:") and count > 1:
@@ -234,7 +234,7 @@ def _run_workers(storage: str, executor: str, jobs, slurm_options: dict, base_co
             f"{count} workers cannot share the SQLite storage {storage}; give a journal file "
             "(on a shared file system for Slurm) or a postgresql:// URL"
         )
-    settings = children.Slurm.from_options(dict(slurm_options), base_config)
+    settings = slurm.Slurm.from_options(dict(slurm_options), base_config)
     import mlflow
 
     mlflow.search_experiments(max_results=1)  # the store exists before N workers race on it

@@ -27,6 +27,8 @@ REGISTERED_VERSION = "registered_version"  # "<model name>/<version>"
 BEST_DEEP_ARM = "best_deep_arm"  # on a study parent: the deep arm with the best mean F1
 REUSED_RUNS = "compare.reused_runs"  # on a compare parent: finished runs of other parents
 TRAINING_STATE = "runtime.state_file"  # a train run's state.pt on its host: what --resume reads
+SLURM_JOB = "slurm.job_id"  # a run started as a Slurm job: its job id
+SLURM_LOG = "slurm.log"  # and the path of the job's stdout on the shared file system
 
 # Params.
 IDENTITY_PREFIXES = ("config.", "preprocess.", "data.")

@@ -15,7 +15,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from leukemia import children
+from leukemia import record as rec
+from leukemia import slurm
 
 from .conftest import REPO, mlflow_run_env
 from .slurm_cluster import queue, single_node_cluster
@@ -81,11 +82,11 @@ def test_a_study_on_slurm_matches_the_same_study_run_here(cluster, tmp_path):
         for metric in ("test_accuracy", "test_f1_macro", "test_loss"):
             assert run.data.metrics[metric] == pytest.approx(there[metric], rel=1e-4), (arm, metric)
         assert run.info.status == "FINISHED"
-        job = run.data.tags[children.JOB_TAG]
-        assert job in out and os.path.isfile(run.data.tags[children.LOG_TAG])
+        job = run.data.tags[rec.SLURM_JOB]
+        assert job in out and os.path.isfile(run.data.tags[rec.SLURM_LOG])
         parent = run.data.tags["mlflow.parentRunId"]
         assert MlflowClient().get_run(parent).data.tags["step"] == "compare"
-    jobs = {r.data.tags[children.JOB_TAG].split("_")[0] for r in by_arm["slurm"].values()}
+    jobs = {r.data.tags[rec.SLURM_JOB].split("_")[0] for r in by_arm["slurm"].values()}
     assert len(jobs) == 1, f"one job array, got jobs {jobs}"
     assert not queue()
 
@@ -114,7 +115,7 @@ def test_a_cancelled_job_and_a_killed_parent_leave_nothing_running(cluster, tmp_
             training = [r for r in _children("cancel") if "train_loss" in r.data.metrics]
         assert len(training) == 2, "both jobs should be training"
         cancelled, other = training
-        subprocess.run(["scancel", cancelled.data.tags[children.JOB_TAG]], check=True)
+        subprocess.run(["scancel", cancelled.data.tags[rec.SLURM_JOB]], check=True)
         ended = time.monotonic() + 90
         while time.monotonic() < ended:
             if MlflowClient().get_run(cancelled.info.run_id).info.status != "RUNNING":
@@ -127,7 +128,7 @@ def test_a_cancelled_job_and_a_killed_parent_leave_nothing_running(cluster, tmp_
         said = time.monotonic() + 60
         while time.monotonic() < said and not any("ended CANCELLED" in x for x in lines):
             time.sleep(1)
-        job = cancelled.data.tags[children.JOB_TAG]
+        job = cancelled.data.tags[rec.SLURM_JOB]
         assert any(f"Slurm job {job} ended CANCELLED" in x for x in lines), "".join(lines)
         assert study.poll() is None, "the other job goes on"
         study.send_signal(signal.SIGTERM)  # kill: the parent cancels what it started
@@ -137,7 +138,7 @@ def test_a_cancelled_job_and_a_killed_parent_leave_nothing_running(cluster, tmp_
         if study.poll() is None:
             study.kill()
     assert study.returncode != 0
-    assert f"cancelled Slurm jobs {other.data.tags[children.JOB_TAG]}" in "".join(lines)
+    assert f"cancelled Slurm jobs {other.data.tags[rec.SLURM_JOB]}" in "".join(lines)
     deadline = time.monotonic() + 60
     while queue() and time.monotonic() < deadline:
         time.sleep(1)
@@ -154,28 +155,33 @@ def test_a_cancelled_job_and_a_killed_parent_leave_nothing_running(cluster, tmp_
 def test_bad_slurm_settings_are_one_line_before_any_job(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
     with pytest.raises(ValueError, match="needs Slurm's sbatch on PATH"):
-        children.check_slurm(children.Slurm())
+        slurm.check_slurm(slurm.Slurm())
     with pytest.raises(ValueError, match=r"unknown keys \['gpu'\] in the slurm block"):
-        children.Slurm.from_block({"gpu": 1}, "x.yaml")
+        slurm.Slurm.from_block({"gpu": 1}, "x.yaml")
 
 
 def test_slurm_resources_are_the_config_block_with_the_options_over_it(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model: test_efficientnet\nslurm:\n  partition: gpu\n  cpus: 8\n")
     options = {"slurm_partition": None, "slurm_time": 30, "slurm_cpus": 4, "seeds": "1"}
-    slurm = children.Slurm.from_options(options, config)
-    assert (slurm.partition, slurm.time_min, slurm.cpus, slurm.gpus) == ("gpu", 30, 4, 0)
+    settings = slurm.Slurm.from_options(options, config)
+    assert (settings.partition, settings.time_min, settings.cpus, settings.gpus) == (
+        "gpu",
+        30,
+        4,
+        0,
+    )
     assert options == {"seeds": "1"}  # the --slurm-* options are taken out, the rest stay
-    assert children.Slurm.from_options({}, None) == children.Slurm()
+    assert slurm.Slurm.from_options({}, None) == slurm.Slurm()
     config.write_text("slurm:\n  gpu: 1\n")
     with pytest.raises(ValueError, match=r"unknown keys \['gpu'\] in the slurm block of '"):
-        children.Slurm.from_options({}, config)
+        slurm.Slurm.from_options({}, config)
 
 
 @pytest.mark.slow
 def test_an_unknown_partition_is_named_with_the_real_ones(cluster):
     with pytest.raises(ValueError, match="unknown Slurm partition 'gpu'; this cluster has debug"):
-        children.check_slurm(children.Slurm(partition="gpu"))
+        slurm.check_slurm(slurm.Slurm(partition="gpu"))
 
 
 @pytest.mark.slow

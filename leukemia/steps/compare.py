@@ -25,6 +25,7 @@ from .. import record as rec
 from ..arms import DEFAULT_DEEP_ARMS, SHORTCUT_ARMS, arm_of, by_name, parse_deep_arms
 from ..config import PreprocessConfig, TrainConfig, load_experiment, resolve_config_path
 from ..data import read_manifest, split_fingerprint
+from ..slurm import Slurm
 from . import preprocess as preprocess_step
 from . import statistics
 
@@ -209,7 +210,7 @@ def compare(
     workers: int = 0,
     executor: str = "local",
     jobs: int | None = None,
-    slurm: children.Slurm | None = None,
+    slurm: Slurm | None = None,
     echo=print,
 ) -> Comparison:
     """The deep arms x seeds as ``mlflow run -e train`` children of the active run, the
