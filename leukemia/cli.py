@@ -297,15 +297,15 @@ def _echo_links(parent, comparison) -> None:
     experiment = parent.info.experiment_id
     arms = comparison.tests["deep_arms"]
     deep = [run for arm in arms for run in comparison.children[arm].values()]
-    view = ui.view_url(experiment, ui.study_view_key(parent.info.run_id))
+    curves = ui.view_url(experiment, ui.study_view_key(parent.info.run_id))
+    images = ui.view_url(experiment, ui.images_view_key(parent.info.run_id))
     click.echo(
         f"\nparent run {parent.info.run_id}; in the MLflow UI (mlflow ui --backend-store-uri "
         f"{tracking.shown_uri()}):\n"
         f"  the answer (description):  {ui.run_url(experiment, parent.info.run_id)}\n"
         f"  the deep arms compared:    {ui.compare_url(experiment, deep)}\n"
-        f"  curves, one per arm:       {view}\n"
-        f"  charts and images:         {ui.chart_url(experiment, parent.info.run_id)} (expand "
-        "the parent row)"
+        f"  curves, one per arm:       {curves}\n"
+        f"  images, run by run:        {images}"
     )
 
 

@@ -18,6 +18,7 @@ import urllib.parse
 import mlflow
 import numpy as np
 
+from . import record as rec
 from . import urls
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -93,52 +94,104 @@ def compare_url(experiment_id: str, run_ids) -> str:
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 VIEW_LINES = ("val_accuracy", "val_loss", "train_accuracy", "train_loss")
 VIEW_BARS = ("test_accuracy", "test_f1_macro", "robust_worst_accuracy")
+VIEW_END_IMAGES = ("test_confusion", "curves")  # logged at step 0 (see log_figure_image)
+ARM_GROUPS = {
+    "aggregateFunction": "average",
+    "groupByKeys": [{"mode": "tag", "groupByData": "arm"}],
+}
 
 
 def save_study_view(experiment_id: str, parent_run_id: str, name: str) -> str:
     """Save the chart view of one study's children grouped by arm as a view of the
     experiment; returns its key (``view_url`` opens it)."""
-    import base64
-    import time
-    import zlib
-
-    def chart(kind: str, key: str) -> dict:
-        common = {"uuid": f"{kind.lower()}-{key}", "type": kind, "runsCountToCompare": 10}
-        common |= {"metricSectionId": "study", "deleted": False, "isGenerated": False}
-        return {**common, "displayName": key, "metricKey": key}
-
     lines = [
-        chart("LINE", key)
+        _card("LINE", key)
         | {"lineSmoothness": 0, "xAxisKey": "step", "scaleType": "linear", "range": {}}
         | {"xAxisScaleType": "linear", "selectedXAxisMetricKey": "", "yAxisKey": "metric"}
         | {"yAxisExpressions": [], "ignoreOutliers": False, "useGlobalXaxisKey": True}
         | {"useGlobalLineSmoothing": True}
         for key in VIEW_LINES
     ]
-    state = {
-        "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'",
+    state = _view_state(
+        f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        ARM_GROUPS,
+        "The arms, mean over seeds",
+        lines + [_card("BAR", key) for key in VIEW_BARS],
+    )
+    return _save_view(experiment_id, study_view_key(parent_run_id), name, state)
+
+
+def save_images_view(experiment_id: str, parent_run_id: str, name: str) -> str:
+    """Save the image cards of one study's train runs, side by side, as a view of the
+    experiment; returns its key. The cards open at step 0, where each run's end-of-training
+    images are (the validation confusion matrices start at epoch 1: move the slider), and
+    without the run's parameters above each image (the card's default: a few dozen
+    ``key=value`` pairs push the image out of sight)."""
+
+    def image_card(name: str, keys: tuple, step: int) -> dict:
+        card = {k: v for k, v in _card("IMAGE", name).items() if k != "metricKey"}
+        return card | {"imageKeys": list(keys), "step": step, "showRunParams": False}
+
+    # Several keys in one card: a table, a row per image and a column per run.
+    images = [
+        image_card("end of training", VIEW_END_IMAGES, 0),
+        image_card("val_confusion", ("val_confusion",), 1),  # epoch 1; the slider moves on
+    ]
+    state = _view_state(
+        # Deep arms only: a shortcut run logs no images (and no config.seed).
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.step = 'train' "
+        f"and params.`{rec.CONFIG}seed` != ''",
+        ARM_GROUPS,
+        "Each run's images at the end of training",
+        images,
+        grouped_values=False,
+        layout={"columns": 1, "cardHeight": 640},  # one card per row: every run side by side
+    )
+    return _save_view(experiment_id, images_view_key(parent_run_id), f"{name}: images", state)
+
+
+def _card(kind: str, key: str) -> dict:
+    common = {"uuid": f"{kind.lower()}-{key}", "type": kind, "runsCountToCompare": 10}
+    common |= {"metricSectionId": "study", "deleted": False, "isGenerated": False}
+    return {**common, "displayName": key, "metricKey": key}
+
+
+def _view_state(
+    search: str,
+    group_by: dict | None,
+    section: str,
+    cards: list,
+    grouped_values: bool = True,
+    layout: dict | None = None,
+) -> dict:
+    return {
+        "searchFilter": search,
         "orderByKey": "attributes.start_time",
         "orderByAsc": False,
         "startTime": "ALL",
         "lifecycleFilter": "Active",
         "datasetsFilter": [],
         "modelVersionFilter": "All Runs",
-        "groupBy": {
-            "aggregateFunction": "average",
-            "groupByKeys": [{"mode": "tag", "groupByData": "arm"}],
-        },
-        "useGroupedValuesInCharts": True,
+        "groupBy": group_by,
+        "useGroupedValuesInCharts": grouped_values,
         "hideEmptyCharts": True,
         "chartsSearchFilter": "",
         "compareRunSections": [
-            {"uuid": "study", "name": "The arms, mean over seeds", "display": True}
+            {"uuid": "study", "name": section, "display": True}
             | {"isReordered": False, "deleted": False, "isGenerated": False}
+            | (layout or {})  # columns (3) and cardHeight (360 px): the section's grid
         ],
-        "compareRunCharts": lines + [chart("BAR", key) for key in VIEW_BARS],
+        "compareRunCharts": cards,
     }
+
+
+def _save_view(experiment_id: str, key: str, name: str, state: dict) -> str:
+    import base64
+    import time
+    import zlib
+
     packed = base64.b64encode(zlib.compress(json.dumps(state).encode())).decode()
     now = int(time.time() * 1000)
-    key = study_view_key(parent_run_id)
     value = {"name": name, "createdAt": now, "updatedAt": now, "state": f"deflate;{packed}"}
     mlflow.tracking.MlflowClient().set_experiment_tag(
         experiment_id, VIEW_TAG_PREFIX + key, json.dumps(value)
@@ -150,17 +203,14 @@ def study_view_key(parent_run_id: str) -> str:
     return f"study-{parent_run_id}"
 
 
+def images_view_key(parent_run_id: str) -> str:
+    return f"images-{parent_run_id}"
+
+
 def view_url(experiment_id: str, key: str) -> str:
     """The runs page opened on a saved view, in its chart mode."""
     page = f"{_base()}/#/experiments/{experiment_id}/runs"
     return f"{page}?viewStateShareKey={urllib.parse.quote(key)}&compareRunsMode=CHART"
-
-
-def chart_url(experiment_id: str, parent_run_id: str) -> str:
-    """The experiment's chart view, filtered to one parent's child runs."""
-    search = urllib.parse.quote(f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    page = f"{_base()}/#/experiments/{experiment_id}/runs"
-    return f"{page}?compareRunsMode=CHART&searchFilter={search}"
 
 
 # --- descriptions ---------------------------------------------------------------------------

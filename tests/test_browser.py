@@ -29,9 +29,14 @@ pytestmark = [
     pytest.mark.skipif(sync_playwright is None, reason="playwright is not installed"),
 ]
 FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+# Images of one key loaded and drawn at a readable size, the longer side at least 100 px with
+# the assistant panel open beside them (not the "No image logged at this step" placeholder,
+# not a sliver under a block of text).
 DRAWN = (
-    "n => Array.from(document.images).filter(i => decodeURIComponent(i.src)"
-    ".includes('test_confusion') && i.complete && i.naturalWidth > 0).length >= n"
+    "([key, n]) => Array.from(document.images).filter(i => decodeURIComponent(i.src)"
+    ".includes('images/' + key + '+') && i.complete && i.naturalWidth > 0"
+    " && Math.max(i.getBoundingClientRect().width, i.getBoundingClientRect().height) >= 100)"
+    ".length >= n"
 )
 
 
@@ -64,13 +69,13 @@ def test_a_study_reads_in_the_mlflow_ui(tmp_path):
     )
     assert study.returncode == 0, (study.stdout + study.stderr)[-3000:]
     port = free_port()
-    names = ("the answer (description)", "curves, one per arm", "charts and images")
+    names = ("the answer (description)", "curves, one per arm", "images, run by run")
     links = {}
     for name in names:  # the links compare printed, for this server
         found = re.search(rf"^  {re.escape(name)}:\s+(http\S+)", study.stdout, re.M)
         assert found, f"no {name!r} link in: {study.stdout[-2000:]}"
         links[name] = found.group(1).replace("127.0.0.1:5000", f"127.0.0.1:{port}")
-    experiment = re.search(r"#/experiments/(\d+)/", links["charts and images"]).group(1)
+    experiment = re.search(r"#/experiments/(\d+)/", links["images, run by run"]).group(1)
     ui = _ui(env, port, tmp_path)
     try:
         with sync_playwright() as playwright:
@@ -91,16 +96,18 @@ def test_a_study_reads_in_the_mlflow_ui(tmp_path):
             page.get_by_text("Group: proposed").first.wait_for()
             page.get_by_text("val_loss").first.wait_for()
 
-            # The chart view: each child's test confusion matrix drawn (a loaded image, not the
-            # "No image logged at this step" placeholder) once the parent's row is expanded. A
-            # fresh browser, as a user opening the link: the UI keeps a view's state per browser.
+            # The images view, as it opens: each child's test confusion matrix and curves side
+            # by side, and its first epoch's validation confusion matrix, drawn with no clicks
+            # and without the run's parameters over them. A fresh browser, as a user opening
+            # the link: the UI keeps a view's state per browser.
             page = browser.new_context(viewport={"width": 1500, "height": 1250}).new_page()
             page.set_default_timeout(90_000)
-            page.goto(links["charts and images"])
+            page.goto(links["images, run by run"])
             page.get_by_text("matching runs").first.wait_for()
-            page.locator("[data-component-id*='runnamecellrenderer'] >> nth=0").click()
-            page.get_by_placeholder("Search metric charts").fill("test_confusion")
-            page.wait_for_function(DRAWN, arg=2)  # (the parent, which logs none, says so)
+            page.wait_for_function(DRAWN, arg=["test_confusion", 2])
+            page.wait_for_function(DRAWN, arg=["curves", 2])
+            page.wait_for_function(DRAWN, arg=["val_confusion", 2])
+            assert "config.model=" not in page.inner_text("body")
 
             # The Models tab lists each run's checkpoints and served model.
             page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment}/models")

@@ -1,10 +1,10 @@
 """Screenshots of what a user sees in the MLflow UI after the demo, for docs/ui/.
 
 Needs a running `mlflow ui` (default http://127.0.0.1:5000), Debian's Chromium and the
-`playwright` package (not a project dependency: `pip install playwright`; no browser download,
-it drives /usr/bin/chromium). Takes the three links `leukemia main` prints:
+`playwright` package (the test extra's; no browser download, it drives /usr/bin/chromium).
+Takes the four links `leukemia main` prints, in order:
 
-    python docs/ui/screenshots.py PARENT_URL COMPARE_URL CHART_URL --out docs/ui
+    python docs/ui/screenshots.py PARENT_URL COMPARE_URL CURVES_URL IMAGES_URL --out docs/ui
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parent_url")
     parser.add_argument("compare_url")
-    parser.add_argument("chart_url")
+    parser.add_argument("curves_url")
+    parser.add_argument("images_url")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     args = parser.parse_args()
@@ -61,17 +62,21 @@ def main() -> None:
         page.wait_for_timeout(2000)
         page.screenshot(path=str(args.out / "compare-view.png"))
 
-        page.goto(args.chart_url)
+        # The study's saved view: the children grouped by arm, one curve per arm.
+        page.goto(args.curves_url)
+        page.get_by_text("Group: baseline").first.wait_for(timeout=30000)
+        close_assistant(page)
+        page.wait_for_timeout(4000)
+        page.screenshot(path=str(args.out / "curves-view.png"))
+
+        # A fresh browser context, as a user opening the link: the UI keeps a view's state per
+        # browser, and the saved view above would otherwise carry over.
+        page = browser.new_context(viewport={"width": 1500, "height": 1250}).new_page()
+        page.goto(args.images_url)
         page.get_by_text("matching runs").first.wait_for(timeout=30000)
         close_assistant(page)
-        # The parent's row opens collapsed: its expand button is the run-name cell's first.
-        page.locator("[data-component-id*='runnamecellrenderer'] >> nth=0").click()
-        page.wait_for_timeout(2000)
-        search = page.get_by_placeholder("Search metric charts")
-        search.click()
-        search.type("val_", delay=30)  # validation curves and confusion matrices
-        page.wait_for_timeout(8000)
-        page.screenshot(path=str(args.out / "chart-view.png"))
+        page.wait_for_timeout(8000)  # the images load one by one
+        page.screenshot(path=str(args.out / "images-view.png"))
         browser.close()
 
 

@@ -363,5 +363,7 @@ def _conclude(study: Plan, runs: dict, parent_id: str, config_stem: str, what: s
     seeds = ",".join(map(str, study.seeds))
     name = f"{config_stem} study, seeds {seeds}"
     ui.describe(parent_id, ui.compare_note(table, tests, study.seeds, what), name=name)
-    ui.save_study_view(mlflow.active_run().info.experiment_id, parent_id, name)
+    experiment_id = mlflow.active_run().info.experiment_id
+    ui.save_study_view(experiment_id, parent_id, name)
+    ui.save_images_view(experiment_id, parent_id, name)
     return table, tests
