@@ -10,7 +10,7 @@ import click
 
 from . import cli_models, cli_report, cli_search, processes, slurm, synthetic, tracking
 from . import options as cli_options
-from .config import TRAIN_FIELDS, TrainConfig, load_experiment
+from .config import PREPROCESS_FIELDS, TRAIN_FIELDS, TrainConfig, load_experiment
 from .data import DatasetError
 from .options import Failure as _Failure
 from .registry import DEFAULT_NAME, PROMOTION_METRIC
@@ -120,6 +120,21 @@ def _preprocess(*args) -> tuple:
         raise _Failure(str(error)) from None
 
 
+def _stored(processed: str, out_dir, manifest, overrides: dict) -> tuple:
+    """``--processed``: the folder's own preprocessing and split; options that would change
+    them are refused rather than ignored."""
+    given = sorted(set(overrides) & set(PREPROCESS_FIELDS)) + (["manifest"] if manifest else [])
+    if given:
+        raise _Failure(
+            f"--processed {processed} fixes the preprocessing and the split; drop {given} (or "
+            "drop --processed to preprocess with them)"
+        )
+    try:
+        return preprocess_step.stored(processed, out_dir), 0.0
+    except ValueError as error:
+        raise _Failure(f"--processed: {error}") from None
+
+
 _OVERRIDABLE = {
     "context_settings": {"ignore_unknown_options": True, "allow_extra_args": True},
     "epilog": cli_options.config_fields_help(),
@@ -210,6 +225,13 @@ def preprocess_command(
     help="Preprocessed images go here, one folder per option set [default: processed].",
 )
 @click.option(
+    "--processed",
+    callback=cli_options.empty_is_none,
+    default=None,
+    help="Train on this preprocessed folder (a path, or its name under --out-dir) with its "
+    "preprocessing and split, instead of preprocessing: what a study passes its children.",
+)
+@click.option(
     "--resume",
     callback=cli_options.empty_is_none,
     default=None,
@@ -231,6 +253,7 @@ def train_command(
     seed,
     manifest,
     out_dir,
+    processed,
     resume,
     experiment,
     workers,
@@ -249,9 +272,13 @@ def train_command(
         overrides["seed"] = seed
     config, pre = _experiment(config_path, overrides)
     origin = {"config": config_path, "data_dir": data_dir}
-    data_dir = preprocess_step.resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
     out_dir = out_dir or preprocess_step.DEFAULT_OUT_DIR
-    result, seconds = _preprocess(data_dir, out_dir, manifest, pre, workers)
+    if processed is not None:
+        result, seconds = _stored(processed, out_dir, manifest, overrides)
+        origin["data_dir"] = result.params.get("dataset_root", data_dir)
+    else:
+        data_dir = preprocess_step.resolve_data_dir(data_dir, synthetic_per_class, synthetic_seed)
+        result, seconds = _preprocess(data_dir, out_dir, manifest, pre, workers)
     click.echo(preprocess_step.summary(result, seconds))
     try:
         train_step.run_training(

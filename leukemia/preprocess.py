@@ -357,6 +357,19 @@ def _files_in_manifest(files, rows, root) -> list[data.ImageFile]:
     return [by_path[p] for p in sorted({r["path"] for r in rows})]
 
 
+def open_output(folder: str | os.PathLike) -> PreprocessResult:
+    """A complete output folder this module wrote, as ``preprocess`` returns it on a cache hit;
+    ``ValueError`` naming the folder when it is not one."""
+    folder = Path(folder)
+    params = _read_params(folder)
+    if params is None or not (folder / "manifest.csv").is_file():
+        raise ValueError(
+            f"{str(folder)!r} is not a preprocessed folder (no params.json and manifest.csv of "
+            "leukemia preprocess); expected a folder of the output store, e.g. processed/<key>"
+        )
+    return PreprocessResult(folder, True, params, params.get("counts", {}))
+
+
 def stored_options(out_dir: str | os.PathLike, part: str = "segmentation") -> dict:
     """The options a preprocess output folder was made with (its ``params.json``), ``part``
     ``segmentation`` or ``split``; ``ValueError`` when the folder is not one."""

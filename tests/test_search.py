@@ -297,6 +297,10 @@ def test_confirm_seeds_pair_the_base_and_the_best_on_test(tmp_path, tracking_uri
     assert confirm.data.tags["mlflow.parentRunId"] == parent.info.run_id
     trained = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == confirm.info.run_id]
     assert sorted(r.data.params["seed"] for r in trained) == ["1", "1"]
+    # Each child trained on the folder confirm built for its config, passed by name.
+    assert "confirm base images:" in result.output and "confirm best images:" in result.output
+    for run in trained:
+        assert Path(run.data.tags["data.processed_dir"]).name == run.data.params["processed"]
     assert all(r.info.status == "FINISHED" for r in runs)
     saved = mlflow.artifacts.load_dict(f"runs:/{confirm.info.run_id}/confirm.json")
     assert set(saved["per_seed"]) == {"1"} and set(saved["table"]) == {"base", "best"}

@@ -78,11 +78,16 @@ def test_main_runs_the_whole_study(tracking_uri, tmp_path, monkeypatch, venv_on_
     deep = [r for r in children if r.data.tags.get("arm") in ("baseline", "proposed")]
     assert sorted(r.info.run_name for r in deep) == ["baseline seed 42", "proposed seed 42"]
     # Only what means something differs between the arms' params (no paths: the compare
-    # view's default plot picks differing params).
+    # view's default plot picks differing params): the images, by the name of the folder the
+    # parent built (the child trained on it, no preprocessing of its own), and their options.
     baseline, proposed = sorted(deep, key=lambda r: r.data.tags["arm"])
     keys = set(baseline.data.params) | set(proposed.data.params)
     differ = {k for k in keys if baseline.data.params.get(k) != proposed.data.params.get(k)}
-    assert differ and all(k == "segment" or k.startswith("preprocess.") for k in differ), differ
+    assert differ and all(k == "processed" or k.startswith("preprocess.") for k in differ), differ
+    assert "segment" not in baseline.data.params  # preprocessing is not passed again
+    for run in deep:
+        assert Path(run.data.tags["data.processed_dir"]).name == run.data.params["processed"]
+    assert "viewStateShareKey=images-" + parent.info.run_id in result.output
     assert {r.data.params["data.manifest_hash"] for r in deep} == {
         parent.data.params["data.manifest_hash"]
     }

@@ -157,6 +157,53 @@ def test_same_seed_same_numbers_and_another_seed_differs(tracking_uri, tmp_path,
     assert system["5"][1] == set()  # MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false
 
 
+def test_processed_trains_on_the_stored_folder_with_its_identity(
+    tracking_uri, tmp_path, monkeypatch
+):
+    """``--processed`` (what a study passes its children): the folder's own preprocessing and
+    split, the same params and numbers as preprocessing with the options, no new folder."""
+    monkeypatch.chdir(tmp_path)
+    assert invoke(*TINY, "--kernel-size", "3").exit_code == 0
+    (reference,) = runs()
+    folder = Path(reference.data.tags["data.processed_dir"])
+    before = sorted(p.name for p in folder.parent.iterdir())
+    # By path, and by its name in the --out-dir store: the preprocessing is the folder's
+    # (kernel size 3), not the config's (the default 5).
+    by_path = invoke(*TINY, "--processed", folder)
+    assert by_path.exit_code == 0, by_path.output
+    by_name = invoke(*TINY, "--processed", folder.name, "--out-dir", folder.parent)
+    assert by_name.exit_code == 0, by_name.output
+    assert sorted(p.name for p in folder.parent.iterdir()) == before
+    first, second = sorted(runs(), key=lambda r: r.info.start_time)[1:]
+    for run in (first, second):
+        identity = {
+            k: v
+            for k, v in run.data.params.items()
+            if k.startswith(("config.", "preprocess.", "data."))
+        }
+        expected = {
+            k: v
+            for k, v in reference.data.params.items()
+            if k.startswith(("config.", "preprocess.", "data."))
+        }
+        assert identity == expected and identity["preprocess.kernel_size"] == "3"
+        assert run.data.metrics["test_loss"] == reference.data.metrics["test_loss"]
+        assert run.data.tags["data.processed_dir"] == str(folder.resolve())
+    # What would change the images or the split is refused, not ignored; a folder that is not
+    # one is named. Neither starts a run.
+    for extra, message in (
+        (("--kernel-size", "9"), "fixes the preprocessing and the split; drop ['kernel_size']"),
+        (("--manifest", folder / "manifest.csv"), "drop ['manifest']"),
+    ):
+        refused = invoke(*TINY, "--processed", folder, *extra)
+        assert refused.exit_code != 0 and message in refused.output, refused.output
+    missing = invoke(*TINY, "--processed", tmp_path / "nowhere")
+    assert missing.exit_code != 0
+    assert "is not a preprocessed folder (no params.json and manifest.csv" in missing.output
+    assert len(missing.output.strip().splitlines()) == 1, missing.output
+    assert len(runs()) == 3
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -23,7 +23,13 @@ from mlflow.tracking import MlflowClient
 from .. import children, registry, shortcut, tracking, ui
 from .. import record as rec
 from ..arms import DEFAULT_DEEP_ARMS, SHORTCUT_ARMS, arm_of, by_name, parse_deep_arms
-from ..config import PreprocessConfig, TrainConfig, load_experiment, resolve_config_path
+from ..config import (
+    PREPROCESS_FIELDS,
+    PreprocessConfig,
+    TrainConfig,
+    load_experiment,
+    resolve_config_path,
+)
 from ..data import read_manifest, split_fingerprint
 from ..slurm import Slurm
 from . import preprocess as preprocess_step
@@ -220,19 +226,16 @@ def compare(
     )
     parent = mlflow.active_run()
     _log_parent(study, made, manifest_hash, config_path, env_manager, executor)
-    # Every child gets the same data_dir, config and out_dir (and no manifest), so the only
-    # parameters that differ between them are the ones that mean something: the arm's
-    # preprocessing and the seed.
+    # Every child gets the same data_dir, config and out_dir, and the folder its arm's images
+    # are in (``processed``: its name in that store, the hash of the files and options, not a
+    # path), so the only parameters that differ between them are the ones that mean something:
+    # the images, the arm's training knobs and the seed. A child never preprocesses again.
     shared = {
         "data_dir": data_dir,
         "config": str(resolve_config_path(config_path).resolve()),
         "registered_model_name": registered_model_name,
-        # The resolved preprocessing, whatever set it (config, options): exactly what the
-        # parent preprocessed; each arm sets its own fields (segment, channel, output).
-        **study.preprocess.to_dict(),
-        **study.overrides,
+        **{k: v for k, v in study.overrides.items() if k not in PREPROCESS_FIELDS},
         "out_dir": str(Path(out_dir).resolve()),
-        "manifest": "",
     }
     runs, wanted = _reuse_or_plan(study, made, manifest_hash, shared, registered_model_name, echo)
     launch = {"env_manager": env_manager, "executor": executor, "jobs": jobs, "slurm": slurm}
@@ -333,13 +336,11 @@ def _reuse_or_plan(study: Plan, made, manifest_hash, shared, registered_model_na
                 reused.append(found.info.run_id)
                 runs[arm][seed] = found.info.run_id
                 continue
-            fields = {
-                **by_name(arm).preprocess_fields(),
-                **by_name(arm).train_fields(study.configs[seed].to_dict()),
-            }
+            fields = by_name(arm).train_fields(study.configs[seed].to_dict())
             parameters = {
                 **shared,
                 **{k: str(v).lower() if isinstance(v, bool) else v for k, v in fields.items()},
+                "processed": made[arm].out_dir.name,
                 "seed": seed,
             }
             wanted.append((arm, seed, children.Child(f"{arm} seed {seed}", parameters)))

@@ -19,8 +19,10 @@ from mlflow.tracking import MlflowClient
 from .. import processes, tracking, ui
 from .. import record as rec
 from ..children import Child, ChildFailed, run_children
-from ..config import resolve_config_path
+from ..config import PREPROCESS_FIELDS, load_experiment, resolve_config_path
+from ..data import read_manifest, split_fingerprint
 from . import compare as compare_step
+from . import preprocess as preprocess_step
 from .statistics import arm_summary, held_out_groups, logged_predictions, paired
 
 ARMS = ("base", "best")
@@ -47,14 +49,17 @@ def confirm(
         "best": str(Path(best_config).resolve()),
     }
     project = compare_step.find_project()
+    processed = _images(configs, data_dir, out_dir, overrides, echo)
+    training = {k: v for k, v in overrides.items() if k not in PREPROCESS_FIELDS}
     name = f"confirm on test, seeds {','.join(map(str, seeds))}"
     run_id = tracking.create_child_run(parent_id, name, {rec.STEP: rec.SEARCH_CONFIRM})
     children: dict[str, dict[int, str]] = {arm: {} for arm in ARMS}
     status = "FAILED"
     try:
         wanted = [
-            (arm, seed, {**overrides, "data_dir": data_dir, "config": configs[arm], "seed": seed,
-                         "out_dir": str(Path(out_dir).resolve()), "registered_model_name": ""})
+            (arm, seed, {**training, "data_dir": data_dir, "config": configs[arm], "seed": seed,
+                         "out_dir": str(Path(out_dir).resolve()), "processed": processed[arm],
+                         "registered_model_name": ""})
             for seed in seeds
             for arm in ARMS
         ]  # fmt: skip
@@ -92,6 +97,25 @@ def confirm(
         raise
     finally:
         client.set_terminated(run_id, status)
+
+
+def _images(configs: dict, data_dir: str, out_dir, overrides: dict, echo) -> dict[str, str]:
+    """Each config's images, built here so its children take them (``processed``: the folder's
+    name in the ``out_dir`` store), checked to share one split: paired tests need it."""
+    preprocessing = {k: v for k, v in overrides.items() if k in PREPROCESS_FIELDS}
+    made = {}
+    for arm, config in configs.items():
+        _, pre = load_experiment(config, preprocessing)
+        made[arm], seconds = preprocess_step.run(data_dir, out_dir, None, pre)
+        echo(f"confirm {arm} images: " + preprocess_step.summary(made[arm], seconds))
+    splits = {arm: split_fingerprint(read_manifest(r.manifest)) for arm, r in made.items()}
+    if len(set(splits.values())) > 1:
+        raise ValueError(
+            "the base and best configs split the data differently (their split options "
+            f"differ); cannot pair them (manifests {made['base'].manifest} and "
+            f"{made['best'].manifest})"
+        )
+    return {arm: r.out_dir.name for arm, r in made.items()}
 
 
 def _paired(children: dict, seeds) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import synthetic, tracking
 from ..config import PreprocessConfig
-from ..preprocess import PreprocessResult, preprocess
+from ..preprocess import PreprocessResult, open_output, preprocess
 
 SYNTHETIC = "synthetic"  # --data-dir value: the generated demo data
 SYNTHETIC_PER_CLASS = 60  # the demo's images per class: minutes on a CPU
@@ -38,6 +38,15 @@ def resolve_data_dir(data_dir: str, per_class: int, seed: int) -> str:
 
 
 DEFAULT_OUT_DIR = "processed"  # one store for every arm: an immutable folder per option set
+
+
+def stored(processed: str, out_dir=None) -> PreprocessResult:
+    """The folder a parent already built: a path, or a folder's name (its key) in the
+    ``out_dir`` store, as a study passes it to its children. ``ValueError`` when it is neither."""
+    path = Path(processed)
+    if not path.exists() and len(path.parts) == 1:
+        path = Path(out_dir or DEFAULT_OUT_DIR) / processed
+    return open_output(path)
 
 
 def run(
