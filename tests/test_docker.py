@@ -25,6 +25,7 @@ COMPOSE = DOCKER / "compose.yaml"
 ENV_EXAMPLE = DOCKER / ".env.example"
 PROJECT_DOCKERFILE = DOCKER / "Dockerfile"
 SERVER_DOCKERFILE = DOCKER / "mlflow-server.Dockerfile"
+K8S_WORKERS = DOCKER / "search-workers.k8s.yaml"
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|KEY")
 # scheme://user:password@host: a credential written into a URL
 URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
@@ -284,6 +285,39 @@ def test_worker_command_parses_as_leukemia_search(services):
         assert params["out_dir"] == "processed"
     dashboard = services["optuna-dashboard"]
     assert dashboard["command"] == [option(services["search-worker"]["command"], "--storage")]
+
+
+def test_kubernetes_search_workers_are_the_compose_worker_as_an_indexed_job(services):
+    """docker/search-workers.k8s.yaml, parsed: an Indexed Job whose pods run the compose
+    worker's command (parsed by the real `leukemia search`) on the same storage, with the
+    password from a Secret, the project image's non-root user and the shared store mounted."""
+    from leukemia.cli_search import search_command
+
+    (job,) = list(yaml.safe_load_all(K8S_WORKERS.read_text()))
+    assert (job["apiVersion"], job["kind"]) == ("batch/v1", "Job")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["parallelism"] == spec["completions"] > 1
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    assert container["image"] == "leukemia:local"  # compose's ${LEUKEMIA_IMAGE:-leukemia:local}
+    assert container["command"][:2] == ["leukemia", "search"]
+    params = search_command.make_context("search", container["command"][2:]).params
+    compose = option(services["search-worker"]["command"], "--storage")
+    assert params["storage"] == compose and urlparse(compose).password is None
+    assert (REPO / params["space"]).is_file() and params["study_name"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "password"
+    assert "value" not in env["PGPASSWORD"]
+    assert urlparse(env["MLFLOW_TRACKING_URI"]["value"]).scheme == "http"
+    (mount,) = container["volumeMounts"]
+    for folder in (params["data_dir"], params["out_dir"]):
+        assert Path(folder).is_relative_to(mount["mountPath"]), folder
+    (volume,) = pod["volumes"]
+    assert volume["name"] == mount["name"] and volume["persistentVolumeClaim"]["claimName"]
+    user = [line for line in PROJECT_DOCKERFILE.read_text().splitlines() if line.startswith("USER")]
+    assert user and user[-1].split()[1].split(":")[0].isdigit()  # runAsNonRoot needs a uid
+    assert not URL_WITH_PASSWORD.search(K8S_WORKERS.read_text())
 
 
 def test_trainer_runs_the_project(services):
