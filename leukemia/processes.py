@@ -141,13 +141,8 @@ def _outermost_store_frame(frame):
 
 def interrupt(signum: int, frame) -> None:
     """The SIGINT/SIGTERM handler: KeyboardInterrupt, unless the main thread is inside the
-    tracking store's code; then at the first line its caller runs once that code has returned
-    (trace functions on the outermost store frame, then on its caller), or after
-    ``DEFER_AT_MOST_S`` (SIGALRM), or at once on a second signal.
-
-    Not as the store frame returns: that frame may be a finalizer the garbage collector runs
-    (SQLAlchemy's), and an exception raised as it returns is printed and dropped, which lost
-    the interrupt for good; the caller's next line is where the program was."""
+    tracking store's code; then as that code returns to its caller (a trace function on its
+    outermost frame), or after ``DEFER_AT_MOST_S`` (SIGALRM), or at once on a second signal."""
     if signum == signal.SIGALRM and not _deferred:
         return  # a late alarm: its interrupt has been raised already
     store = None if _deferred else _outermost_store_frame(frame)
@@ -168,28 +163,8 @@ def _no_new_tracing(frame, event, arg):
 
 def _on_store_event(frame, event, arg):
     if event == "return" and _deferred.get("frame") is frame:
-        frame.f_trace = None
-        _watch_caller(frame.f_back)
+        _raise_interrupt()  # in the caller of the store, with the store's session closed
     return _on_store_event
-
-
-def _watch_caller(caller) -> None:
-    """Raise at ``caller``'s next line (or, if it returns first, its caller's)."""
-    if caller is None:
-        _raise_interrupt()
-    _deferred["frame"] = caller
-    caller.f_trace_lines = True
-    caller.f_trace = _on_caller_event
-
-
-def _on_caller_event(frame, event, arg):
-    if _deferred.get("frame") is frame:
-        if event == "line":
-            _raise_interrupt()  # a line of the program's own: nothing drops it
-        if event == "return":
-            frame.f_trace = None
-            _watch_caller(frame.f_back)
-    return _on_caller_event
 
 
 def _raise_interrupt():
