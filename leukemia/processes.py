@@ -78,9 +78,11 @@ def stop_when_parent_dies(interval: float = 1.0, grace: float = 10.0, every: flo
     run ends KILLED with its resume command) once that process is gone, again every ``every``
     seconds while it lingers, and exit after ``grace`` seconds, saying where it was stuck.
 
-    The interrupt waits for a tracking-store write under way (``interrupt``); the grace is for
-    code that ignores interrupts. A run it leaves RUNNING is ended KILLED by the next command
-    that opens the store, as for kill -9."""
+    The grace is short because an interrupt can land inside one of MLflow's SQLite writes: its
+    session's connection then keeps the write lock while the exception unwinds, and ending the
+    run waits out MLflow's 20 s busy timeout in C, where no further interrupt is seen (about one
+    interrupt in ten during logging, measured). The run left RUNNING is then ended KILLED by the
+    next command that opens the store, as for kill -9."""
     parent = os.environ.get(PARENT_ENV)
     if not parent or parent == token():
         return
@@ -88,7 +90,7 @@ def stop_when_parent_dies(interval: float = 1.0, grace: float = 10.0, every: flo
         # Started in the background from a script (bash ignores SIGINT for `&`): the interrupt
         # below would do nothing and the child would train on, even register, for the grace
         # period. A child of ours stops with its parent, so it takes SIGINT again.
-        signal.signal(signal.SIGINT, interrupt)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     main = threading.main_thread().ident
 
     def watch():
@@ -112,68 +114,9 @@ def stop_when_parent_dies(interval: float = 1.0, grace: float = 10.0, every: flo
 
 def interrupt_on_terminate() -> None:
     """SIGTERM (``kill``, ``scancel``, a container stopping) interrupts like Ctrl-C, so a run
-    ends KILLED with how to continue instead of being left RUNNING; both wait for the tracking
-    store's write under way (``interrupt``)."""
+    ends KILLED with how to continue instead of being left RUNNING."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (`&`)
-            signal.signal(signal.SIGINT, interrupt)
-
-
-# Code an interrupt must not land in: a tracking-store write interrupted there keeps SQLite's
-# write lock while the exception unwinds, and ending the run then waits out MLflow's 20 s busy
-# timeout and fails with "database is locked" (about one interrupt in ten during logging).
-_STORE_CODE = tuple(
-    f"{os.sep}{name}{os.sep}" for name in ("sqlalchemy", "sqlite3", os.path.join("mlflow", "store"))
-)
-DEFER_AT_MOST_S = 5.0  # then interrupt anyway: a store that hangs must not make Ctrl-C useless
-_deferred: dict = {}  # "frame": the outermost store frame the interrupt waits for
-
-
-def _outermost_store_frame(frame):
-    outermost = None
-    while frame is not None:
-        if any(part in frame.f_code.co_filename for part in _STORE_CODE):
-            outermost = frame
-        frame = frame.f_back
-    return outermost
-
-
-def interrupt(signum: int, frame) -> None:
-    """The SIGINT/SIGTERM handler: KeyboardInterrupt, unless the main thread is inside the
-    tracking store's code; then as that code returns to its caller (a trace function on its
-    outermost frame), or after ``DEFER_AT_MOST_S`` (SIGALRM), or at once on a second signal."""
-    if signum == signal.SIGALRM and not _deferred:
-        return  # a late alarm: its interrupt has been raised already
-    store = None if _deferred else _outermost_store_frame(frame)
-    if store is None:
-        _raise_interrupt()
-    _deferred.update(frame=store, tracing=sys.gettrace())
-    store.f_trace_lines = False
-    store.f_trace = _on_store_event
-    if _deferred["tracing"] is None:
-        sys.settrace(_no_new_tracing)  # f_trace is only called while the thread traces
-    signal.signal(signal.SIGALRM, interrupt)
-    signal.setitimer(signal.ITIMER_REAL, DEFER_AT_MOST_S)
-
-
-def _no_new_tracing(frame, event, arg):
-    return None  # frames called from here on are not traced: the cost is one call each
-
-
-def _on_store_event(frame, event, arg):
-    if event == "return" and _deferred.get("frame") is frame:
-        _raise_interrupt()  # in the caller of the store, with the store's session closed
-    return _on_store_event
-
-
-def _raise_interrupt():
-    if _deferred:
-        _deferred["frame"].f_trace = None
-        sys.settrace(_deferred["tracing"])
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        _deferred.clear()
-    raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def descendants(pid: int) -> list[int]:
