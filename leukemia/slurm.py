@@ -257,8 +257,26 @@ def _slurm_states() -> dict[str, str]:
         if state:
             states[fields.get("JobId", "")] = state
             if "ArrayJobId" in fields:
-                states[f"{fields['ArrayJobId']}_{fields.get('ArrayTaskId', '')}"] = state
+                for task in _array_tasks(fields.get("ArrayTaskId", "")):
+                    states[f"{fields['ArrayJobId']}_{task}"] = state
     return states
+
+
+def _array_tasks(text: str) -> list[str]:
+    """The task ids of ``scontrol``'s ``ArrayTaskId``: one (``3``), or, for the tasks still
+    pending under a throttle, one record for a range (``2-3%2``, ``1,4-9:2``)."""
+    tasks = []
+    for part in text.split("%")[0].split(","):
+        first, _, rest = part.partition("-")
+        if not rest:
+            tasks.append(first)
+            continue
+        last, _, step = rest.partition(":")
+        try:
+            tasks += [str(t) for t in range(int(first), int(last) + 1, int(step or 1))]
+        except ValueError:
+            tasks.append(part)  # not a range we know: kept as given
+    return tasks
 
 
 def _job_run(client: MlflowClient, experiment_id: str, job_id: str) -> str | None:

@@ -63,31 +63,36 @@ def _children(experiment: str) -> list:
 
 @pytest.mark.slow
 def test_a_study_on_slurm_matches_the_same_study_run_here(cluster, tmp_path):
-    # One arm: a job array of one here (the next test runs two jobs at once), as CI's time is
-    # short; tests/test_search.py runs workers in local slots.
-    local = _compare(tmp_path, "local", "--phase2_epochs", "1", "--arms", "baseline")
+    # The demo study, 2 arms x 2 seeds: two children at a time in both places (local slots
+    # here, one CPU per array task there), as tiny children are mostly start-up.
+    study = ("--phase2_epochs", "1", "--arms", "baseline,proposed", "--seeds", "1,2")
+    local = _compare(tmp_path, "local", *study, "--jobs", "2")
     out, _ = local.communicate(timeout=600)
     assert local.returncode == 0, out
-    assert "1 train runs (mlflow run -e train) on local" in out
-    on_slurm = _compare(
-        tmp_path, "slurm", "--phase2_epochs", "1", "--arms", "baseline", "--executor", "slurm"
-    )
+    assert "4 train runs (mlflow run -e train) on local" in out
+    on_slurm = _compare(tmp_path, "slurm", *study, "--executor", "slurm", "--slurm-cpus", "1")
     out, _ = on_slurm.communicate(timeout=600)
     assert on_slurm.returncode == 0, out
     mlflow.set_tracking_uri(mlflow_run_env(tmp_path)["MLFLOW_TRACKING_URI"])
-    by_arm = {e: {r.data.tags["arm"]: r for r in _children(e)} for e in ("local", "slurm")}
-    assert set(by_arm["local"]) == set(by_arm["slurm"]) == {"baseline"}
-    for arm, run in by_arm["slurm"].items():
-        there = by_arm["local"][arm].data.metrics
+    runs = {e: _children(e) for e in ("local", "slurm")}
+    key = lambda r: (r.data.tags["arm"], r.data.params["config.seed"])  # noqa: E731
+    by_child = {e: {key(r): r for r in found} for e, found in runs.items()}
+    expected = {(arm, seed) for arm in ("baseline", "proposed") for seed in ("1", "2")}
+    assert set(by_child["local"]) == set(by_child["slurm"]) == expected
+    assert len(runs["slurm"]) == 4
+    for child, run in by_child["slurm"].items():
+        there = by_child["local"][child].data.metrics
         for metric in ("test_accuracy", "test_f1_macro", "test_loss"):
-            assert run.data.metrics[metric] == pytest.approx(there[metric], rel=1e-4), (arm, metric)
+            assert run.data.metrics[metric] == pytest.approx(there[metric], rel=1e-4), child
         assert run.info.status == "FINISHED"
         job = run.data.tags[rec.SLURM_JOB]
         assert job in out and os.path.isfile(run.data.tags[rec.SLURM_LOG])
         parent = run.data.tags["mlflow.parentRunId"]
         assert MlflowClient().get_run(parent).data.tags["step"] == "compare"
-    jobs = {r.data.tags[rec.SLURM_JOB].split("_")[0] for r in by_arm["slurm"].values()}
+    jobs = {r.data.tags[rec.SLURM_JOB].split("_")[0] for r in runs["slurm"]}
     assert len(jobs) == 1, f"one job array, got jobs {jobs}"
+    tasks = {r.data.tags[rec.SLURM_JOB] for r in runs["slurm"]}
+    assert len(tasks) == 4, f"one array task per child, got {tasks}"
     assert not queue()
 
 
@@ -211,3 +216,11 @@ def test_search_workers_as_slurm_jobs_share_one_study(cluster, tmp_path):
     assert len({t.params["phase2_lr"] for t in study.trials}) == 2
     assert "best" in done.stdout.lower()  # the launcher reports the study the jobs ran
     assert not queue()
+
+
+def test_pending_array_tasks_are_known_one_by_one():
+    # scontrol shows the tasks still pending as one record with a range of task ids; each is
+    # queued, not gone (a 2 x 2 study on 2 CPUs failed its last two children as "GONE").
+    assert slurm._array_tasks("3") == ["3"]
+    assert slurm._array_tasks("2-3%2") == ["2", "3"]
+    assert slurm._array_tasks("1,4-9:2") == ["1", "4", "6", "8"]
