@@ -389,3 +389,18 @@ def test_a_read_only_store_is_reused_without_a_write(synthetic_dir, tmp_path):
         assert read_rows(again.out_dir) == read_rows(written.out_dir)
     finally:
         subprocess.run(["umount", str(mounted)], check=False)
+
+
+def test_paired_images_share_one_split_or_say_which_two_differ(synthetic_dir, tmp_path):
+    # compare's arms and confirm's configs both go through this: paired tests need one split.
+    from leukemia.config import PreprocessConfig
+    from leukemia.steps import preprocess as preprocess_step
+
+    said = []
+    options = {"baseline": PreprocessConfig(segment=False), "proposed": PreprocessConfig()}
+    made = preprocess_step.paired(options, synthetic_dir, tmp_path / "out", "arms", said.append)
+    assert list(made) == ["baseline", "proposed"] and made["proposed"].out_dir.is_dir()
+    assert [line.split(" images:")[0] for line in said] == ["baseline", "proposed"]
+    options["other"] = PreprocessConfig(split_seed=7)
+    with pytest.raises(ValueError, match=r"the baseline and other arms split the data differently"):
+        preprocess_step.paired(options, synthetic_dir, tmp_path / "out", "arms", said.append)

@@ -254,23 +254,14 @@ def compare(
 def _preprocess_arms(study: Plan, data_dir, out_dir, workers: int, shortcuts: bool, echo):
     """Every arm's images (the shortcut arms' too), checked to share one split: ``{arm:
     result}``, the first arm's manifest and its split's hash."""
-    made = {}
     needed = dict.fromkeys([*study.arms, *(a.images for a in SHORTCUT_ARMS if shortcuts)])
-    for arm in needed:
-        made[arm], seconds = preprocess_step.run(
-            data_dir, out_dir, None, study.arm_preprocess(arm), workers
-        )
-        echo(f"{arm} images: " + preprocess_step.summary(made[arm], seconds))
-    # Every arm splits the same files with the same options: the same split, checked here.
-    first = study.arms[0]
-    manifest = made[first].manifest
+    options = {arm: study.arm_preprocess(arm) for arm in needed}
+    try:
+        made = preprocess_step.paired(options, data_dir, out_dir, "arms", echo, workers)
+    except ValueError as error:
+        raise StudyError(str(error)) from None
+    manifest = made[study.arms[0]].manifest
     manifest_hash = split_fingerprint(read_manifest(manifest))
-    for arm, result in made.items():
-        if split_fingerprint(read_manifest(result.manifest)) != manifest_hash:
-            raise StudyError(
-                f"the {first} and {arm} arms split the data differently; cannot pair them "
-                f"(manifests {manifest} and {result.manifest})"
-            )
     return made, manifest, manifest_hash
 
 

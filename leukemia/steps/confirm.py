@@ -20,7 +20,6 @@ from .. import processes, tracking, ui
 from .. import record as rec
 from ..children import Child, ChildFailed, run_children
 from ..config import PREPROCESS_FIELDS, load_experiment, resolve_config_path
-from ..data import read_manifest, split_fingerprint
 from . import compare as compare_step
 from . import preprocess as preprocess_step
 from .statistics import arm_summary, held_out_groups, logged_predictions, paired
@@ -103,18 +102,8 @@ def _images(configs: dict, data_dir: str, out_dir, overrides: dict, echo) -> dic
     """Each config's images, built here so its children take them (``processed``: the folder's
     name in the ``out_dir`` store), checked to share one split: paired tests need it."""
     preprocessing = {k: v for k, v in overrides.items() if k in PREPROCESS_FIELDS}
-    made = {}
-    for arm, config in configs.items():
-        _, pre = load_experiment(config, preprocessing)
-        made[arm], seconds = preprocess_step.run(data_dir, out_dir, None, pre)
-        echo(f"confirm {arm} images: " + preprocess_step.summary(made[arm], seconds))
-    splits = {arm: split_fingerprint(read_manifest(r.manifest)) for arm, r in made.items()}
-    if len(set(splits.values())) > 1:
-        raise ValueError(
-            "the base and best configs split the data differently (their split options "
-            f"differ); cannot pair them (manifests {made['base'].manifest} and "
-            f"{made['best'].manifest})"
-        )
+    options = {arm: load_experiment(config, preprocessing)[1] for arm, config in configs.items()}
+    made = preprocess_step.paired(options, data_dir, out_dir, "configs", echo, prefix="confirm ")
     return {arm: r.out_dir.name for arm, r in made.items()}
 
 

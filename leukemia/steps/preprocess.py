@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .. import synthetic, tracking
 from ..config import PreprocessConfig
+from ..data import read_manifest, split_fingerprint
 from ..preprocess import PreprocessResult, open_output, preprocess
 
 SYNTHETIC = "synthetic"  # --data-dir value: the generated demo data
@@ -72,6 +73,34 @@ def run(
         progress=progress,
     )
     return result, time.perf_counter() - start
+
+
+def paired(
+    options: dict[str, PreprocessConfig],
+    data_dir,
+    out_dir,
+    what: str,
+    echo,
+    workers: int = 0,
+    prefix: str = "",
+) -> dict[str, PreprocessResult]:
+    """Each named option set's images (``run``), checked to share one split, as paired tests
+    need: ``{name: result}``. Each is echoed as "<prefix><name> images: ..." (``what`` names the
+    kind of name, "arms" or "configs"); ``ValueError`` names the two that split differently."""
+    made = {}
+    for name, pre in options.items():
+        made[name], seconds = run(data_dir, out_dir, None, pre, workers)
+        echo(f"{prefix}{name} images: " + summary(made[name], seconds))
+    first, *others = made
+    expected = split_fingerprint(read_manifest(made[first].manifest))
+    for name in others:
+        if split_fingerprint(read_manifest(made[name].manifest)) != expected:
+            raise ValueError(
+                f"the {first} and {name} {what} split the data differently (their split "
+                f"options differ); cannot pair them (manifests {made[first].manifest} and "
+                f"{made[name].manifest})"
+            )
+    return made
 
 
 def log(result: PreprocessResult, seconds: float, experiment: str | None) -> str:
