@@ -78,9 +78,21 @@ def test_compare_more_arms_and_report_them(tracking_uri, tmp_path, monkeypatch, 
     mean = correct("masked-rgb").mean() - correct("baseline").mean()
     assert expected["difference"] == pytest.approx(mean)
 
+    # What the split can show: a model right on every test image against the best shortcut.
+    short = logged_predictions(next(iter(children[best].values()))).loc[paths]
+    perfect = np.ones((1, len(short)), bool)
+    room = metrics.pooled_bootstrap_difference(
+        perfect, (short["predicted"] == short["label"]).to_numpy(), groups=groups
+    )
+    assert room["difference"] == pytest.approx(1 - (short["predicted"] == short["label"]).mean())
+    assert statistics["headroom"] == pytest.approx(room)
+
     written = invoke("report", parent.info.run_id, "--out-dir", tmp_path / "out")
     assert written.exit_code == 0, written.output
     report = (tmp_path / "out" / "report.md").read_text()
+    assert f"a model right on every test image would be **{_difference(room)}** above {best}" in (
+        report
+    )
     low, high = expected["low"], expected["high"]
     row = f"**{expected['difference']:+.3f} [{low:+.3f}, {high:+.3f}]**"
     assert "| masked-rgb − baseline |" in report and row in report, report

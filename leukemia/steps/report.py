@@ -369,6 +369,15 @@ def section(
             + " | ".join(cells)
             + f" | **{_difference(pooled)}** |"
         )
+    if "headroom" in tests:
+        room, best = tests["headroom"], tests["best_shortcut"]
+        lines += [
+            "",
+            f"What this test split can show: a model right on every test image would be "
+            f"**{_difference(room)}** above {best}, with the same resampling. An arm beats "
+            f"{best} beyond the interval only where its own interval's low end is above 0, and "
+            f"no model, however good, gets a low end above {room['low']:+.3f} here.",
+        ]
     figures.difference_figure(tests["pooled"]).savefig(out_dir / f"{stem}-differences.png")
     lines += ["", f"![differences]({stem}-differences.png)"]
     return "\n".join(lines), row

@@ -238,8 +238,21 @@ def summarise(
         tests["pooled"][f"{a}_vs_{b}"] = metrics.pooled_bootstrap_difference(
             *correct, groups=None if groups is None else groups.loc[index].to_numpy()
         )
+    if best_shortcut is not None:
+        tests["headroom"] = headroom(predictions[best_shortcut][seeds[0]].loc[first], groups)
     tests["robustness"] = robustness_summary(children, deep_arms, seeds, groups)
     return table, tests
+
+
+def headroom(shortcut: pd.DataFrame, groups: pd.Series | None = None) -> dict:
+    """What this test split can show against the shortcut arm: the pooled interval of a model
+    right on every test image minus ``shortcut`` (its ``logged_predictions``), resampling
+    ``groups`` where given. Where its low end is near 0, no real model can beat the shortcut
+    beyond the interval on this split, however good it is: the split is too small, not (only)
+    the models too weak."""
+    correct = (shortcut["predicted"] == shortcut["label"]).to_numpy()
+    held = None if groups is None else groups.loc[shortcut.index].to_numpy()
+    return metrics.pooled_bootstrap_difference(np.ones_like(correct), correct, groups=held)
 
 
 def log_summary(table: dict, tests: dict) -> None:
@@ -297,6 +310,13 @@ def format_table(table: dict, tests: dict) -> str:
         lines.append(
             f"{a} - {b} accuracy, mean over seeds {pooled['difference']:+.4f} "
             f"[{pooled['low']:+.4f}, {pooled['high']:+.4f}]; McNemar p per seed: {p_values}"
+        )
+    if "headroom" in tests:
+        room = tests["headroom"]
+        lines.append(
+            f"a model right on every test image - {tests['best_shortcut']}: "
+            f"{room['difference']:+.4f} [{room['low']:+.4f}, {room['high']:+.4f}] "
+            "(the most this test split can show)"
         )
     robustness = tests.get("robustness", {})
     for arm, entry in robustness.get("arms", {}).items():
