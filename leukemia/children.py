@@ -120,7 +120,9 @@ def _run_local(children, project, experiment_id, parent_id, env_manager, jobs, e
             processes.interrupt_tree(submitted.command_proc.pid)
         for submitted, _ in running.values():
             settle(submitted.command_proc)
-            end_run(client, submitted.run_id, "KILLED")
+            # `mlflow run` ends an interrupted run FAILED (its KeyboardInterrupt path) when the
+            # child had not ended it yet: it was stopped, not broken, and can be resumed.
+            end_run(client, submitted.run_id, "KILLED", over=("FAILED",))
         raise
     if failure is not None:
         raise failure

@@ -56,7 +56,8 @@ def settle(proc: subprocess.Popen, wait: float = 30.0) -> None:
         proc.wait()
 
 
-def end_run(client: MlflowClient, run_id: str, status: str) -> None:
-    """End ``run_id`` as ``status`` unless its process already ended it."""
-    if client.get_run(run_id).info.status not in _ENDED:
+def end_run(client: MlflowClient, run_id: str, status: str, over: tuple[str, ...] = ()) -> None:
+    """End ``run_id`` as ``status`` unless its process already ended it (as anything but one of
+    ``over``)."""
+    if client.get_run(run_id).info.status not in set(_ENDED) - set(over):
         client.set_terminated(run_id, status)

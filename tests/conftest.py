@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from leukemia import synthetic
+from leukemia import sqlite_store, synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "all"
@@ -93,6 +93,10 @@ def mlflow_run_env(tmp_path: Path) -> dict:
     }
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
         env.pop(name, None)
+    # Made whole here, first: a test that polls the store with plain MLflow while its
+    # subprocess starts would otherwise create it at the same moment, in place, and the
+    # subprocess would find a half-created store (seen under load in test_processes.py).
+    sqlite_store.ensure(env["MLFLOW_TRACKING_URI"])
     return env
 
 
