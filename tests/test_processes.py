@@ -157,7 +157,10 @@ def test_killing_compare_stops_its_training_child(tmp_path, sigint):
         "--experiment",
         "kill",
     ]
-    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint == "ignored" else None
+    # As a terminal starts it: SIGINT at its default, whatever this test inherited (a test
+    # run started with `&` ignores SIGINT, and so would compare).
+    disposition = signal.SIG_IGN if sigint == "ignored" else signal.SIG_DFL
+    signals = lambda: signal.signal(signal.SIGINT, disposition)  # noqa: E731
     log = tmp_path / "compare.log"
     compare = subprocess.Popen(
         command,
@@ -165,7 +168,7 @@ def test_killing_compare_stops_its_training_child(tmp_path, sigint):
         env=env,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
-        preexec_fn=ignore,
+        preexec_fn=signals,
     )
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     try:
