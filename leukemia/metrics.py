@@ -254,11 +254,18 @@ def flat_metrics(metrics: dict, prefix: str = "test_") -> dict[str, float]:
 # Statistics
 
 
-def _macro_f1_rows(labels: np.ndarray, predictions: np.ndarray, n_classes: int) -> np.ndarray:
+def _macro_f1_rows(
+    labels: np.ndarray, predictions: np.ndarray, n_classes: int, present_only: bool = False
+) -> np.ndarray:
     """Macro F1 of each row of (R, n) label/prediction matrices, F1_k = 2 TP / (2 TP + FP + FN).
 
     Same as sklearn's ``f1_score(average="macro", labels=range(C), zero_division=0)``: a class
-    with no true and no predicted items scores 0.
+    with no true and no predicted items scores 0. With ``present_only`` the mean is over the
+    classes the row's labels hold (sklearn's ``labels=np.unique(y_true)``), as a bootstrap
+    resample of groups needs: one that drew no block of a class is a test set without that
+    class, and scoring the class 0 (or 0 for the few images wrongly called it, whose error
+    already counts in their own class's recall) would pull the interval down by a quarter of
+    the classes for what the resample lacks, not for what the models did.
     """
     rows = np.arange(labels.shape[0])[:, None] * n_classes
     size = labels.shape[0] * n_classes
@@ -273,6 +280,9 @@ def _macro_f1_rows(labels: np.ndarray, predictions: np.ndarray, n_classes: int) 
         out=np.zeros(denominator.shape),
         where=denominator > 0,
     )
+    if present_only:
+        present = true_counts.reshape(-1, n_classes) > 0
+        return (f1 * present).sum(axis=1) / np.maximum(present.sum(axis=1), 1)
     return f1.mean(axis=1)
 
 
@@ -505,12 +515,15 @@ def pooled_bootstrap_ci(
     rows = np.stack([_labels(row, n_classes, name="predictions") for row in rows])
     _same_length(labels=labels, predictions=rows[0])
 
-    def statistic(index: np.ndarray) -> np.ndarray:
+    def statistic(index: np.ndarray, resample: bool = True) -> np.ndarray:
         if metric == "accuracy":
             return np.mean([(row[index] == labels[index]).mean(axis=1) for row in rows], axis=0)
-        return np.mean([_macro_f1_rows(labels[index], row[index], n_classes) for row in rows], 0)
+        f1 = [_macro_f1_rows(labels[index], row[index], n_classes, resample) for row in rows]
+        return np.mean(f1, axis=0)
 
-    estimate = statistic(np.arange(len(labels))[None])[0]
+    # The estimate is the metric each run logged (every class counts); a resample's macro F1
+    # is over the classes it holds images of.
+    estimate = statistic(np.arange(len(labels))[None], resample=False)[0]
     values = _resampled_statistics(len(labels), statistic, n_resamples, seed, groups)
     low, high = _percentile_interval(values, confidence)
     return {"estimate": float(estimate), "low": low, "high": high}

@@ -193,6 +193,35 @@ def test_macro_f1_fast_path_matches_sklearn():
             labels[row], predictions[row], labels=range(4), average="macro", zero_division=0
         )
         assert fast[row] == pytest.approx(expected)
+    present = metrics._macro_f1_rows(labels, predictions, 4, present_only=True)
+    for row in range(20):
+        held = np.unique(labels[row])
+        expected = f1_score(labels[row], predictions[row], labels=held, average="macro")
+        assert present[row] == pytest.approx(expected)
+
+
+def test_group_bootstrap_of_macro_f1_does_not_score_classes_a_resample_lacks():
+    """Blocks hold one class each, so a resample of blocks often misses a class; a perfect model
+    still scores macro F1 1 on every resample (scoring the missing class 0 gave 0.75 or less),
+    and a model that calls some images of a class another does not score 0 for that other class
+    in a resample without it (its error counts in the true class's recall)."""
+    labels = np.repeat(np.arange(4), 30)
+    groups = np.repeat(np.arange(12), 10)  # 3 one-class blocks per class
+    perfect = metrics.bootstrap_ci(labels, labels, "f1_macro", n_resamples=500, groups=groups)
+    assert perfect == {"estimate": 1.0, "low": 1.0, "high": 1.0}
+    predictions = labels.copy()
+    predictions[:5] = 1  # half of one class-0 block called class 1
+    interval = metrics.bootstrap_ci(
+        labels, predictions, "f1_macro", n_resamples=2000, groups=groups
+    )
+    expected = f1_score(labels, predictions, average="macro")
+    assert interval["estimate"] == pytest.approx(expected)
+    assert interval["low"] < interval["estimate"] < interval["high"] == 1.0
+    # Class 1 absent from a resample: only class 0's recall suffers (5 of 10 in one block).
+    without_class_1 = metrics._macro_f1_rows(
+        labels[None, labels != 1], predictions[None, labels != 1], 4, present_only=True
+    )[0]
+    assert without_class_1 == pytest.approx((2 * 25 / (30 + 25) + 1 + 1) / 3)
 
 
 @pytest.mark.parametrize("metric", metrics.BOOTSTRAP_METRICS)
